@@ -1,0 +1,286 @@
+//! The forwarding table: what this node does with a packet addressed to a
+//! Service frontend.
+//!
+//! Why a separate, dependency-free model: the data plane asks one question per
+//! connection ("for this destination, which endpoints, and what if none?") and
+//! must answer it without locks or allocation. Sources (manifest files, the
+//! Kubernetes watcher) and the translation that mirrors kube-proxy produce a
+//! [`Table`]; the data plane only ever reads an immutable `Arc<Table>`
+//! snapshot. Every per-service-port fact is computed once, at translation
+//! time, so the hot path is a hash lookup plus a slice read.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Transport protocol of a frontend. SCTP is modelled so that translation can
+/// say "not carried" instead of silently mis-handling it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// The lookup key: the original destination of a redirected connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FrontendKey {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl FrontendKey {
+    pub fn new(addr: SocketAddr, protocol: Protocol) -> Self {
+        // Normalise v4-mapped v6 addresses so a dual-stack listener finds v4 keys.
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            ip => ip,
+        };
+        FrontendKey {
+            ip,
+            port: addr.port(),
+            protocol,
+        }
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.socket_addr(), self.protocol)
+    }
+}
+
+/// How a frontend address was derived from the Service. Decides which traffic
+/// policy applies: ClusterIP uses `internalTrafficPolicy`, all others
+/// `externalTrafficPolicy`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+    NodePort,
+}
+
+impl FrontendKind {
+    pub fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// How the data plane carries a service port.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Opaque TCP (or UDP datagram) relay.
+    L4,
+    /// HTTP, HTTP/1.1 to the endpoint.
+    Http,
+    /// HTTP, prior-knowledge HTTP/2 to the endpoint (h2c, gRPC).
+    H2c,
+}
+
+impl Mode {
+    pub fn is_l7(self) -> bool {
+        !matches!(self, Mode::L4)
+    }
+}
+
+/// `namespace/name:port-name`, kube-proxy's ServicePortName.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The port's name; empty for a single unnamed port.
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+        }
+    }
+}
+
+/// `spec.sessionAffinity`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Affinity {
+    None,
+    ClientIp {
+        #[serde(with = "secs")]
+        timeout: Duration,
+    },
+}
+
+/// Why an endpoint is in a set: it is Ready, or it is the Serving∧Terminating
+/// fallback used only when no endpoint of that set is Ready.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EndpointState {
+    Ready,
+    ServingTerminating,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub state: EndpointState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<Arc<str>>,
+}
+
+/// What the kernel does with a connection to a frontend whose endpoint set is
+/// empty. kube-proxy: no endpoints at all → REJECT; endpoints exist but none
+/// usable under a Local traffic policy → DROP.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Reject,
+    Drop,
+}
+
+/// Everything about one service port, computed once per translation and
+/// shared by all its frontends.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub affinity: Affinity,
+    /// Endpoints for cluster-wide policy, after Ready→Serving∧Terminating
+    /// fallback and topology hints.
+    pub cluster_endpoints: Arc<[Endpoint]>,
+    /// Endpoints on this node, after Ready→Serving∧Terminating fallback (never
+    /// topology-filtered).
+    pub local_endpoints: Arc<[Endpoint]>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` on an externally reachable port.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort`, for LoadBalancer + eTP=Local services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
+    /// The Service's `lightpath.io/*` annotations, parsed by the data plane.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ServicePort {
+    /// Whether any endpoint at all (cluster or local) could take traffic.
+    pub fn has_endpoints(&self) -> bool {
+        !self.cluster_endpoints.is_empty() || !self.local_endpoints.is_empty()
+    }
+
+    /// The endpoint set used for traffic arriving at a frontend of `kind`.
+    pub fn endpoints_for(&self, kind: FrontendKind) -> &Arc<[Endpoint]> {
+        let local = if kind.is_external() {
+            self.external_local
+        } else {
+            self.internal_local
+        };
+        if local {
+            &self.local_endpoints
+        } else {
+            &self.cluster_endpoints
+        }
+    }
+
+    /// `None` when the set for `kind` has endpoints, else what the kernel does.
+    pub fn verdict_for(&self, kind: FrontendKind) -> Option<Verdict> {
+        if !self.endpoints_for(kind).is_empty() {
+            None
+        } else if self.has_endpoints() {
+            Some(Verdict::Drop)
+        } else {
+            Some(Verdict::Reject)
+        }
+    }
+}
+
+/// One row of the table: a frontend address and the service port behind it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
+    pub service: Arc<ServicePort>,
+}
+
+impl Frontend {
+    pub fn endpoints(&self) -> &Arc<[Endpoint]> {
+        self.service.endpoints_for(self.kind)
+    }
+
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.service.verdict_for(self.kind)
+    }
+}
+
+/// An immutable snapshot of every frontend on this node. Cloning is O(1)
+/// (persistent map), so an incremental update shares all untouched entries
+/// with the previous snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    /// Increases by one with every published change.
+    pub version: u64,
+    pub frontends: imbl::HashMap<FrontendKey, Frontend>,
+}
+
+impl Table {
+    /// The hot-path lookup.
+    #[inline]
+    pub fn lookup(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.frontends.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty()
+    }
+
+    /// Frontends in a stable order (for printing and diffing).
+    pub fn sorted(&self) -> Vec<&Frontend> {
+        let mut v: Vec<&Frontend> = self.frontends.values().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+}
+
+mod secs {
+    use serde::Serializer;
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+}

@@ -1,0 +1,4 @@
+//! The lightpath data plane and its commands. `main.rs` only parses flags and
+//! dispatches here, so integration tests can drive the same code.
+
+pub mod defaults;
