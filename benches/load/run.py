@@ -1,0 +1,1171 @@
+#!/usr/bin/env python3
+"""Side-by-side load benchmark: lightpath against kernel DNAT and haproxy.
+
+Why this exists: lightpath's claims ("close to kernel DNAT, ahead of haproxy,
+no client-visible errors when a backend dies") only mean something when every
+contender runs on the same topology, in the same run, with the same clients
+and the same backends. This script builds that topology out of network
+namespaces, runs each mode in turn (interleaved, repeated), and appends one
+markdown section with the numbers and the target verdicts to BENCHMARKS.md.
+
+Topology (all created here, removed on exit, also on Ctrl-C):
+
+    client ns --veth-- node ns (proxy under test) --veth-- backend ns x 3
+    10.201.0.2         10.201.0.1 / 10.202.i.1             10.202.i.2
+
+The client dials the Service address 10.96.0.10 (port 80 HTTP/1.1, port 81
+h2c), routed to the node namespace, where the mode under test steers it:
+kernel DNAT (nftables map like kube-proxy's nftables mode, or 10,000
+services of kube-proxy-style iptables rules), or TPROXY to a userspace proxy
+(haproxy or lightpath) on 127.0.0.1:15001. Every backend runs the same nginx
+(HTTP/1.1 on :80, prior-knowledge h2c on :81, a 1 GiB body at /bulk). No
+traffic ever leaves the namespaces this script creates.
+
+Run as root:  benches/load/run.py                    (full run, appends to BENCHMARKS.md)
+              benches/load/run.py --smoke            (1 s per case and mode, checks each mode carries traffic)
+Only the Python 3 standard library is used; tools: ip, nft, iptables-restore,
+nginx, haproxy, wrk, h2load, curl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Addresses live only inside the namespaces created below.
+VIP = "10.96.0.10"
+CLIENT_IP = "10.201.0.2"
+NODE_CLIENT_SIDE = "10.201.0.1"
+HTTP_PORT = 80
+H2_PORT = 81
+PROXY_LISTEN = "127.0.0.1:15001"  # lightpath's TPROXY listener (proxy/src/defaults.rs); haproxy uses the same
+FILLER_CLUSTER_NET = (10, 97)  # filler ClusterIPs 10.97.x.y / 10.98.x.y ...: never dialled
+FILLER_POD_NET = 10  # filler endpoints 10.1xx.x.y: never dialled
+BACKENDS = 3
+TPROXY_MARK = "0x1"
+TPROXY_TABLE = "100"
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+ALL_MODES = [
+    "direct",
+    "nft-dnat",
+    "iptables-dnat",
+    "haproxy-tcp",
+    "haproxy-http",
+    "lightpath-l4",
+    "lightpath-l7",
+]
+ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn"]
+FAILURE_CASES = {"failure", "failure-newconn"}
+CASE_TITLES = {
+    "keepalive": "HTTP/1.1 keep-alive, small GET (wrk, 32 connections)",
+    "newconn": "New connection per request (wrk, 32 connections, `Connection: close`)",
+    "h2": "HTTP/2 multiplexed (h2load, 4 connections x 8 streams = 32 streams)",
+    "bulk": "Bulk transfer (curl, one GET of the bulk body)",
+    "failure": "Failure run: backend 3 of 3 killed (SIGKILL) half-way (wrk keep-alive GETs)",
+    "failure-newconn": "Failure run, new connection per request: backend 3 of 3 killed (SIGKILL) half-way",
+    "scale": "New connection per request at 10 services vs the full service count",
+}
+# Modes that are userspace HTTP proxies compare against haproxy-http; the rest against haproxy-tcp.
+L7_MODES = {"haproxy-http", "lightpath-l7"}
+
+
+def log(msg: str) -> None:
+    print(f"[load {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+def sh(cmd: list[str], *, input: str | None = None, timeout: float = 120, check: bool = True) -> str:
+    try:
+        p = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"`{' '.join(cmd[:6])}` timed out after {timeout}s") from e
+    if check and p.returncode != 0:
+        raise BenchError(f"`{' '.join(cmd[:8])}` failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+    return p.stdout
+
+
+def in_ns(ns: str, cmd: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns] + cmd
+
+
+# --------------------------------------------------------------------------------------------
+# /proc sampling: proxy CPU and memory
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # fields[0] is state (field 3); utime/stime are fields 14/15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * PAGE_KB / 1024
+
+
+class RssSampler:
+    """Samples a process's RSS every 200 ms while a load case runs: the peak is 'RSS under load'."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.pid is not None:
+                r = rss_mb(self.pid)
+                if r is not None and (self.peak is None or r > self.peak):
+                    self.peak = r
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> RssSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(timeout=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The topology
+# --------------------------------------------------------------------------------------------
+
+
+class Topology:
+    """Client, node and backend namespaces joined by veth pairs; torn down in `close`."""
+
+    def __init__(self, tag: str, workdir: Path, bulk_file: Path):
+        self.tag = tag
+        self.client = f"{tag}-c"
+        self.node = f"{tag}-n"
+        self.backends = [f"{tag}-b{i}" for i in range(BACKENDS)]
+        self.workdir = workdir
+        self.bulk_file = bulk_file
+        self.procs: list[subprocess.Popen] = []
+        self.nginx: dict[int, subprocess.Popen] = {}
+        self.created: list[str] = []
+
+    @staticmethod
+    def backend_ip(i: int) -> str:
+        return f"10.202.{i}.2"
+
+    @staticmethod
+    def node_backend_ip(i: int) -> str:
+        return f"10.202.{i}.1"
+
+    def up(self) -> None:
+        for ns in [self.client, self.node] + self.backends:
+            sh(["ip", "netns", "add", ns])
+            self.created.append(ns)
+            sh(in_ns(ns, ["ip", "link", "set", "lo", "up"]))
+        # client <-> node
+        sh(["ip", "link", "add", "eth0", "netns", self.client, "type", "veth", "peer", "name", "cl0", "netns", self.node])
+        sh(in_ns(self.client, ["ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0"]))
+        sh(in_ns(self.client, ["ip", "link", "set", "eth0", "up"]))
+        sh(in_ns(self.client, ["ip", "route", "add", "default", "via", NODE_CLIENT_SIDE]))
+        sh(in_ns(self.node, ["ip", "addr", "add", f"{NODE_CLIENT_SIDE}/24", "dev", "cl0"]))
+        sh(in_ns(self.node, ["ip", "link", "set", "cl0", "up"]))
+        for i, ns in enumerate(self.backends):
+            sh(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"be{i}", "netns", self.node])
+            sh(in_ns(ns, ["ip", "addr", "add", f"{self.backend_ip(i)}/24", "dev", "eth0"]))
+            sh(in_ns(ns, ["ip", "link", "set", "eth0", "up"]))
+            sh(in_ns(ns, ["ip", "route", "add", "default", "via", self.node_backend_ip(i)]))
+            sh(in_ns(self.node, ["ip", "addr", "add", f"{self.node_backend_ip(i)}/24", "dev", f"be{i}"]))
+            sh(in_ns(self.node, ["ip", "link", "set", f"be{i}", "up"]))
+        sysctls = {
+            self.node: ["net.ipv4.ip_forward=1", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000",
+                        "net.core.somaxconn=65535", "net.ipv4.tcp_max_syn_backlog=65535"],
+            self.client: ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"],
+        }
+        for ns in self.backends:
+            sysctls[ns] = ["net.core.somaxconn=65535", "net.ipv4.tcp_max_syn_backlog=65535"]
+        for ns, items in sysctls.items():
+            for item in items:
+                sh(in_ns(ns, ["sysctl", "-q", "-w", item]))
+        for i in range(BACKENDS):
+            self.start_backend(i)
+        for i in range(BACKENDS):
+            self.wait_http(self.client, f"http://{self.backend_ip(i)}:{HTTP_PORT}/", 10, f"nginx in {self.backends[i]}")
+
+    def start_backend(self, i: int) -> None:
+        d = self.workdir / f"nginx-b{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "logs").mkdir(exist_ok=True)
+        conf = d / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=d, name=f"backend-{i}", bulk_dir=self.bulk_file.parent,
+                                          bulk_name=self.bulk_file.name, http=HTTP_PORT, h2=H2_PORT))
+        p = subprocess.Popen(in_ns(self.backends[i], ["nginx", "-c", str(conf), "-p", str(d)]),
+                             stdout=subprocess.DEVNULL, stderr=open(d / "stderr.log", "wb"))
+        self.nginx[i] = p
+        self.procs.append(p)
+
+    def kill_backend(self, i: int) -> None:
+        """SIGKILL every process in backend namespace i: the 'pod died' failure."""
+        for pid in sh(["ip", "netns", "pids", self.backends[i]], check=False).split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def wait_http(self, ns: str, url: str, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            p = subprocess.run(in_ns(ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url]),
+                               capture_output=True, text=True)
+            if p.stdout.strip() == "200":
+                return
+            last = f"curl exit {p.returncode}, status {p.stdout.strip() or '-'}"
+            time.sleep(0.2)
+        raise BenchError(f"{what} did not answer {url} within {timeout:.0f}s ({last})")
+
+    def spawn(self, ns: str, cmd: list[str], log_path: Path) -> subprocess.Popen:
+        p = subprocess.Popen(in_ns(ns, cmd), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for ns in self.created:
+            for pid in sh(["ip", "netns", "pids", ns], check=False).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for ns in self.created:
+            sh(["ip", "netns", "del", ns], check=False)
+        self.created.clear()
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/logs/error.log error;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path {dir}/tmp;
+  proxy_temp_path {dir}/tmp;
+  default_type text/plain;
+  server {{
+    listen 0.0.0.0:{http} reuseport backlog=65535;
+    location = /bulk {{ alias {bulk_dir}/{bulk_name}; }}
+    location / {{ return 200 "{name}\\n"; }}
+  }}
+  server {{
+    listen 0.0.0.0:{h2} http2 reuseport backlog=65535;
+    http2_max_requests 100000000;
+    http2_max_concurrent_streams 1024;
+    location / {{ return 200 "{name}\\n"; }}
+  }}
+}}
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Generated rule sets and manifests (kube-proxy shaped)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Svc:
+    """One service port of the generated cluster."""
+
+    ns: str
+    name: str
+    ip: str
+    port: int
+    port_name: str
+    endpoints: list[str]
+
+
+def filler_services(n: int, per_service: int) -> list[Svc]:
+    """`n` services that nobody dials, each with `per_service` endpoints, for scale."""
+    out = []
+    for k in range(n):
+        a, b = divmod(k, 250)
+        ip = f"10.{97 + a // 250}.{a % 250}.{b + 1}"
+        eps = []
+        for e in range(per_service):
+            idx = k * per_service + e
+            x, rest = divmod(idx, 250 * 250)
+            y, z = divmod(rest, 250)
+            eps.append(f"10.{100 + x}.{y}.{z + 1}")
+        out.append(Svc("filler", f"svc-{k}", ip, 80, "tcp", eps))
+    return out
+
+
+def bench_services() -> list[Svc]:
+    eps = [Topology.backend_ip(i) for i in range(BACKENDS)]
+    return [Svc("bench", "web", VIP, HTTP_PORT, "http", eps), Svc("bench", "web", VIP, H2_PORT, "h2c", eps)]
+
+
+def port_proto_hash(svc: Svc, extra: str = "") -> str:
+    # kube-proxy: base32(sha256(servicePortName + protocol [+ endpoint]))[:16]
+    s = f"{svc.ns}/{svc.name}:{svc.port_name}tcp{extra}"
+    return base64.b32encode(hashlib.sha256(s.encode()).digest()).decode()[:16]
+
+
+def cluster(services: int, per_service: int) -> list[Svc]:
+    """The benchmark service plus fillers, `services` service ports in all, the benchmark in the middle."""
+    fillers = filler_services(max(services - 1, 0), per_service)
+    mid = len(fillers) // 2
+    return fillers[:mid] + bench_services() + fillers[mid:]
+
+
+def iptables_rules(svcs: list[Svc]) -> str:
+    """kube-proxy iptables mode: KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* with statistic random."""
+    chains = [":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-POSTROUTING - [0:0]"]
+    rules = [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+    ]
+    for s in svcs:
+        spn = f"{s.ns}/{s.name}:{s.port_name}"
+        svc_chain = f"KUBE-SVC-{port_proto_hash(s)}"
+        chains.append(f":{svc_chain} - [0:0]")
+        rules.append(f'-A KUBE-SERVICES -d {s.ip}/32 -p tcp -m comment --comment "{spn} cluster IP" '
+                     f"-m tcp --dport {s.port} -j {svc_chain}")
+        n = len(s.endpoints)
+        for i, ep in enumerate(s.endpoints):
+            sep = f"KUBE-SEP-{port_proto_hash(s, ep)}"
+            chains.append(f":{sep} - [0:0]")
+            prob = "" if i == n - 1 else f"-m statistic --mode random --probability {1.0 / (n - i):.11f} "
+            rules.append(f'-A {svc_chain} -m comment --comment "{spn} -> {ep}:{s.port}" {prob}-j {sep}')
+            rules.append(f'-A {sep} -s {ep}/32 -m comment --comment "{spn}" -j KUBE-MARK-MASQ')
+            rules.append(f'-A {sep} -p tcp -m comment --comment "{spn}" -m tcp -j DNAT --to-destination {ep}:{s.port}')
+    return "*nat\n" + "\n".join(chains) + "\n" + "\n".join(rules) + "\nCOMMIT\n"
+
+
+def nft_dnat_rules(svcs: list[Svc]) -> list[str]:
+    """kube-proxy nftables mode: one verdict map lookup, then numgen random over endpoint chains.
+
+    Returned as several transactions: on this kernel one transaction creating 110,000 chains took
+    2 minutes (the cost grows with the square of the chains per transaction), 1,000 services per
+    transaction take under a second each. The per-packet path is the same either way.
+    """
+    txs = ["table ip lpb-kube-proxy {\n"
+           "  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n"
+           "  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }\n"
+           "  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n}\n"]
+    for k in range(0, len(svcs), 1000):
+        lines, elements = [], []
+        for s in svcs[k:k + 1000]:
+            h = port_proto_hash(s)
+            svc_chain = f"service-{h[:8]}-{s.ns}/{s.name}/tcp/{s.port_name}"
+            eps = []
+            for i, ep in enumerate(s.endpoints):
+                ep_chain = f"endpoint-{port_proto_hash(s, ep)[:8]}-{s.ns}/{s.name}/tcp/{s.port_name}__{ep}/{s.port}"
+                lines.append(f"  chain {ep_chain} {{ meta l4proto tcp dnat to {ep}:{s.port}; }}")
+                eps.append(f"{i} : goto {ep_chain}")
+            lines.append(f"  chain {svc_chain} {{ numgen random mod {len(eps)} vmap {{ {', '.join(eps)} }}; }}")
+            elements.append(f"{s.ip} . tcp . {s.port} : goto {svc_chain}")
+        txs.append("table ip lpb-kube-proxy {\n" + "\n".join(lines) + "\n}\n"
+                   "add element ip lpb-kube-proxy service-ips { " + ", ".join(elements) + " }\n")
+    return txs
+
+
+def tproxy_rules(port: int) -> str:
+    """TPROXY like lightpath's own rules (see /work/shared/notes/tproxy-on-this-kernel.md)."""
+    return f"""table inet lpb-tproxy {{
+  set frontends {{ type ipv4_addr . inet_service; elements = {{ {VIP} . {HTTP_PORT}, {VIP} . {H2_PORT} }} }}
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    ip daddr . tcp dport @frontends tproxy ip to 127.0.0.1:{port} meta mark set {TPROXY_MARK} accept
+    ip daddr . tcp dport @frontends reject with tcp reset
+  }}
+}}
+"""
+
+
+def manifest(svcs: list[Svc], l7: bool) -> dict:
+    """Services + EndpointSlices as one `kind: List` (JSON is YAML) for `lightpath run --manifests`."""
+    items: list[dict] = []
+    by_svc: dict[tuple[str, str], list[Svc]] = {}
+    for s in svcs:
+        by_svc.setdefault((s.ns, s.name), []).append(s)
+    for (ns, name), ports in by_svc.items():
+        meta: dict = {"name": name, "namespace": ns}
+        bench = ns == "bench"
+        if bench and not l7:
+            meta["annotations"] = {"lightpath.io/protocol": "tcp"}
+        spec_ports = []
+        for s in ports:
+            p = {"name": s.port_name, "port": s.port, "targetPort": s.port, "protocol": "TCP"}
+            if bench and l7:
+                p["appProtocol"] = "http" if s.port_name == "http" else "kubernetes.io/h2c"
+            spec_ports.append(p)
+        items.append({"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                      "spec": {"type": "ClusterIP", "clusterIP": ports[0].ip, "clusterIPs": [ports[0].ip],
+                               "ports": spec_ports}})
+        items.append({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-1", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": s.port_name, "port": s.port, "protocol": "TCP"} for s in ports],
+            "endpoints": [{"addresses": [ep], "conditions": {"ready": True}, "nodeName": "node-bench"}
+                          for ep in ports[0].endpoints],
+        })
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def haproxy_cfg(mode: str, topo: Topology, listen: str) -> str:
+    """haproxy as commonly deployed: health checks, redispatch on connect failure, 2 threads (= cores)."""
+    servers80 = "\n".join(f"  server b{i} {topo.backend_ip(i)}:{HTTP_PORT} check inter 1s fall 2 rise 1"
+                          for i in range(BACKENDS))
+    if mode == "tcp":
+        # No port: haproxy connects to the client's original destination port (80 or 81).
+        servers = "\n".join(f"  server b{i} {topo.backend_ip(i)} check port {HTTP_PORT} inter 1s fall 2 rise 1"
+                            for i in range(BACKENDS))
+        return f"""global
+  nbthread 2
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  retries 2
+  option redispatch 1
+frontend fe
+  bind {listen} transparent
+  default_backend be
+backend be
+  balance roundrobin
+{servers}
+"""
+    servers81 = "\n".join(f"  server b{i} {topo.backend_ip(i)}:{H2_PORT} proto h2 check port {HTTP_PORT} inter 1s fall 2 rise 1"
+                          for i in range(BACKENDS))
+    return f"""global
+  nbthread 2
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+  retries 2
+  option redispatch 1
+  option http-keep-alive
+  http-reuse safe
+frontend fe
+  bind {listen} transparent
+  use_backend be_h2 if {{ dst_port {H2_PORT} }}
+  default_backend be_h1
+backend be_h1
+  balance roundrobin
+{servers80}
+backend be_h2
+  balance roundrobin
+{servers81}
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModeSpec:
+    name: str
+    services: int  # service ports loaded in the node (kernel rules or lightpath table)
+
+    @property
+    def label(self) -> str:
+        base = self.name.removesuffix("@scale")
+        if base in ("nft-dnat", "iptables-dnat", "lightpath-l4", "lightpath-l7"):
+            base += f" ({self.services:,} svc)"
+        return base
+
+
+@dataclass
+class Running:
+    """A mode set up in a topology: where the client dials and which process is the proxy."""
+
+    http_url: str
+    h2_url: str
+    proxy: subprocess.Popen | None = None
+    setup_s: float = 0.0
+    idle_rss: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proxy.pid if self.proxy else None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.workdir = Path(tempfile.mkdtemp(prefix="lpb-"))
+        self.tag_base = f"lpb{os.getpid() % 100000}"
+        self.seq = 0
+        self.topo: Topology | None = None
+        self.bulk_file = self.workdir / "bulk.bin"
+        with open(self.bulk_file, "wb") as f:
+            f.truncate(args.bulk_mib * 1024 * 1024)  # sparse: the page cache serves zeros, no disk I/O
+        os.chmod(self.workdir, 0o755)
+        os.chmod(self.bulk_file, 0o644)
+        self.rule_cache: dict[tuple[str, int], Path] = {}
+
+    # ---- rule files are generated once per (kind, services) and reused across rounds
+    def rules_file(self, kind: str, services: int) -> Path:
+        key = (kind, services)
+        if key not in self.rule_cache:
+            svcs = cluster(services, self.args.endpoints_per_service)
+            path = self.workdir / f"{kind}-{services}"
+            if kind == "iptables":
+                path.write_text(iptables_rules(svcs))
+            elif kind == "nft":
+                path.mkdir()
+                for i, tx in enumerate(nft_dnat_rules(svcs)):
+                    (path / f"{i:04d}.nft").write_text(tx)
+            elif kind in ("manifest-l4", "manifest-l7"):
+                path = path.with_suffix(".json")
+                path.write_text(json.dumps(manifest(svcs, kind == "manifest-l7")))
+            self.rule_cache[key] = path
+        return self.rule_cache[key]
+
+    def start_mode(self, spec: ModeSpec) -> Running:
+        topo = self.topo
+        assert topo is not None
+        t0 = time.monotonic()
+        node = topo.node
+        vip_http = f"http://{VIP}:{HTTP_PORT}/"
+        vip_h2 = f"http://{VIP}:{H2_PORT}/"
+        run: Running
+        if spec.name == "direct":
+            run = Running(f"http://{topo.backend_ip(0)}:{HTTP_PORT}/", f"http://{topo.backend_ip(0)}:{H2_PORT}/")
+        elif spec.name == "nft-dnat":
+            for tx in sorted(self.rules_file("nft", spec.services).iterdir()):
+                sh(in_ns(node, ["nft", "-f", str(tx)]), timeout=300)
+            run = Running(vip_http, vip_h2)
+        elif spec.name == "iptables-dnat":
+            sh(in_ns(node, ["iptables-restore"]), input=self.rules_file("iptables", spec.services).read_text(),
+               timeout=900)
+            run = Running(vip_http, vip_h2)
+        elif spec.name in ("haproxy-tcp", "haproxy-http"):
+            self.policy_routing(node)
+            sh(in_ns(node, ["nft", "-f", "-"]), input=tproxy_rules(int(PROXY_LISTEN.rsplit(":", 1)[1])))
+            cfg = self.workdir / f"{spec.name}.cfg"
+            cfg.write_text(haproxy_cfg(spec.name.split("-")[1], topo, PROXY_LISTEN))
+            p = topo.spawn(node, ["haproxy", "-db", "-f", str(cfg)], self.workdir / f"{spec.name}.log")
+            run = Running(vip_http, vip_h2, proxy=p)
+        elif spec.name in ("lightpath-l4", "lightpath-l7"):
+            kind = "manifest-l7" if spec.name == "lightpath-l7" else "manifest-l4"
+            man = self.rules_file(kind, spec.services)
+            logf = self.workdir / f"{spec.name}-{self.seq}.log"
+            env_cmd = ["env", f"RUST_LOG={os.environ.get('RUST_LOG', 'warn')}"]
+            p = topo.spawn(node, env_cmd + [str(self.args.lightpath), "run", "--manifests", str(man),
+                                            "--node-name", "node-bench"], logf)
+            run = Running(vip_http, vip_h2, proxy=p)
+        else:
+            raise BenchError(f"unknown mode {spec.name}")
+        deadline = 120 if spec.services > 1000 else 30
+        try:
+            topo.wait_http(topo.client, run.http_url, deadline, spec.label)
+        except BenchError as e:
+            if run.proxy is not None and run.proxy.poll() is not None:
+                tail = self.proc_log_tail(spec)
+                raise BenchError(f"{spec.label}: proxy exited with {run.proxy.returncode}: {tail}") from e
+            raise
+        run.setup_s = time.monotonic() - t0
+        if run.pid is not None:
+            time.sleep(0.5)
+            run.idle_rss = rss_mb(run.pid)
+        return run
+
+    def proc_log_tail(self, spec: ModeSpec) -> str:
+        logs = sorted(self.workdir.glob(f"{spec.name}*.log"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            return "(no log)"
+        return logs[-1].read_text(errors="replace")[-600:].strip().replace("\n", " | ")
+
+    @staticmethod
+    def policy_routing(node: str) -> None:
+        sh(in_ns(node, ["ip", "rule", "add", "fwmark", f"{TPROXY_MARK}/{TPROXY_MARK}", "lookup", TPROXY_TABLE]))
+        sh(in_ns(node, ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", TPROXY_TABLE]))
+
+    # ---- cases
+    def run_case(self, spec: ModeSpec, run: Running, case: str) -> dict:
+        topo = self.topo
+        assert topo is not None
+        d = self.args.duration
+        cpu0 = cpu_seconds(run.pid) if run.pid else None
+        t0 = time.monotonic()
+        with RssSampler(run.pid) as sampler:
+            if case in ("keepalive", "newconn", "scale") or case in FAILURE_CASES:
+                res = self.wrk(run.http_url, d, close=case in ("newconn", "scale", "failure-newconn"),
+                               kill_at=d / 2 if case in FAILURE_CASES else None)
+            elif case == "h2":
+                res = self.h2load(run.h2_url, d)
+            elif case == "bulk":
+                res = self.bulk(run.http_url.rstrip("/") + "/bulk")
+            else:
+                raise BenchError(f"unknown case {case}")
+        wall = time.monotonic() - t0
+        cpu1 = cpu_seconds(run.pid) if run.pid else None
+        res["cpu_pct"] = (cpu1 - cpu0) / wall * 100 if cpu0 is not None and cpu1 is not None else None
+        res["rss_mb"] = sampler.peak
+        res["proxy_alive"] = run.proxy is None or run.proxy.poll() is None
+        if case in FAILURE_CASES:
+            # Bring the killed backend back so the next case starts from three healthy backends.
+            topo.start_backend(BACKENDS - 1)
+            topo.wait_http(topo.client, f"http://{topo.backend_ip(BACKENDS - 1)}:{HTTP_PORT}/", 10, "restarted backend")
+            time.sleep(2.5)  # haproxy's health check (inter 1s, rise 1) sees it again
+        return res
+
+    def wrk(self, url: str, duration: float, close: bool, kill_at: float | None) -> dict:
+        topo = self.topo
+        assert topo is not None
+        script = self.workdir / "report.lua"
+        script.write_text(WRK_LUA)
+        cmd = ["wrk", "-t2", "-c32", f"-d{max(1, round(duration))}s", "--timeout", "2s", "-s", str(script)]
+        if close:
+            cmd += ["-H", "Connection: close"]
+        p = subprocess.Popen(in_ns(topo.client, cmd + [url]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if kill_at is not None:
+            time.sleep(kill_at)
+            topo.kill_backend(BACKENDS - 1)
+        try:
+            out, err = p.communicate(timeout=duration + 60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise BenchError("wrk did not finish in time")
+        m = re.search(r"^LPB (\{.*\})$", out, re.M)
+        if not m:
+            raise BenchError(f"wrk printed no report (exit {p.returncode}): {(out + err).strip()[-400:]}")
+        r = json.loads(m.group(1))
+        secs = r["duration_us"] / 1e6
+        errors = r["connect"] + r["read"] + r["write"] + r["timeout"] + r["status"]
+        return {"rps": r["requests"] / secs if secs else 0.0, "requests": r["requests"],
+                "p50_ms": r["p50"] / 1000, "p99_ms": r["p99"] / 1000, "errors": errors,
+                "error_detail": f"connect {r['connect']}, read {r['read']}, write {r['write']}, "
+                                f"timeout {r['timeout']}, non-2xx {r['status']}"}
+
+    def h2load(self, url: str, duration: float) -> dict:
+        topo = self.topo
+        assert topo is not None
+        logf = self.workdir / "h2load.log"
+        if logf.exists():
+            logf.unlink()
+        cmd = ["h2load", "-t2", "-c4", "-m8", "-D", str(max(1, round(duration))), "--log-file", str(logf), url]
+        p = subprocess.run(in_ns(topo.client, cmd), capture_output=True, text=True, timeout=duration + 60)
+        out = p.stdout
+        fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+        req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                        r"(\d+) errored, (\d+) timeout", out)
+        if not fin or not req:
+            raise BenchError(f"h2load printed no summary (exit {p.returncode}): {(out + p.stderr).strip()[-400:]}")
+        lat = []
+        if logf.exists():
+            with open(logf) as f:
+                for line in f:
+                    parts = line.split("\t")
+                    if len(parts) >= 3:
+                        lat.append(int(parts[2]))
+        lat.sort()
+        pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000) if lat else (lambda q: None)
+        failed, errored, timeout = int(req.group(5)), int(req.group(6)), int(req.group(7))
+        return {"rps": float(fin.group(2)), "requests": int(req.group(4)), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+                "errors": failed, "error_detail": f"failed {failed} (errored {errored}, timeout {timeout})"}
+
+    def bulk(self, url: str) -> dict:
+        topo = self.topo
+        assert topo is not None
+        cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}",
+               "--max-time", "300", url]
+        p = subprocess.run(in_ns(topo.client, cmd), capture_output=True, text=True, timeout=320)
+        parts = p.stdout.split()
+        want = self.args.bulk_mib * 1024 * 1024
+        if len(parts) != 3:
+            return {"rps": 0.0, "requests": 0, "p50_ms": None, "p99_ms": None, "errors": 1, "gbps": 0.0,
+                    "error_detail": f"curl exit {p.returncode}"}
+        code, size, secs = parts[0], int(parts[1]), float(parts[2])
+        ok = code == "200" and size == want and p.returncode == 0
+        return {"rps": None, "requests": 1 if ok else 0, "p50_ms": secs * 1000, "p99_ms": None,
+                "errors": 0 if ok else 1, "gbps": size * 8 / secs / 1e9 if secs else 0.0,
+                "error_detail": f"status {code}, {size} of {want} bytes, curl exit {p.returncode}"}
+
+    # ---- the run
+    def new_topology(self) -> Topology:
+        self.seq += 1
+        topo = Topology(f"{self.tag_base}-{self.seq}", self.workdir / f"topo{self.seq}", self.bulk_file)
+        self.topo = topo
+        topo.up()
+        return topo
+
+    def close_topology(self) -> None:
+        if self.topo is not None:
+            self.topo.close()
+            self.topo = None
+
+    def cleanup(self) -> None:
+        self.close_topology()
+        if not self.args.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+WRK_LUA = """\
+-- Prints one machine-readable line with exact percentiles (microseconds) and error counts.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('LPB {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,'
+    .. '"write":%d,"status":%d,"timeout":%d,"p50":%d,"p99":%d}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, spec: str = ",.0f", none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+    return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, kernel {platform.release()}"
+
+
+def tool_versions(lightpath: Path) -> str:
+    def first(cmd):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (p.stdout + p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+    return "; ".join([first(["wrk", "-v"]).split(" Copyright")[0], first(["h2load", "--version"]),
+                      first(["haproxy", "-v"]).split(" - ")[0], first(["nginx", "-v"]),
+                      first(["iptables", "-V"]), first(["nft", "-v"]), first([str(lightpath), "--version"])])
+
+
+@dataclass
+class Results:
+    # (mode label, case) -> list of per-round result dicts
+    rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    setup: dict[str, list[float]] = field(default_factory=dict)
+    idle_rss: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, label: str, case: str, r: dict) -> None:
+        self.rows.setdefault((label, case), []).append(r)
+
+    def agg(self, label: str, case: str) -> dict | None:
+        rs = self.rows.get((label, case))
+        if not rs:
+            return None
+        return {
+            "rps": median([r["rps"] for r in rs]),
+            "gbps": median([r.get("gbps") for r in rs]),
+            "p50_ms": median([r["p50_ms"] for r in rs]),
+            "p99_ms": median([r["p99_ms"] for r in rs]),
+            "errors": [r["errors"] for r in rs],
+            "cpu_pct": median([r["cpu_pct"] for r in rs]),
+            "rss_mb": max([r["rss_mb"] for r in rs if r["rss_mb"] is not None], default=None),
+            "rounds": len(rs),
+            "detail": "; ".join(sorted({r["error_detail"] for r in rs if r["errors"]})),
+        }
+
+
+def ratio(a, b) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}×"
+
+
+def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline: str, started: str,
+           elapsed: float) -> str:
+    out = []
+    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    out.append(f"## Load benchmark run — {started}\n")
+    out.append(f"- Command: `{cmdline}` ({elapsed / 60:.1f} min)")
+    out.append(f"- Machine: {machine()}; client, proxy and backends share these cores")
+    out.append(f"- Commit: `{commit}`{' (working tree had uncommitted changes)' if dirty else ''}")
+    out.append(f"- Tools: {tool_versions(args.lightpath)}")
+    out.append(f"- Load average (1/5/15 min) at start {args.load_start}, at end {args.load_end}: anything else "
+               f"running on the machine competes for the same cores")
+    out.append(f"- {args.rounds} round(s) × {args.duration:g} s per case, modes interleaved (order rotates each round); "
+               f"table cells are medians over rounds, errors are listed per round; bulk body {args.bulk_mib} MiB; "
+               f"{args.services:,} service ports × {args.endpoints_per_service} endpoints loaded where a mode "
+               f"has rules or a table")
+    out.append("- CPU% = proxy process utime+stime over the case's wall time (100% = one core); RSS = peak sampled "
+               "every 200 ms during the case; kernel modes have no proxy process (–)")
+    out.append("")
+    by_label = {s.label: s for s in specs}
+    main_specs = [s for s in specs if not s.name.endswith("@scale")]
+
+    def base_label(name: str) -> str | None:
+        for s in main_specs:
+            if s.name == name:
+                return s.label
+        return None
+
+    for case in cases:
+        out.append(f"### {CASE_TITLES[case]}\n")
+        bulk = case == "bulk"
+        head = ["mode", "Gbit/s" if bulk else "req/s", "time (ms)" if bulk else "p50 (ms)",
+                "" if bulk else "p99 (ms)", "errors", "proxy CPU%", "proxy RSS (MB)", "vs direct", "vs haproxy"]
+        if bulk:
+            head = [h for h in head if h]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        d_label = base_label("direct")
+        for s in main_specs:
+            a = res.agg(s.label, case)
+            if a is None:
+                continue
+            key = "gbps" if bulk else "rps"
+            d = res.agg(d_label, case) if d_label else None
+            h_name = "haproxy-http" if s.name in L7_MODES else "haproxy-tcp"
+            h_label = base_label(h_name)
+            h = res.agg(h_label, case) if h_label else None
+            cells = [s.label, fmt(a[key], ",.2f" if bulk else ",.0f"), fmt(a["p50_ms"], ",.2f")]
+            if not bulk:
+                cells.append(fmt(a["p99_ms"], ",.2f"))
+            cells += [" / ".join(str(e) for e in a["errors"]), fmt(a["cpu_pct"], ".0f"), fmt(a["rss_mb"], ".1f"),
+                      ratio(a[key], d[key] if d else None),
+                      "–" if s.name.startswith("haproxy") else ratio(a[key], h[key] if h else None)]
+            out.append("| " + " | ".join(cells) + " |")
+        details = [f"{s.label}: {res.agg(s.label, case)['detail']}" for s in main_specs
+                   if res.agg(s.label, case) and res.agg(s.label, case)["detail"]]
+        if details:
+            out.append("\nErrors: " + "; ".join(details) + ".")
+        out.append("")
+    scale_specs = [s for s in specs if s.name.endswith("@scale")]
+    if scale_specs:
+        out.append(f"### {CASE_TITLES['scale']}\n")
+        out.append("| mode | conn/s at 10 svc | conn/s at full count | full / 10 |")
+        out.append("|---|---|---|---|")
+        for s in scale_specs:
+            base = s.name.removesuffix("@scale")
+            small = res.agg(s.label, "scale")
+            full_label = base_label(base)
+            full = res.agg(full_label, "newconn") if full_label else None
+            if small is None:
+                continue
+            out.append(f"| {base} | {fmt(small['rps'])} | {fmt(full['rps'] if full else None)} | "
+                       f"{ratio(full['rps'] if full else None, small['rps'])} |")
+        out.append("")
+    out.append("### Setup and memory\n")
+    out.append("| mode | setup to first 200 (s) | proxy RSS idle after setup (MB) |")
+    out.append("|---|---|---|")
+    for s in specs:
+        if s.label in res.setup:
+            out.append(f"| {s.label} | {fmt(median(res.setup[s.label]), '.2f')} | "
+                       f"{fmt(median(res.idle_rss.get(s.label, [])), '.1f')} |")
+    out.append("")
+    if res.failures:
+        out.append("### Steps that failed\n")
+        out += [f"- {f}" for f in res.failures]
+        out.append("")
+    out.append("### Targets (issue 8)\n")
+    out += targets(res, main_specs, scale_specs, args)
+    out.append("")
+    return "\n".join(out)
+
+
+def targets(res: Results, main_specs: list[ModeSpec], scale_specs: list[ModeSpec], args) -> list[str]:
+    def agg(name: str, case: str):
+        for s in main_specs:
+            if s.name == name:
+                return res.agg(s.label, case)
+        return None
+
+    def verdict(ok) -> str:
+        return "not measured" if ok is None else ("**met**" if ok else "**missed**")
+
+    lines = []
+    l4, ht = agg("lightpath-l4", "keepalive"), agg("haproxy-tcp", "keepalive")
+    if l4 and ht and l4["rps"] and ht["rps"]:
+        r = l4["rps"] / ht["rps"]
+        ok = r >= 1.2 and (l4["p99_ms"] or 0) <= (ht["p99_ms"] or 0)
+        lines.append(f"- lightpath-l4 keep-alive ≥ 1.2× haproxy-tcp, p99 ≤ haproxy-tcp: {verdict(ok)} "
+                     f"({r:.2f}×, p99 {fmt(l4['p99_ms'], '.2f')} vs {fmt(ht['p99_ms'], '.2f')} ms)")
+    else:
+        lines.append(f"- lightpath-l4 keep-alive ≥ 1.2× haproxy-tcp: {verdict(None)}")
+    l7, hh = agg("lightpath-l7", "keepalive"), agg("haproxy-http", "keepalive")
+    if l7 and hh and l7["rps"] and hh["rps"]:
+        r = l7["rps"] / hh["rps"]
+        ok = r >= 1.2 and (l7["p99_ms"] or 0) <= (hh["p99_ms"] or 0)
+        lines.append(f"- lightpath-l7 keep-alive ≥ 1.2× haproxy-http, p99 ≤ haproxy-http: {verdict(ok)} "
+                     f"({r:.2f}×, p99 {fmt(l7['p99_ms'], '.2f')} vs {fmt(hh['p99_ms'], '.2f')} ms)")
+    else:
+        lines.append(f"- lightpath-l7 keep-alive ≥ 1.2× haproxy-http: {verdict(None)}")
+    l4n, htn = agg("lightpath-l4", "newconn"), agg("haproxy-tcp", "newconn")
+    if l4n and htn and l4n["rps"] and htn["rps"]:
+        r = l4n["rps"] / htn["rps"]
+        lines.append(f"- new-connection rate lightpath-l4 ≥ haproxy-tcp: {verdict(r >= 1.0)} ({r:.2f}×)")
+    else:
+        lines.append(f"- new-connection rate lightpath-l4 ≥ haproxy-tcp: {verdict(None)}")
+    small = next((res.agg(s.label, "scale") for s in scale_specs if s.name == "lightpath-l4@scale"), None)
+    if small and l4n and small["rps"] and l4n["rps"]:
+        r = l4n["rps"] / small["rps"]
+        lines.append(f"- lightpath-l4 new-connection rate flat from 10 to {args.services:,} services (≥ 0.9×): "
+                     f"{verdict(r >= 0.9)} ({r:.2f}×)")
+    else:
+        lines.append(f"- lightpath-l4 new-connection rate flat from 10 to {args.services:,} services: {verdict(None)}")
+    l4b, nb = agg("lightpath-l4", "bulk"), agg("nft-dnat", "bulk")
+    if l4b and nb and l4b["gbps"] and nb["gbps"]:
+        r = l4b["gbps"] / nb["gbps"]
+        lines.append(f"- bulk lightpath-l4 ≥ 80% of nft-dnat: {verdict(r >= 0.8)} ({r * 100:.0f}%)")
+    else:
+        lines.append(f"- bulk lightpath-l4 ≥ 80% of nft-dnat: {verdict(None)}")
+    for fcase in ("failure", "failure-newconn"):
+        l7f = agg("lightpath-l7", fcase)
+        others = ", ".join(f"{n} {'/'.join(str(e) for e in a['errors'])}" for n in (
+            "nft-dnat", "iptables-dnat", "haproxy-tcp", "haproxy-http", "lightpath-l4") if (a := agg(n, fcase)))
+        if l7f:
+            lines.append(f"- {fcase} run, 0 client-visible errors through lightpath-l7: "
+                         f"{verdict(all(e == 0 for e in l7f['errors']))} (errors per round "
+                         f"{'/'.join(str(e) for e in l7f['errors'])}; same run: {others or 'no other mode'})")
+        else:
+            lines.append(f"- {fcase} run, 0 errors through lightpath-l7: {verdict(None)}")
+    peaks = [m for s in main_specs if s.name.startswith("lightpath")
+             for m in [res.agg(s.label, c)["rss_mb"] for c in ALL_CASES if res.agg(s.label, c)] if m]
+    idle = [m for s in main_specs if s.name.startswith("lightpath") for m in res.idle_rss.get(s.label, [])]
+    if (peaks or idle) and args.services >= 10000:
+        worst = max(peaks + idle)
+        lines.append(f"- lightpath RSS ≤ 150 MB at {args.services:,} services / "
+                     f"{args.services * args.endpoints_per_service:,} endpoints: {verdict(worst <= 150)} "
+                     f"(idle {fmt(max(idle) if idle else None, '.1f')} MB, under load {fmt(max(peaks) if peaks else None, '.1f')} MB)")
+    else:
+        lines.append(f"- lightpath RSS ≤ 150 MB at 10,000 services / 100,000 endpoints: {verdict(None)}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 s per case, 1 round, 64 MiB bulk, 1,000 services; exit non-zero unless every "
+                         "mode carried traffic; prints 'smoke: N passed, N failed'")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per case (default 10)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma list from {','.join(ALL_MODES)}")
+    ap.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma list from {','.join(ALL_CASES)}")
+    ap.add_argument("--services", type=int, default=10000, help="service ports loaded (default 10,000)")
+    ap.add_argument("--endpoints-per-service", type=int, default=10, help="endpoints per filler service (default 10)")
+    ap.add_argument("--no-scale", action="store_true", help="skip the 10-service new-connection comparison")
+    ap.add_argument("--bulk-mib", type=int, default=1024, help="bulk body size in MiB (default 1024 = 1 GiB)")
+    ap.add_argument("--lightpath", type=Path, default=None,
+                    help="lightpath binary (default target/release/lightpath; --smoke falls back to target/debug)")
+    ap.add_argument("--append", type=Path, default=None,
+                    help="markdown file to append the report to (default BENCHMARKS.md; none with --smoke)")
+    ap.add_argument("--no-append", action="store_true", help="print the report only")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep generated configs and logs")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.duration, args.rounds, args.bulk_mib = 1.0, 1, 64
+        if "--services" not in argv:
+            args.services = 1000
+        if args.append is None:
+            args.no_append = True
+    if args.append is None:
+        args.append = REPO / "BENCHMARKS.md"
+    if args.lightpath is None:
+        rel, dbg = REPO / "target/release/lightpath", REPO / "target/debug/lightpath"
+        args.lightpath = rel if rel.exists() or not args.smoke else dbg
+    args.lightpath = args.lightpath.resolve()
+    return args
+
+
+def check_env(args, modes: list[str]) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("must run as root (it creates network namespaces and nftables rules)")
+    need = ["ip", "nft", "nginx", "wrk", "h2load", "curl"]
+    if "iptables-dnat" in modes:
+        need.append("iptables-restore")
+    if any(m.startswith("haproxy") for m in modes):
+        need.append("haproxy")
+    missing = [t for t in need if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)} (Debian: iproute2 nftables nginx-light wrk "
+                         f"nghttp2-client curl iptables haproxy; .ci/run installs them)")
+    if any(m.startswith("lightpath") for m in modes) and not os.access(args.lightpath, os.X_OK):
+        raise BenchError(f"lightpath binary {args.lightpath} not found: build it with "
+                         f"`cargo build --release -p lightpath` or pass --lightpath")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    cases = [c for c in args.cases.split(",") if c]
+    bad = [m for m in modes if m not in ALL_MODES] + [c for c in cases if c not in ALL_CASES]
+    if bad:
+        print(f"unknown mode/case: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    try:
+        check_env(args, modes)
+    except BenchError as e:
+        print(f"load benchmark: {e}", file=sys.stderr)
+        return 2
+
+    specs = [ModeSpec(m, args.services) for m in modes]
+    if not args.no_scale and "newconn" in cases:
+        specs += [ModeSpec(f"{m}@scale", 10) for m in ("iptables-dnat", "nft-dnat", "lightpath-l4") if m in modes]
+
+    bench = Bench(args)
+    interrupted = []
+
+    def on_signal(signum, _frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t_start = time.monotonic()
+    args.load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    res = Results()
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        for rnd in range(args.rounds):
+            order = specs[rnd % len(specs):] + specs[:rnd % len(specs)]
+            for spec in order:
+                scale = spec.name.endswith("@scale")
+                real = ModeSpec(spec.name.removesuffix("@scale"), spec.services)
+                my_cases = ["scale"] if scale else cases
+                log(f"round {rnd + 1}/{args.rounds}: {spec.label}")
+                try:
+                    bench.new_topology()
+                    run = bench.start_mode(real)
+                except BenchError as e:
+                    res.failures.append(f"round {rnd + 1}, {spec.label}: setup failed: {e}")
+                    checks += [(f"{spec.label} {c}", False, f"setup failed: {e}") for c in my_cases]
+                    log(f"  setup failed: {e}")
+                    bench.close_topology()
+                    continue
+                res.setup.setdefault(spec.label, []).append(run.setup_s)
+                if run.idle_rss is not None:
+                    res.idle_rss.setdefault(spec.label, []).append(run.idle_rss)
+                for case in my_cases:
+                    try:
+                        r = bench.run_case(spec, run, case)
+                    except BenchError as e:
+                        res.failures.append(f"round {rnd + 1}, {spec.label}, {case}: {e}")
+                        checks.append((f"{spec.label} {case}", False, str(e)))
+                        log(f"  {case}: failed: {e}")
+                        continue
+                    res.add(spec.label, case, r)
+                    ok, why = smoke_check(case, r)
+                    checks.append((f"{spec.label} {case}", ok, why))
+                    log(f"  {case}: {summary_line(r)}{'' if ok else '  <-- ' + why}")
+                    if not r["proxy_alive"]:
+                        res.failures.append(f"round {rnd + 1}, {spec.label}, {case}: proxy process died: "
+                                            f"{bench.proc_log_tail(real)}")
+                        break
+                bench.close_topology()
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        bench.cleanup()
+        return 130
+    finally:
+        bench.cleanup()
+    elapsed = time.monotonic() - t_start
+    args.load_end = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    cmdline = "benches/load/run.py" + ("" if not argv else " " + " ".join(argv))
+    report = render(res, specs, cases, args, cmdline, started, elapsed)
+    print(report)
+    if not args.no_append:
+        with open(args.append, "a") as f:
+            f.write("\n" + report)
+        log(f"appended to {args.append}")
+    failed = [c for c in checks if not c[1]]
+    if args.smoke:
+        for name, ok, why in checks:
+            print(f"{'ok  ' if ok else 'FAIL'} {name}{'' if ok else ': ' + why}")
+        print(f"smoke: {len(checks) - len(failed)} passed, {len(failed)} failed")
+        return 1 if failed or not checks else 0
+    return 0
+
+
+def smoke_check(case: str, r: dict) -> tuple[bool, str]:
+    """What 'this mode works' means for the smoke pass: traffic flowed, and (except in the failure
+    case, whose errors are the measurement) no request failed."""
+    if not r["proxy_alive"]:
+        return False, "proxy process exited"
+    if r["requests"] <= 0:
+        return False, f"no successful request ({r['error_detail']})"
+    if case not in FAILURE_CASES and r["errors"] > 0:
+        return False, f"{r['errors']} errors ({r['error_detail']})"
+    return True, ""
+
+
+def summary_line(r: dict) -> str:
+    if r.get("gbps") is not None:
+        return f"{r['gbps']:.2f} Gbit/s, errors {r['errors']}, cpu {fmt(r['cpu_pct'], '.0f')}%"
+    return (f"{r['rps']:,.0f} req/s, p50 {fmt(r['p50_ms'], '.2f')} ms, p99 {fmt(r['p99_ms'], '.2f')} ms, "
+            f"errors {r['errors']}, cpu {fmt(r['cpu_pct'], '.0f')}%, rss {fmt(r['rss_mb'], '.1f')} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
