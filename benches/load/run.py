@@ -753,6 +753,32 @@ class Bench:
                 "p99_ms": None, "errors": errors, "gbps": total_bytes * 8 / busy / 1e9 if busy else 0.0,
                 "error_detail": "; ".join(detail)}
 
+    def profile(self, run: Running, case: str) -> str:
+        """perf's flat profile (self time by symbol) of the proxy process during one extra run of `case`."""
+        topo = self.topo
+        assert topo is not None and run.pid is not None
+        data = self.workdir / f"perf-{self.seq}.data"
+        d = max(1, round(self.args.duration))
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-o", str(data), "-p", str(run.pid), "--",
+                                 "sleep", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        r = self.run_case(ModeSpec("profile", 0), run, case)
+        try:
+            perf.communicate(timeout=d + 30)
+        except subprocess.TimeoutExpired:
+            perf.kill()
+            raise BenchError("perf record did not finish")
+        def report(sort: str, limit: str) -> list[str]:
+            rep = sh(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
+                      "--percent-limit", limit], timeout=120)
+            return [" ".join(line.split()).removesuffix(" - -") for line in rep.splitlines() if line.strip() and not line.startswith("#")]
+
+        # In a VM perf samples on a timer, so kernel time piles up where interrupts are re-enabled
+        # (_raw_spin_unlock_irqrestore): show the kernel/user split, then user-space symbols only.
+        by_dso = report("dso", "0.5")
+        user = [line for line in report("dso,symbol", "0.3") if "[.]" in line][:15]
+        return (f"{summary_line(r)} (under perf)\nby object: " + "; ".join(by_dso[:6]) +
+                "\nuser-space symbols (share of all samples):\n" + "\n".join(user))
+
     # ---- the run
     def new_topology(self) -> Topology:
         self.seq += 1
@@ -827,6 +853,7 @@ class Results:
     failures: list[str] = field(default_factory=list)
     setup: dict[str, list[float]] = field(default_factory=dict)
     idle_rss: dict[str, list[float]] = field(default_factory=dict)
+    profiles: dict[str, str] = field(default_factory=dict)
 
     def add(self, label: str, case: str, r: dict) -> None:
         self.rows.setdefault((label, case), []).append(r)
@@ -936,6 +963,10 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
             out.append(f"| {s.label} | {fmt(median(res.setup[s.label]), '.2f')} | "
                        f"{fmt(median(res.idle_rss.get(s.label, [])), '.1f')} |")
     out.append("")
+    if res.profiles:
+        out.append("### Where the proxies spend their CPU (keep-alive, perf record -F 999, self time)\n")
+        for label, text in res.profiles.items():
+            out.append(f"{label}:\n\n```\n{text}\n```\n")
     if res.failures:
         out.append("### Steps that failed\n")
         out += [f"- {f}" for f in res.failures]
@@ -1040,6 +1071,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="markdown file to append the report to (default BENCHMARKS.md; none with --smoke)")
     ap.add_argument("--no-append", action="store_true", help="print the report only")
     ap.add_argument("--keep-workdir", action="store_true", help="keep generated configs and logs")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, one extra keep-alive run per userspace proxy under `perf record`; "
+                         "the flat profile goes into the report")
     args = ap.parse_args(argv)
     if args.smoke:
         args.duration, args.rounds, args.bulk_mib = 1.0, 1, 64
@@ -1141,6 +1175,18 @@ def main(argv: list[str]) -> int:
                                             f"{bench.proc_log_tail(real)}")
                         break
                 bench.close_topology()
+        if args.profile and "keepalive" in cases:
+            for spec in specs:
+                if not (spec.name.startswith("lightpath") or spec.name.startswith("haproxy")):
+                    continue
+                log(f"profile: {spec.label}")
+                try:
+                    bench.new_topology()
+                    res.profiles[spec.label] = bench.profile(bench.start_mode(spec), "keepalive")
+                except BenchError as e:
+                    res.failures.append(f"profile of {spec.label}: {e}")
+                finally:
+                    bench.close_topology()
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         bench.cleanup()
