@@ -1,0 +1,132 @@
+//! Keeps the kernel's view of frontends equal to the desired one.
+//!
+//! Why a stateful wrapper around the pure generators: every table change
+//! should touch only the elements that changed (so a busy cluster's updates
+//! stay small and never disturb unchanged frontends), which needs memory of
+//! what was installed. If an incremental transaction is refused (someone
+//! edited our table by hand, an element vanished), the kernel applied
+//! nothing, so we fall back to replacing the whole table in one
+//! transaction: the kernel converges either way.
+
+use std::time::{Duration, Instant};
+
+use crate::exec::nft_script;
+use crate::nft::{delete_script, diff_script, full_script, Config, Frontends};
+use crate::routing::{self, IpFamily};
+use crate::Error;
+
+/// What one [`Redirector::update`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpdateStats {
+    /// Element additions plus deletions sent to the kernel.
+    pub changed: usize,
+    /// The incremental transaction was refused and the table was reloaded.
+    pub full_reload: bool,
+    pub elapsed: Duration,
+}
+
+/// Owner of lightpath's nftables table and policy routing.
+#[derive(Debug)]
+pub struct Redirector {
+    cfg: Config,
+    installed: Frontends,
+}
+
+fn families(cfg: &Config) -> Vec<IpFamily> {
+    let mut f = vec![IpFamily::V4];
+    if cfg.listener_v6.is_some() {
+        f.push(IpFamily::V6);
+    }
+    f
+}
+
+impl Redirector {
+    /// Reconciles from scratch: installs policy routing and replaces any
+    /// table a previous run left with one holding exactly `frontends`.
+    pub fn install(cfg: Config, frontends: Frontends) -> Result<Self, Error> {
+        for fam in families(&cfg) {
+            routing::setup(fam, cfg.mark, cfg.route_table)?;
+        }
+        nft_script(&full_script(&cfg, &frontends))?;
+        Ok(Redirector {
+            cfg,
+            installed: frontends,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// What the kernel currently holds (as last applied).
+    pub fn installed(&self) -> &Frontends {
+        &self.installed
+    }
+
+    /// Moves the kernel to `desired` in one transaction.
+    pub fn update(&mut self, desired: Frontends) -> Result<UpdateStats, Error> {
+        let start = Instant::now();
+        let Some(script) = diff_script(&self.cfg, &self.installed, &desired) else {
+            return Ok(UpdateStats {
+                elapsed: start.elapsed(),
+                ..Default::default()
+            });
+        };
+        let changed = count_elements(&script);
+        let full_reload = match nft_script(&script) {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "incremental nftables update refused; reloading the whole table");
+                nft_script(&full_script(&self.cfg, &desired))?;
+                true
+            }
+        };
+        self.installed = desired;
+        Ok(UpdateStats {
+            changed,
+            full_reload,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// Removes the table and policy routing (connections to service
+    /// addresses then go wherever the node's routes send them).
+    pub fn remove(self) -> Result<(), Error> {
+        cleanup(&self.cfg)
+    }
+}
+
+fn count_elements(script: &str) -> usize {
+    script
+        .lines()
+        .filter_map(|l| {
+            let body = l.split_once('{')?.1.rsplit_once('}')?.0;
+            Some(body.split(',').filter(|e| !e.trim().is_empty()).count())
+        })
+        .sum()
+}
+
+/// Removes everything lightpath may have installed for `cfg`, whether or
+/// not a process is running: the `inet` table and the policy routing of both
+/// families. Idempotent.
+pub fn cleanup(cfg: &Config) -> Result<(), Error> {
+    nft_script(&delete_script(cfg))?;
+    routing::teardown(IpFamily::V4, cfg.mark, cfg.route_table)?;
+    // IPv6 may be disabled on the node; then there is nothing to remove.
+    if let Err(e) = routing::teardown(IpFamily::V6, cfg.mark, cfg.route_table) {
+        tracing::debug!(error = %e, "IPv6 policy routing teardown skipped");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_elements_in_statements() {
+        let s = "delete element inet t proxy_v4 { 10.0.0.1 . tcp . 80 }\n\
+                 add element inet t noep_v4 { 10.0.0.1 . tcp . 80 : drop, 10.0.0.2 . tcp . 80 : drop }\n";
+        assert_eq!(count_elements(s), 3);
+    }
+}
