@@ -193,7 +193,8 @@ class Topology:
             self.created.append(ns)
             sh(in_ns(ns, ["ip", "link", "set", "lo", "up"]))
         # client <-> node
-        sh(["ip", "link", "add", "eth0", "netns", self.client, "type", "veth", "peer", "name", "cl0", "netns", self.node])
+        sh(["ip", "link", "add", "eth0", "netns", self.client, "type", "veth",
+            "peer", "name", "cl0", "netns", self.node])
         sh(in_ns(self.client, ["ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0"]))
         sh(in_ns(self.client, ["ip", "link", "set", "eth0", "up"]))
         sh(in_ns(self.client, ["ip", "route", "add", "default", "via", NODE_CLIENT_SIDE]))
@@ -245,7 +246,8 @@ class Topology:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            p = subprocess.run(in_ns(ns, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url]),
+            curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url]
+            p = subprocess.run(in_ns(ns, curl),
                                capture_output=True, text=True)
             if p.stdout.strip() == "200":
                 return
@@ -366,7 +368,8 @@ def iptables_rules(svcs: list[Svc]) -> str:
         "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
         "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
         "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
-        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+        "-j MASQUERADE --random-fully",
     ]
     for s in svcs:
         spn = f"{s.ns}/{s.name}:{s.port_name}"
@@ -482,7 +485,8 @@ backend be
   balance roundrobin
 {servers}
 """
-    servers81 = "\n".join(f"  server b{i} {topo.backend_ip(i)}:{H2_PORT} proto h2 check port {HTTP_PORT} inter 1s fall 2 rise 1"
+    servers81 = "\n".join(f"  server b{i} {topo.backend_ip(i)}:{H2_PORT} proto h2 "
+                          f"check port {HTTP_PORT} inter 1s fall 2 rise 1"
                           for i in range(BACKENDS))
     return f"""global
   nbthread 2
@@ -770,7 +774,8 @@ class Bench:
         def report(sort: str, limit: str) -> list[str]:
             rep = sh(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
                       "--percent-limit", limit], timeout=120)
-            return [" ".join(line.split()).removesuffix(" - -") for line in rep.splitlines() if line.strip() and not line.startswith("#")]
+            return [" ".join(line.split()).removesuffix(" - -") for line in rep.splitlines()
+                    if line.strip() and not line.startswith("#")]
 
         # In a VM perf samples on a timer, so kernel time piles up where interrupts are re-enabled
         # (_raw_spin_unlock_irqrestore): show the kernel/user split, then user-space symbols only.
@@ -893,7 +898,8 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
     out.append(f"- Tools: {tool_versions(args.lightpath)}")
     out.append(f"- Load average (1/5/15 min) at start {args.load_start}, at end {args.load_end}: anything else "
                f"running on the machine competes for the same cores")
-    out.append(f"- {args.rounds} round(s) × {args.duration:g} s per case, modes interleaved (order rotates each round); "
+    out.append(f"- {args.rounds} round(s) × {args.duration:g} s per case, modes interleaved "
+               f"(order rotates each round); "
                f"table cells are medians over rounds, errors are listed per round; bulk body {args.bulk_mib} MiB; "
                f"{args.services:,} service ports × {args.endpoints_per_service} endpoints loaded where a mode "
                f"has rules or a table")
@@ -1040,7 +1046,8 @@ def targets(res: Results, main_specs: list[ModeSpec], scale_specs: list[ModeSpec
         worst = max(peaks + idle)
         lines.append(f"- lightpath RSS ≤ 150 MB at {args.services:,} services / "
                      f"{args.services * args.endpoints_per_service:,} endpoints: {verdict(worst <= 150)} "
-                     f"(idle {fmt(max(idle) if idle else None, '.1f')} MB, under load {fmt(max(peaks) if peaks else None, '.1f')} MB)")
+                     f"(idle {fmt(max(idle) if idle else None, '.1f')} MB, "
+                     f"under load {fmt(max(peaks) if peaks else None, '.1f')} MB)")
     else:
         lines.append(f"- lightpath RSS ≤ 150 MB at 10,000 services / 100,000 endpoints: {verdict(None)}")
     return lines
