@@ -1,4 +1,7 @@
 //! The lightpath data plane and its commands. `main.rs` only parses flags and
 //! dispatches here, so integration tests can drive the same code.
 
+pub mod backend;
+pub mod cleanup;
 pub mod defaults;
+pub mod run;

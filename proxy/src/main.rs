@@ -15,9 +15,24 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Serve this node's Services: TPROXY rules in, L4 relay out.
+    Run(lightpath::run::RunArgs),
+    /// Remove lightpath's nftables table and policy routing.
+    Cleanup,
+    /// A tiny test backend (TCP echo + HTTP name) for the demo and tests.
+    Backend(lightpath::backend::BackendArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Run(args) => lightpath::run::main(args)?,
+        Command::Cleanup => lightpath::cleanup::main()?,
+        Command::Backend(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(lightpath::backend::run(args))?,
+    }
+    Ok(())
 }

@@ -1,0 +1,92 @@
+//! `lightpath backend`: a tiny test backend built into the same binary.
+//!
+//! Why in the binary: the demo and the end-to-end tests need "pods" that run
+//! inside throwaway network namespaces on a fresh machine with nothing else
+//! installed. Two listeners are enough to observe a proxy from outside:
+//!
+//! * a TCP echo port: bytes come back unchanged, and the client's FIN is
+//!   answered with ours once everything is echoed (so half-close and large
+//!   transfers can be checked end to end);
+//! * an HTTP/1.1 port that answers every request with the backend's name
+//!   (so a client can tell which endpoint it reached).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Echo buffer: big enough that a 100 MB transfer is not syscall-bound.
+const ECHO_BUF: usize = 64 * 1024;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// Name returned by the HTTP port (e.g. the pod name).
+    #[arg(long)]
+    pub name: String,
+    /// TCP echo listener (dual-stack when `[::]`).
+    #[arg(long, default_value = "[::]:9000")]
+    pub echo: SocketAddr,
+    /// HTTP listener answering with the name.
+    #[arg(long, default_value = "[::]:8080")]
+    pub http: SocketAddr,
+}
+
+/// Serves both listeners until the process is killed. Prints one
+/// `backend NAME ready` line once both are bound, for callers to wait on.
+pub async fn run(args: BackendArgs) -> std::io::Result<()> {
+    let echo = TcpListener::bind(args.echo).await?;
+    let http = TcpListener::bind(args.http).await?;
+    println!("backend {} ready", args.name);
+    let name: Arc<str> = args.name.into();
+    let body = Bytes::from(format!("{name}\n"));
+    tokio::select! {
+        r = accept_loop(echo, |s| async move { let _ = echo_conn(s).await; }) => r,
+        r = accept_loop(http, move |s| http_conn(s, body.clone())) => r,
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, handle: F) -> std::io::Result<()>
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(handle(s));
+            }
+            // EMFILE and friends: back off instead of spinning.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Echoes until the client's FIN, then sends ours.
+async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; ECHO_BUF];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return s.shutdown().await;
+        }
+        s.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn http_conn(s: TcpStream, body: Bytes) {
+    let svc = service_fn(move |_req| {
+        let body = body.clone();
+        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(s), svc)
+        .await;
+}

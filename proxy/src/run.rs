@@ -1,0 +1,366 @@
+//! `lightpath run`: the node data path as one process.
+//!
+//! Why the steps come in this order:
+//! 1. The table is loaded first: invalid manifests stop the start before the
+//!    kernel is touched, so a bad deploy never replaces working rules.
+//! 2. The transparent listeners are bound before the rules are installed, so
+//!    the first redirected SYN already finds a socket.
+//! 3. The rules are reconciled from scratch (whatever a crashed run left is
+//!    replaced atomically), then follow every table snapshot as a diff.
+//! 4. On SIGTERM/SIGINT the listeners close at once (new connections then
+//!    meet the kernel's fallback reject and fail fast), established
+//!    connections drain until the deadline, and the rules stay (default:
+//!    fail closed, the next lightpath picks up where this one stopped) or are
+//!    removed (`--remove-rules-on-exit`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::{Options, Protocol, Table, TableRx, Verdict};
+use redirect::{Action, Frontend, Redirector};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::defaults;
+use crate::drain;
+use crate::server::{self, ServerConfig};
+
+/// After a failed kernel update, try again this soon even if the table does
+/// not change (a transient `nft` failure must not leave stale rules until the
+/// next cluster change).
+const REDIRECT_RETRY: Duration = Duration::from_secs(1);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Manifest files (Services, EndpointSlices, Nodes) to serve; re-read
+    /// when they change.
+    #[arg(long, env = "LIGHTPATH_MANIFESTS", num_args = 1.., value_delimiter = ',')]
+    pub manifests: Vec<PathBuf>,
+    /// This node's name (endpoint locality, NodePort addresses).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// IPv4 transparent listener that TPROXY delivers to.
+    #[arg(long, env = "LIGHTPATH_LISTEN", default_value = defaults::PROXY_ADDR)]
+    pub listen: SocketAddr,
+    /// IPv6 transparent listener.
+    #[arg(long, env = "LIGHTPATH_LISTEN_V6", default_value = defaults::PROXY_ADDR_V6)]
+    pub listen_v6: SocketAddr,
+    /// Serve IPv4 only (IPv6 frontends are then refused by the rules).
+    #[arg(long, env = "LIGHTPATH_NO_IPV6")]
+    pub no_ipv6: bool,
+    /// Do not program nftables or policy routing (someone else steers the
+    /// traffic, e.g. REDIRECT rules; the original destination then comes from
+    /// SO_ORIGINAL_DST).
+    #[arg(long, env = "LIGHTPATH_NO_REDIRECT")]
+    pub no_redirect: bool,
+    /// On exit keep the rules, so connections to services fail fast until a
+    /// new lightpath starts (fail closed). The default.
+    #[arg(
+        long,
+        env = "LIGHTPATH_KEEP_RULES_ON_EXIT",
+        overrides_with = "remove_rules_on_exit"
+    )]
+    pub keep_rules_on_exit: bool,
+    /// On exit remove the rules and policy routing.
+    #[arg(
+        long,
+        env = "LIGHTPATH_REMOVE_RULES_ON_EXIT",
+        overrides_with = "keep_rules_on_exit"
+    )]
+    pub remove_rules_on_exit: bool,
+    /// Seconds established connections get to finish after SIGTERM.
+    #[arg(long, env = "LIGHTPATH_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// How often manifest files are checked for changes, in milliseconds.
+    #[arg(long, env = "LIGHTPATH_MANIFEST_POLL_MS", default_value_t = 500)]
+    pub manifest_poll_ms: u64,
+    /// Our `service.kubernetes.io/service-proxy-name`.
+    #[arg(long, env = "LIGHTPATH_PROXY_NAME", default_value = defaults::PROXY_NAME)]
+    pub proxy_name: String,
+    /// Hybrid mode: serve only services labelled with our proxy name.
+    #[arg(long, env = "LIGHTPATH_LABELLED_ONLY")]
+    pub labelled_only: bool,
+    /// Extra node addresses NodePorts are served on.
+    #[arg(long = "node-ip", env = "LIGHTPATH_NODE_IPS", value_delimiter = ',')]
+    pub node_ips: Vec<IpAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("no table source: pass --manifests FILE... (or LIGHTPATH_MANIFESTS)")]
+    NoSource,
+    #[error("--node-name (or NODE_NAME) must not be empty")]
+    NoNodeName,
+    #[error("manifests: {0}")]
+    Manifests(#[from] control::ManifestError),
+    #[error("cannot bind the transparent listener {addr} (needs CAP_NET_ADMIN): {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--listen {0}: must be an IPv4 address")]
+    ListenFamily(SocketAddr),
+    #[error("installing the redirect rules: {0}")]
+    Redirect(#[from] redirect::Error),
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("tokio runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+}
+
+/// Runs until SIGTERM/SIGINT; returns after the drain.
+pub fn main(args: RunArgs) -> Result<(), RunError> {
+    let _ = crate::telemetry::init(&Default::default());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?
+        .block_on(run(args))
+}
+
+/// The redirect configuration for these flags.
+pub fn redirect_config(
+    listen: SocketAddr,
+    listen_v6: Option<SocketAddr>,
+) -> Result<redirect::Config, RunError> {
+    let SocketAddr::V4(listener_v4) = listen else {
+        return Err(RunError::ListenFamily(listen));
+    };
+    let listener_v6 = match listen_v6 {
+        Some(SocketAddr::V6(a)) => Some(a),
+        _ => None,
+    };
+    Ok(redirect::Config {
+        table: defaults::NFT_TABLE.to_string(),
+        listener_v4,
+        listener_v6,
+        mark: defaults::TPROXY_MARK,
+        upstream_mark: defaults::UPSTREAM_MARK,
+        route_table: defaults::ROUTE_TABLE,
+    })
+}
+
+/// What the kernel must do for each TCP frontend of `table`. UDP and SCTP are
+/// not carried yet and are left to the node's own routing.
+pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
+    table
+        .frontends
+        .values()
+        .filter(|f| f.key.protocol == Protocol::Tcp)
+        .map(|f| {
+            let action = match f.verdict() {
+                None => Action::Proxy,
+                Some(Verdict::Reject) => Action::Reject,
+                Some(Verdict::Drop) => Action::Drop,
+            };
+            (Frontend::tcp(f.key.ip, f.key.port), action)
+        })
+        .collect()
+}
+
+async fn run(args: RunArgs) -> Result<(), RunError> {
+    if args.manifests.is_empty() {
+        return Err(RunError::NoSource);
+    }
+    if args.node_name.trim().is_empty() {
+        return Err(RunError::NoNodeName);
+    }
+    let opts = Options {
+        node_name: args.node_name.clone(),
+        proxy_name: args.proxy_name.clone(),
+        labelled_only: args.labelled_only,
+        node_ips: args.node_ips.clone(),
+    };
+    let (table, _source) = control::watch_manifests(
+        args.manifests.clone(),
+        opts,
+        Duration::from_millis(args.manifest_poll_ms),
+    )?;
+    tracing::info!(frontends = table.borrow().len(), "table loaded");
+
+    let (listeners, v6) = bind_listeners(&args)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+
+    let rules = if args.no_redirect {
+        None
+    } else {
+        let cfg = redirect_config(args.listen, v6)?;
+        let initial = kernel_frontends(&table.borrow());
+        let count = initial.len();
+        let r = tokio::task::spawn_blocking(move || Redirector::install(cfg, initial))
+            .await
+            .map_err(|e| RunError::Runtime(std::io::Error::other(e)))??;
+        tracing::info!(frontends = count, "redirect rules installed");
+        Some(r)
+    };
+
+    let mut server_cfg = ServerConfig::default();
+    if !args.no_redirect {
+        server_cfg.relay.connect.mark = defaults::UPSTREAM_MARK;
+    }
+    let (drain_signal, drain_watch) = drain::channel();
+    let (stop_rules_tx, stop_rules_rx) = tokio::sync::watch::channel(false);
+    let rules_task = rules.map(|r| tokio::spawn(follow_table(r, table.clone(), stop_rules_rx)));
+    let mut serve_task = tokio::spawn(server::serve(
+        listeners,
+        table.clone(),
+        server_cfg,
+        drain_watch,
+    ));
+
+    let why = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        r = &mut serve_task => {
+            // The server only returns on its own for a listener error.
+            let _ = stop_rules_tx.send(true);
+            return match r {
+                Ok(r) => r.map_err(RunError::from),
+                Err(e) => Err(RunError::Runtime(std::io::Error::other(e))),
+            };
+        }
+    };
+    let deadline = Duration::from_secs(args.drain_timeout);
+    tracing::info!(
+        signal = why,
+        ?deadline,
+        "shutting down: no new connections, draining"
+    );
+    let drained = drain_signal.drain(deadline).await;
+    let _ = serve_task.await;
+    tracing::info!(?drained, "drained");
+
+    let _ = stop_rules_tx.send(true);
+    if let Some(task) = rules_task {
+        if let Ok(r) = task.await {
+            if args.remove_rules_on_exit {
+                tokio::task::spawn_blocking(move || r.remove())
+                    .await
+                    .map_err(|e| RunError::Runtime(std::io::Error::other(e)))??;
+                tracing::info!("redirect rules removed");
+            } else {
+                tracing::info!(
+                    "redirect rules kept: service connections fail fast until lightpath is back"
+                );
+            }
+        }
+    }
+    drop(table);
+    Ok(())
+}
+
+/// Binds the v4 listener and, unless disabled or unsupported on this host,
+/// the v6 one. Returns the v6 address actually bound.
+fn bind_listeners(args: &RunArgs) -> Result<(Vec<TcpListener>, Option<SocketAddr>), RunError> {
+    let mut out = vec![bind_one(args.listen, args.no_redirect)?];
+    let mut v6 = None;
+    if !args.no_ipv6 {
+        match bind_one(args.listen_v6, args.no_redirect) {
+            Ok(l) => {
+                out.push(l);
+                v6 = Some(args.listen_v6);
+            }
+            // No IPv6 on this host (EADDRNOTAVAIL/EAFNOSUPPORT): serve v4 only;
+            // the rules then refuse IPv6 frontends.
+            Err(RunError::Listen { addr, source })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+                ) =>
+            {
+                tracing::warn!(%addr, error = %source, "IPv6 unavailable, serving IPv4 only");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((out, v6))
+}
+
+fn bind_one(addr: SocketAddr, no_redirect: bool) -> Result<TcpListener, RunError> {
+    let std_listener = match redirect::sockopt::transparent_listener(addr) {
+        Ok(l) => l,
+        // Without our rules, someone else steers traffic (REDIRECT): a plain
+        // listener works and needs no privilege.
+        Err(e) if no_redirect && e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(%addr, "no CAP_NET_ADMIN: plain listener (original destination from SO_ORIGINAL_DST)");
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|source| RunError::Listen { addr, source })?;
+            l.set_nonblocking(true)
+                .map_err(|source| RunError::Listen { addr, source })?;
+            l
+        }
+        Err(source) => return Err(RunError::Listen { addr, source }),
+    };
+    TcpListener::from_std(std_listener).map_err(|source| RunError::Listen { addr, source })
+}
+
+/// Applies every table snapshot to the kernel as a diff until told to stop;
+/// returns the redirector so the caller can keep or remove the rules.
+async fn follow_table(
+    mut rules: Redirector,
+    mut table: TableRx,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Redirector {
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return rules,
+            r = table.changed() => {
+                if r.is_err() {
+                    // The source ended; the last rules stay until we are stopped.
+                    let _ = stop.changed().await;
+                    return rules;
+                }
+            }
+            _ = tokio::time::sleep(REDIRECT_RETRY), if failed => {}
+        }
+        let snapshot: Arc<Table> = table.borrow_and_update().clone();
+        let desired = kernel_frontends(&snapshot);
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let r = rules.update(desired);
+            (rules, r)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        rules = back;
+        match result {
+            Ok(stats) => {
+                failed = false;
+                if stats.changed > 0 {
+                    tracing::info!(version = snapshot.version, changed = stats.changed, full_reload = stats.full_reload, elapsed = ?stats.elapsed, "redirect rules updated");
+                }
+            }
+            Err(e) => {
+                failed = true;
+                tracing::error!(version = snapshot.version, error = %e, "redirect update failed; retrying");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_must_be_v4() {
+        let e = redirect_config("[::1]:15001".parse().unwrap(), None).unwrap_err();
+        assert!(e.to_string().contains("--listen [::1]:15001"), "{e}");
+        let c = redirect_config(
+            defaults::PROXY_ADDR.parse().unwrap(),
+            Some(defaults::PROXY_ADDR_V6.parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(c.table, "lightpath");
+        assert_eq!(c.mark, 1);
+        assert_eq!(c.upstream_mark, 2);
+        assert!(c.listener_v6.is_some());
+    }
+}
