@@ -5,3 +5,8 @@ pub mod backend;
 pub mod cleanup;
 pub mod defaults;
 pub mod run;
+pub mod admin;
+pub mod health;
+pub mod lifecycle;
+pub mod metrics;
+pub mod telemetry;

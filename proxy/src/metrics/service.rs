@@ -1,0 +1,262 @@
+//! Per-service-port metric handles, registered once and shared by every
+//! connection and request of that service port.
+//!
+//! The registry is process-wide and keyed by [`ServicePortName`]; it is only
+//! consulted when a balancer is created for a service port (control path).
+//! The data path holds the returned `Arc<ServiceMetrics>` and touches nothing
+//! but atomics. Series of a deleted service port stay exported with their
+//! final values (Prometheus counters must not vanish and reappear), and are
+//! reused if the service comes back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use control::ServicePortName;
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
+
+use super::names;
+
+/// HTTP status class, the only extra label on request counters.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StatusClass {
+    Informational = 0,
+    Success = 1,
+    Redirection = 2,
+    ClientError = 3,
+    ServerError = 4,
+}
+
+impl StatusClass {
+    pub const ALL: [StatusClass; 5] = [
+        StatusClass::Informational,
+        StatusClass::Success,
+        StatusClass::Redirection,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+    ];
+
+    /// The class of a status code; anything outside 100..=599 counts as a
+    /// server error (it can only come from a broken upstream).
+    pub fn of(status: u16) -> Self {
+        match status {
+            100..=199 => StatusClass::Informational,
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirection,
+            400..=499 => StatusClass::ClientError,
+            _ => StatusClass::ServerError,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"][self as usize]
+    }
+}
+
+/// Every per-service-port handle. Fields are public so the data plane can
+/// use exactly the handle it needs; helpers below cover the common pairs.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    pub name: ServicePortName,
+    pub tcp_opened: Counter,
+    pub tcp_closed: Counter,
+    pub tcp_active: Gauge,
+    pub tcp_failed: Counter,
+    pub rx_bytes: Counter,
+    pub tx_bytes: Counter,
+    pub connect_duration: Histogram,
+    pub connect_failures: Counter,
+    pub http_requests: [Counter; 5],
+    pub http_request_duration: Histogram,
+    pub http_retries: Counter,
+    pub http_retry_overflows: Counter,
+    pub http_retry_budget_exhausted: Counter,
+    pub breaker_overflows: Counter,
+    pub ejections: Counter,
+    pub readmissions: Counter,
+}
+
+impl ServiceMetrics {
+    fn register(name: &ServicePortName) -> Self {
+        let labels = vec![
+            Label::new("namespace", name.namespace.clone()),
+            Label::new("service", name.name.clone()),
+            Label::new("port", name.port.clone()),
+        ];
+        let with_class = |c: StatusClass| {
+            let mut l = labels.clone();
+            l.push(Label::new("class", c.label()));
+            counter!(names::HTTP_REQUESTS, l)
+        };
+        ServiceMetrics {
+            name: name.clone(),
+            tcp_opened: counter!(names::TCP_OPENED, labels.clone()),
+            tcp_closed: counter!(names::TCP_CLOSED, labels.clone()),
+            tcp_active: gauge!(names::TCP_ACTIVE, labels.clone()),
+            tcp_failed: counter!(names::TCP_FAILED, labels.clone()),
+            rx_bytes: counter!(names::TCP_RX_BYTES, labels.clone()),
+            tx_bytes: counter!(names::TCP_TX_BYTES, labels.clone()),
+            connect_duration: histogram!(names::CONNECT_DURATION, labels.clone()),
+            connect_failures: counter!(names::CONNECT_FAILURES, labels.clone()),
+            http_requests: StatusClass::ALL.map(with_class),
+            http_request_duration: histogram!(names::HTTP_REQUEST_DURATION, labels.clone()),
+            http_retries: counter!(names::HTTP_RETRIES, labels.clone()),
+            http_retry_overflows: counter!(names::HTTP_RETRY_OVERFLOWS, labels.clone()),
+            http_retry_budget_exhausted: counter!(
+                names::HTTP_RETRY_BUDGET_EXHAUSTED,
+                labels.clone()
+            ),
+            breaker_overflows: counter!(names::BREAKER_OVERFLOWS, labels.clone()),
+            ejections: counter!(names::EJECTIONS, labels.clone()),
+            readmissions: counter!(names::READMISSIONS, labels),
+        }
+    }
+
+    /// Counts an accepted connection as opened and active until the returned
+    /// guard drops (then closed).
+    pub fn tcp_open(self: &Arc<Self>) -> TcpConnection {
+        self.tcp_opened.increment(1);
+        self.tcp_active.increment(1.0);
+        TcpConnection {
+            metrics: Arc::clone(self),
+        }
+    }
+
+    /// One successful upstream connect and how long it took.
+    pub fn connect_succeeded(&self, took: Duration) {
+        self.connect_duration.record(took.as_secs_f64());
+    }
+
+    /// One failed upstream connect attempt.
+    pub fn connect_failed(&self) {
+        self.connect_failures.increment(1);
+    }
+
+    /// One HTTP response and the request's duration.
+    pub fn http_response(&self, status: u16, took: Duration) {
+        self.http_requests[StatusClass::of(status) as usize].increment(1);
+        self.http_request_duration.record(took.as_secs_f64());
+    }
+}
+
+/// An open connection: counted as active while alive, closed on drop.
+#[derive(Debug)]
+pub struct TcpConnection {
+    metrics: Arc<ServiceMetrics>,
+}
+
+impl TcpConnection {
+    /// Adds relayed bytes: `rx` from the client, `tx` to the client.
+    pub fn bytes(&self, rx: u64, tx: u64) {
+        if rx > 0 {
+            self.metrics.rx_bytes.increment(rx);
+        }
+        if tx > 0 {
+            self.metrics.tx_bytes.increment(tx);
+        }
+    }
+
+    /// The connection never reached an endpoint (all attempts failed, or no
+    /// endpoint was usable).
+    pub fn failed(&self) {
+        self.metrics.tcp_failed.increment(1);
+    }
+
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.metrics
+    }
+}
+
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        self.metrics.tcp_active.decrement(1.0);
+        self.metrics.tcp_closed.increment(1);
+    }
+}
+
+type Registry = Mutex<HashMap<ServicePortName, Arc<ServiceMetrics>>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// The handles for `name`, registering them on first use. Control path only:
+/// call when a balancer is created and keep the `Arc`.
+pub fn service(name: &ServicePortName) -> Arc<ServiceMetrics> {
+    // Handles obtained before the recorder is installed would be no-ops for
+    // ever; make sure it is installed. If installation failed (another
+    // recorder is global), the handles go to that recorder instead.
+    if let Err(e) = super::install() {
+        tracing::debug!(error = %e, "metrics recorder not installed by lightpath");
+    }
+    let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = map.get(name) {
+        return Arc::clone(m);
+    }
+    let m = Arc::new(ServiceMetrics::register(name));
+    map.insert(name.clone(), Arc::clone(&m));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spn(n: &str) -> ServicePortName {
+        ServicePortName {
+            namespace: "unit".into(),
+            name: n.into(),
+            port: "web".into(),
+        }
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(StatusClass::of(101).label(), "1xx");
+        assert_eq!(StatusClass::of(204).label(), "2xx");
+        assert_eq!(StatusClass::of(304).label(), "3xx");
+        assert_eq!(StatusClass::of(404).label(), "4xx");
+        assert_eq!(StatusClass::of(503).label(), "5xx");
+        assert_eq!(StatusClass::of(0).label(), "5xx");
+        assert_eq!(StatusClass::of(999).label(), "5xx");
+    }
+
+    #[test]
+    fn same_name_same_handles() {
+        let a = service(&spn("same"));
+        let b = service(&spn("same"));
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = service(&spn("other"));
+        assert!(!Arc::ptr_eq(&a, &c));
+    }
+
+    #[test]
+    fn connection_guard_counts_open_active_closed() {
+        let handle = super::super::install().expect("install recorder");
+        let m = service(&spn("guard"));
+        {
+            let c = m.tcp_open();
+            c.bytes(10, 20);
+            let text = handle.render();
+            assert!(
+                text.lines().any(|l| l.starts_with(names::TCP_ACTIVE)
+                    && l.contains("service=\"guard\"")
+                    && l.ends_with(" 1")),
+                "{text}"
+            );
+        }
+        let text = handle.render();
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains("service=\"guard\""))
+                .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+                .to_string()
+        };
+        assert!(line(names::TCP_ACTIVE).ends_with(" 0"));
+        assert!(line(names::TCP_CLOSED).ends_with(" 1"));
+        assert!(line(names::TCP_OPENED).ends_with(" 1"));
+        assert!(line(names::TCP_RX_BYTES).ends_with(" 10"));
+        assert!(line(names::TCP_TX_BYTES).ends_with(" 20"));
+    }
+}
