@@ -272,7 +272,7 @@ impl Table {
     /// Frontends in a stable order (for printing and diffing).
     pub fn sorted(&self) -> Vec<&Frontend> {
         let mut v: Vec<&Frontend> = self.frontends.values().collect();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v.sort_by_key(|f| f.key);
         v
     }
 }

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod cleanup;
 pub mod defaults;
 pub mod run;
+pub mod webhook;
 pub mod admin;
 pub mod health;
 pub mod lifecycle;

@@ -22,6 +22,9 @@ enum Command {
     Cleanup,
     /// A tiny test backend (TCP echo + HTTP name) for the demo and tests.
     Backend(lightpath::backend::BackendArgs),
+    /// Mutating admission webhook (hybrid install): labels new Services that
+    /// lightpath can carry entirely.
+    Webhook(lightpath::webhook::WebhookArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(lightpath::backend::run(args))?,
+        Command::Webhook(args) => lightpath::webhook::main(args)?,
     }
     Ok(())
 }

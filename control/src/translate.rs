@@ -1,0 +1,146 @@
+//! One Service (plus its EndpointSlices and our Node) → its table rows.
+//!
+//! Why per service: the incremental store recomputes exactly the services
+//! whose objects changed, so translation must be a pure function of one
+//! service's inputs. It follows kube-proxy's servicechangetracker /
+//! serviceport.go (which frontends exist, per family) and
+//! endpointslicecache.go (the slice→port join and dedupe).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::model::{Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName};
+use crate::objects::{Family, NodeInfo, PortInfo, ServiceInfo, SliceInfo};
+use crate::options::Options;
+use crate::select::{categorize, Candidate};
+
+/// What translation needs to know about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCtx {
+    pub name: String,
+    /// Our Node's zone label, "" when unknown.
+    pub zone: String,
+    /// NodePort addresses: the Node's InternalIP/ExternalIP plus
+    /// `Options::node_ips`, deduplicated.
+    pub ips: Vec<IpAddr>,
+}
+
+impl NodeCtx {
+    pub fn new(opts: &Options, node: Option<&NodeInfo>) -> Self {
+        let mut ips: Vec<IpAddr> = node.map(|n| n.addresses.clone()).unwrap_or_default();
+        for ip in &opts.node_ips {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+            }
+        }
+        NodeCtx {
+            name: opts.node_name.clone(),
+            zone: node
+                .and_then(|n| n.zone.as_deref())
+                .unwrap_or("")
+                .to_string(),
+            ips,
+        }
+    }
+}
+
+/// The endpoints for one service port of one family: the join of every
+/// slice port with the same name and protocol, using that slice's port
+/// number; deduplicated on ip:port, a non-terminating copy replacing a
+/// terminating one (kube-proxy's addEndpoints). Slices are visited in name
+/// order so the result never depends on arrival order.
+fn candidates(port: &PortInfo, family: Family, slices: &[&SliceInfo], node: &NodeCtx) -> Vec<Candidate> {
+    let mut set: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.family == Some(family)) {
+        for sp in slice
+            .ports
+            .iter()
+            .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
+        {
+            for ep in &slice.endpoints {
+                let addr = SocketAddr::new(ep.ip, sp.port);
+                if set.contains_key(&addr) && ep.terminating {
+                    continue;
+                }
+                let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+                set.insert(
+                    addr,
+                    Candidate {
+                        addr,
+                        ready: ep.ready,
+                        serving: ep.serving,
+                        terminating: ep.terminating,
+                        local,
+                        node_name: ep.node_name.clone(),
+                        zone: ep.zone.clone(),
+                        zone_hints: ep.zone_hints.clone(),
+                        node_hints: ep.node_hints.clone(),
+                    },
+                );
+            }
+        }
+    }
+    set.into_values().collect()
+}
+
+/// Every frontend of `svc` on this node. `slices` are the service's
+/// EndpointSlices sorted by name.
+pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Vec<Frontend> {
+    let mut out = Vec::new();
+    for family in Family::BOTH {
+        // No ClusterIP of this family: the service does not exist in it.
+        let Some(cluster_ip) = svc.cluster_ip(family) else {
+            continue;
+        };
+        let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            ips.iter().copied().filter(|ip| Family::of(ip) == family).collect()
+        };
+        let external_ips = of_family(&svc.external_ips);
+        let lb_ips = of_family(&svc.lb_ips);
+        let node_ips = of_family(&node.ips);
+
+        for port in &svc.ports {
+            let sets = categorize(&candidates(port, family, slices, node), &node.name, &node.zone);
+            // serviceport.go ExternallyAccessible: per port and family.
+            let externally_accessible =
+                port.node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();
+            let sp = Arc::new(ServicePort {
+                name: ServicePortName {
+                    namespace: svc.key.namespace.clone(),
+                    name: svc.key.name.clone(),
+                    port: port.name.clone(),
+                },
+                protocol: port.protocol,
+                mode: port.mode,
+                affinity: svc.affinity,
+                cluster_endpoints: sets.cluster.into(),
+                local_endpoints: sets.local.into(),
+                internal_local: svc.internal_local,
+                external_local: svc.external_policy_local && externally_accessible,
+                health_check_node_port: svc.health_check_node_port,
+                annotations: svc.annotations.clone(),
+            });
+            let mut push = |ip: IpAddr, p: u16, kind: FrontendKind| {
+                out.push(Frontend {
+                    key: FrontendKey::new(SocketAddr::new(ip, p), port.protocol),
+                    kind,
+                    service: sp.clone(),
+                });
+            };
+            push(cluster_ip, port.port, FrontendKind::ClusterIp);
+            for ip in &external_ips {
+                push(*ip, port.port, FrontendKind::ExternalIp);
+            }
+            for ip in &lb_ips {
+                push(*ip, port.port, FrontendKind::LoadBalancer);
+            }
+            if let Some(np) = port.node_port {
+                for ip in &node_ips {
+                    push(*ip, np, FrontendKind::NodePort);
+                }
+            }
+        }
+    }
+    out
+}
