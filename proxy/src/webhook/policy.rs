@@ -206,18 +206,17 @@ mod tests {
     fn headless_external_name_and_portless_are_skipped() {
         let p = Policy::default();
         let mut headless = svc(&["TCP"]);
-        headless
-            .spec
-            .as_mut()
-            .map(|s| s.cluster_ip = Some("None".into()));
+        if let Some(spec) = headless.spec.as_mut() {
+            spec.cluster_ip = Some("None".into());
+        }
         assert_eq!(
             p.decide_service("default", &headless),
             Decision::Skip(Skip::Headless)
         );
         let mut ext = svc(&[]);
-        ext.spec
-            .as_mut()
-            .map(|s| s.type_ = Some("ExternalName".into()));
+        if let Some(spec) = ext.spec.as_mut() {
+            spec.type_ = Some("ExternalName".into());
+        }
         assert_eq!(
             p.decide_service("default", &ext),
             Decision::Skip(Skip::ExternalName)
