@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod cleanup;
 pub mod defaults;
+pub mod demo;
 pub mod run;
 pub mod webhook;
 pub mod admin;

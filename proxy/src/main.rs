@@ -20,6 +20,9 @@ enum Command {
     Run(lightpath::run::RunArgs),
     /// Remove lightpath's nftables table and policy routing.
     Cleanup,
+    /// Build a sandbox of network namespaces, send real traffic through
+    /// lightpath, print what happened, tear it down (needs root).
+    Demo,
     /// A tiny test backend (TCP echo + HTTP name) for the demo and tests.
     Backend(lightpath::backend::BackendArgs),
     /// Mutating admission webhook (hybrid install): labels new Services that
@@ -32,6 +35,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => lightpath::run::main(args)?,
         Command::Cleanup => lightpath::cleanup::main()?,
+        Command::Demo => {
+            if let Err(e) = lightpath::demo::main() {
+                eprintln!("lightpath demo: {e}");
+                std::process::exit(1);
+            }
+        }
         Command::Backend(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

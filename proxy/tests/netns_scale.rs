@@ -1,0 +1,131 @@
+//! The rule count does not grow with the number of services: 10,000
+//! frontends load as set elements under the same rules as 10, and an
+//! incremental change touches one element. Load times are printed (see
+//! README "Running on a node"). Needs root (see `support::netns::require_root`).
+
+mod support {
+    pub mod netns;
+}
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use redirect::nft::Frontends;
+use redirect::{Action, Frontend, Redirector};
+use support::netns::*;
+
+fn config() -> redirect::Config {
+    redirect::Config {
+        table: "lightpath".into(),
+        listener_v4: "127.0.0.1:15001".parse().expect("literal"),
+        listener_v6: Some("[::1]:15001".parse().expect("literal")),
+        mark: 1,
+        upstream_mark: 2,
+        route_table: 100,
+    }
+}
+
+/// `n` frontends, a tenth of them IPv6 and a tenth with no endpoints.
+fn frontends(n: u32) -> Frontends {
+    (0..n)
+        .map(|i| {
+            let ip: IpAddr = if i % 10 == 0 {
+                Ipv6Addr::from(0xfd00_0096_0000_0000_0000_0000_0000_0000u128 + i as u128).into()
+            } else {
+                Ipv4Addr::from(0x0a60_0000 + i).into()
+            };
+            let action = if i % 10 == 5 {
+                Action::Reject
+            } else {
+                Action::Proxy
+            };
+            (Frontend::tcp(ip, 80 + (i % 3) as u16), action)
+        })
+        .collect()
+}
+
+/// Rules in the table, counted from `nft -j` (every "rule" object).
+fn rule_count(ns: &Netns) -> usize {
+    let json = ns
+        .exec("nft", &["-j", "list", "table", "inet", "lightpath"])
+        .expect("nft -j");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
+    v["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter(|o| o.get("rule").is_some())
+        .count()
+}
+
+fn element_count(ns: &Netns) -> usize {
+    let json = ns
+        .exec("nft", &["-j", "list", "table", "inet", "lightpath"])
+        .expect("nft -j");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
+    v["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o.get("set").or_else(|| o.get("map")))
+        .map(|s| {
+            s.get("elem")
+                .and_then(|e| e.as_array())
+                .map_or(0, |a| a.len())
+        })
+        .sum()
+}
+
+#[test]
+fn rule_count_is_independent_of_the_number_of_services() {
+    if !require_root("rule_count_is_independent_of_the_number_of_services") {
+        return;
+    }
+    let small_ns = Netns::new(format!("lp-scale-{}-s", std::process::id()));
+    let big_ns = Netns::new(format!("lp-scale-{}-b", std::process::id()));
+
+    let small = small_ns
+        .run(|| async { Redirector::install(config(), frontends(10)).expect("install 10") });
+    let (load, update, stats) = big_ns.run(|| async {
+        let start = Instant::now();
+        let mut r = Redirector::install(config(), frontends(10_000)).expect("install 10,000");
+        let load = start.elapsed();
+        // One service gains endpoints, one loses them, one is added.
+        let mut next = frontends(10_000);
+        next.insert(
+            Frontend::tcp("10.96.0.5".parse().expect("literal"), 82),
+            Action::Proxy,
+        );
+        next.insert(
+            Frontend::tcp("10.96.0.1".parse().expect("literal"), 81),
+            Action::Reject,
+        );
+        next.insert(
+            Frontend::tcp("10.97.0.1".parse().expect("literal"), 443),
+            Action::Proxy,
+        );
+        let start = Instant::now();
+        let stats = r.update(next).expect("update");
+        (load, start.elapsed(), stats)
+    });
+    drop(small);
+
+    let (rs, rb) = (rule_count(&small_ns), rule_count(&big_ns));
+    assert_eq!(
+        rs, rb,
+        "rule count must not depend on the number of frontends"
+    );
+    assert!(rs <= 16, "a constant handful of rules, got {rs}");
+    assert_eq!(element_count(&small_ns), 10);
+    assert_eq!(element_count(&big_ns), 10_001);
+    assert!(!stats.full_reload, "incremental update refused");
+    assert_eq!(
+        stats.changed, 5,
+        "2 moved (delete+add) + 1 added: {stats:?}"
+    );
+    eprintln!("10,000 frontends: {rb} rules (10 frontends: {rs}); full load {load:?}; incremental update of 3 frontends {update:?}");
+    assert!(
+        load < Duration::from_secs(10),
+        "loading 10,000 frontends took {load:?}"
+    );
+}

@@ -1,0 +1,247 @@
+//! What the kernel and lightpath do when a frontend cannot be served: no
+//! endpoints (REJECT), Local policy with only remote endpoints (DROP), an
+//! endpoint removed while connections are open, and lightpath itself down.
+//! Needs root (see `support::netns::require_root`).
+
+mod support {
+    pub mod netns;
+}
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use support::netns::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("literal")
+}
+
+/// A Service with no EndpointSlice at all.
+fn empty_service(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports:\n  - {{name: web, port: 80, targetPort: 8080, protocol: TCP}}\n---\n"
+    )
+}
+
+#[test]
+fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops() {
+    if !require_root(
+        "no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops",
+    ) {
+        return;
+    }
+    let mut sb = Sandbox::new("verdict", 1);
+    sb.start_backend(1);
+    let m = format!(
+        "{}{}{}",
+        node_yaml(),
+        empty_service("empty", "10.96.0.20"),
+        // Endpoints exist, but on another node, and the policy is Local.
+        service_yaml(
+            "remote",
+            &[ip("10.96.0.30")],
+            &[1],
+            "node-b",
+            "internalTrafficPolicy: Local"
+        ),
+    );
+    let path = sb.write_manifest("svc.yaml", &m);
+    sb.start_lightpath(&path, &[]);
+    let table = sb.nft_table();
+    assert!(
+        table.contains("10.96.0.20 . tcp . 80 : goto reject_fe"),
+        "{table}"
+    );
+    assert!(table.contains("10.96.0.30 . tcp . 80 : drop"), "{table}");
+
+    let (reject, drop) = sb.client.run(|| async {
+        let reject = probe(
+            SocketAddr::new(ip("10.96.0.20"), 80),
+            Duration::from_secs(3),
+        )
+        .await;
+        let drop = probe(
+            SocketAddr::new(ip("10.96.0.30"), 80),
+            Duration::from_secs(2),
+        )
+        .await;
+        (reject, drop)
+    });
+    match reject {
+        ConnectOutcome::Refused(t) => assert!(t < Duration::from_millis(100), "REJECT took {t:?}"),
+        other => panic!("no-endpoint service must be refused, got {other:?}"),
+    }
+    assert!(
+        matches!(drop, ConnectOutcome::TimedOut),
+        "Local policy without local endpoints must DROP, got {drop:?}"
+    );
+}
+
+#[test]
+fn removed_backend_gets_no_new_connections_while_established_ones_finish() {
+    if !require_root("removed_backend_gets_no_new_connections_while_established_ones_finish") {
+        return;
+    }
+    let mut sb = Sandbox::new("remove", 2);
+    sb.start_backend(1);
+    sb.start_backend(2);
+    let vip = ip("10.96.0.10");
+    let both = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("web", &[vip], &[1, 2], "node-a", "")
+    );
+    let path = sb.write_manifest("svc.yaml", &both);
+    let lp = sb.start_lightpath(&path, &[]);
+
+    // Open echo connections until both pods hold at least one (the echo
+    // port cannot tell pods apart, so open several: p2c spreads them).
+    let (tx_open, rx_open) = std::sync::mpsc::channel::<()>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let holder = sb.client.spawn(move || async move {
+        let mut conns = Vec::new();
+        for _ in 0..8 {
+            let mut s = TcpStream::connect(SocketAddr::new(vip, 9000))
+                .await
+                .expect("connect");
+            s.write_all(b"ping").await.expect("write");
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.expect("echo before removal");
+            conns.push(s);
+        }
+        let _ = tx_open.send(());
+        let _ = rx_go.recv_timeout(Duration::from_secs(60));
+        // After the removal every established connection still echoes.
+        let mut ok = 0;
+        for s in conns.iter_mut() {
+            s.write_all(b"pong").await.expect("write after removal");
+            let mut b = [0u8; 4];
+            tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut b))
+                .await
+                .expect("echo after removal stalled")
+                .expect("echo after removal");
+            assert_eq!(&b, b"pong");
+            ok += 1;
+        }
+        ok
+    });
+    rx_open
+        .recv_timeout(Duration::from_secs(30))
+        .expect("connections opened");
+    let on_pod2 = sb.pods[1]
+        .exec("ss", &["-Htn", "state", "established", "( sport = :9000 )"])
+        .expect("ss")
+        .lines()
+        .count();
+    assert!(
+        on_pod2 > 0,
+        "p2c put no echo connection on pod-2; nothing to check"
+    );
+
+    let seen_before = sb.lightpath(lp).lines.len();
+    let only_one = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("web", &[vip], &[1], "node-a", "")
+    );
+    sb.write_manifest("svc.yaml", &only_one);
+    sb.lightpath(lp)
+        .lines
+        .wait_for("manifests changed", seen_before, Duration::from_secs(10))
+        .expect("lightpath noticed the edit");
+    // New connections: pod-1 only.
+    let names = sb.client.run(move || async move {
+        let mut v = Vec::new();
+        for _ in 0..20 {
+            v.push(http_name(SocketAddr::new(vip, 80)).await.expect("http"));
+        }
+        v
+    });
+    assert!(
+        names.iter().all(|n| n == "pod-1"),
+        "removed pod-2 still got new connections: {names:?}"
+    );
+    let _ = tx_go.send(());
+    let ok = holder.join().expect("holder");
+    assert_eq!(ok, 8, "established connections must finish");
+}
+
+#[test]
+fn lightpath_down_fails_fast_and_cleanup_removes_everything() {
+    if !require_root("lightpath_down_fails_fast_and_cleanup_removes_everything") {
+        return;
+    }
+    let mut sb = Sandbox::new("down", 1);
+    sb.start_backend(1);
+    let vip = ip("10.96.0.10");
+    let m = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("web", &[vip], &[1], "node-a", "")
+    );
+    let path = sb.write_manifest("svc.yaml", &m);
+    let lp = sb.start_lightpath(&path, &[]);
+    let name = sb
+        .client
+        .run(move || wait_http(SocketAddr::new(vip, 80), Duration::from_secs(5)));
+    assert_eq!(name.expect("served"), "pod-1");
+
+    // SIGTERM: drains, exits 0, keeps the rules (fail closed).
+    sb.lightpath(lp).signal(nix::sys::signal::Signal::SIGTERM);
+    let code = sb.procs[lp].wait(Duration::from_secs(15));
+    assert_eq!(
+        code,
+        Some(0),
+        "exit after SIGTERM: {}",
+        sb.lightpath(lp).lines.text()
+    );
+    assert!(sb.nft_table().contains("tproxy"), "rules kept after exit");
+
+    let outcomes = sb.client.run(move || async move {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(probe(SocketAddr::new(vip, 80), Duration::from_secs(3)).await);
+        }
+        v
+    });
+    for o in &outcomes {
+        match o {
+            ConnectOutcome::Refused(t) => {
+                assert!(*t < Duration::from_millis(100), "refusal took {t:?}")
+            }
+            other => panic!("with lightpath down, connections must fail fast: {other:?}"),
+        }
+    }
+
+    // Restart picks up the kept rules (reconcile), then cleanup removes all.
+    sb.start_lightpath(&path, &[]);
+    let name = sb
+        .client
+        .run(move || wait_http(SocketAddr::new(vip, 80), Duration::from_secs(5)));
+    assert_eq!(name.expect("served after restart"), "pod-1");
+    sb.procs.clear();
+    let out = sb
+        .node
+        .exec(&lightpath_bin().to_string_lossy(), &["cleanup"])
+        .expect("cleanup");
+    assert!(out.contains("removed"), "{out}");
+    assert!(
+        sb.node
+            .exec("nft", &["list", "table", "inet", "lightpath"])
+            .is_err(),
+        "table gone"
+    );
+    let rules = sb.node.exec("ip", &["rule", "show"]).expect("ip rule");
+    assert!(!rules.contains("lookup 100"), "{rules}");
+    let rules6 = sb
+        .node
+        .exec("ip", &["-6", "rule", "show"])
+        .expect("ip -6 rule");
+    assert!(!rules6.contains("lookup 100"), "{rules6}");
+    // Idempotent.
+    sb.node
+        .exec(&lightpath_bin().to_string_lossy(), &["cleanup"])
+        .expect("second cleanup");
+}
