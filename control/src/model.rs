@@ -214,7 +214,26 @@ impl ServicePort {
         }
     }
 
+    /// Like [`Self::endpoints_for`], but for a connection whose source is on
+    /// this node (a local pod or the host itself). kube-proxy short-circuits
+    /// such traffic to an external frontend (NodePort, externalIP, LB IP) of
+    /// an `externalTrafficPolicy: Local` service to the cluster set, "as if
+    /// it went out to the load balancer and came back in".
+    pub fn endpoints_for_client(&self, kind: FrontendKind, client_on_node: bool) -> &Arc<[Endpoint]> {
+        if client_on_node && kind.is_external() && self.external_local {
+            &self.cluster_endpoints
+        } else {
+            self.endpoints_for(kind)
+        }
+    }
+
     /// `None` when the set for `kind` has endpoints, else what the kernel does.
+    ///
+    /// Matches kube-proxy's nftables proxier: no usable endpoint anywhere →
+    /// REJECT; usable endpoints exist but the policy-selected set is empty
+    /// (Local policy, none on this node) → DROP. "Usable anywhere" is
+    /// [`Self::has_endpoints`], exact because translation always fills the
+    /// cluster set (Ready, else Serving∧Terminating).
     pub fn verdict_for(&self, kind: FrontendKind) -> Option<Verdict> {
         if !self.endpoints_for(kind).is_empty() {
             None
@@ -237,6 +256,11 @@ pub struct Frontend {
 impl Frontend {
     pub fn endpoints(&self) -> &Arc<[Endpoint]> {
         self.service.endpoints_for(self.kind)
+    }
+
+    /// See [`ServicePort::endpoints_for_client`].
+    pub fn endpoints_for_client(&self, client_on_node: bool) -> &Arc<[Endpoint]> {
+        self.service.endpoints_for_client(self.kind, client_on_node)
     }
 
     pub fn verdict(&self) -> Option<Verdict> {
