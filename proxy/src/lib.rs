@@ -2,10 +2,14 @@
 //! dispatches here, so integration tests can drive the same code.
 
 pub mod backend;
+pub mod balance;
 pub mod cleanup;
 pub mod defaults;
 pub mod demo;
+pub mod drain;
+pub mod l4;
 pub mod run;
+pub mod server;
 pub mod webhook;
 pub mod admin;
 pub mod health;

@@ -1,0 +1,104 @@
+//! The set of balancers, one per service port, kept in step with the table.
+//!
+//! Why a copy-on-write map behind arc-swap (pingora's pattern): connection
+//! tasks look a balancer up on every accept, while the map changes only when
+//! a service port appears or disappears. Readers never lock; writers (the
+//! table-sync task, or a connection that saw a newer snapshot first) take a
+//! writer-only mutex and publish a new map.
+//!
+//! A balancer is reused across snapshots as long as its service port exists,
+//! so per-endpoint statistics and affinity entries survive updates.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use control::{ServicePort, ServicePortName, Table};
+
+use super::{BalanceConfig, Balancer};
+
+type Map = HashMap<ServicePortName, Arc<Balancer>>;
+
+#[derive(Debug)]
+pub struct Balancers {
+    cfg: BalanceConfig,
+    map: ArcSwap<Map>,
+    write: Mutex<()>,
+}
+
+impl Balancers {
+    pub fn new(cfg: BalanceConfig) -> Self {
+        Balancers {
+            cfg,
+            map: ArcSwap::from_pointee(Map::new()),
+            write: Mutex::new(()),
+        }
+    }
+
+    pub fn config(&self) -> &BalanceConfig {
+        &self.cfg
+    }
+
+    /// The balancer of a service port, if the last sync created it.
+    pub fn get(&self, name: &ServicePortName) -> Option<Arc<Balancer>> {
+        self.map.load().get(name).cloned()
+    }
+
+    /// The balancer for `service`, updated to exactly this snapshot of it.
+    /// The hot path: a lock-free lookup when the balancer is current (the
+    /// usual case); creation or update under the writer lock otherwise, so a
+    /// connection never balances over an older endpoint set than the table
+    /// it looked its frontend up in.
+    pub fn for_service(&self, service: &Arc<ServicePort>) -> Arc<Balancer> {
+        if let Some(b) = self.map.load().get(&service.name) {
+            if b.is_current(service) {
+                return b.clone();
+            }
+        }
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.load_full();
+        if let Some(b) = map.get(&service.name) {
+            b.update(service);
+            return b.clone();
+        }
+        let b = Arc::new(Balancer::new(service, self.cfg.clone()));
+        let mut next = (*map).clone();
+        next.insert(service.name.clone(), b.clone());
+        self.map.store(Arc::new(next));
+        b
+    }
+
+    /// Brings the registry in line with `table`: creates balancers for new
+    /// service ports, applies endpoint changes, drops balancers of service
+    /// ports that are gone. Returns the number of balancers.
+    pub fn sync(&self, table: &Table) -> usize {
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.map.load_full();
+        let mut next = Map::with_capacity(old.len());
+        for fe in table.frontends.values() {
+            let svc = &fe.service;
+            if next.contains_key(&svc.name) {
+                continue;
+            }
+            let b = match old.get(&svc.name) {
+                Some(b) => {
+                    b.update(svc);
+                    b.clone()
+                }
+                None => Arc::new(Balancer::new(svc, self.cfg.clone())),
+            };
+            next.insert(svc.name.clone(), b);
+        }
+        let len = next.len();
+        self.map.store(Arc::new(next));
+        len
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

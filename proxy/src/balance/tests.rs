@@ -1,0 +1,349 @@
+//! Balancer unit tests with synthetic latencies (loopback connect times are
+//! too uniform to show a slow endpoint).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::{
+    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
+    ServicePort, ServicePortName, Table,
+};
+
+use super::*;
+
+fn addr(i: u16) -> SocketAddr {
+    SocketAddr::from(([10, 1, 0, (i % 250) as u8 + 1], 8000 + i))
+}
+
+fn service(name: &str, eps: &[SocketAddr], affinity: Affinity) -> Arc<ServicePort> {
+    let eps: Arc<[Endpoint]> = eps
+        .iter()
+        .map(|a| Endpoint {
+            addr: *a,
+            state: EndpointState::Ready,
+            node_name: None,
+            zone: None,
+        })
+        .collect();
+    Arc::new(ServicePort {
+        name: ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: String::new(),
+        },
+        protocol: Protocol::Tcp,
+        mode: Mode::L4,
+        affinity,
+        cluster_endpoints: eps.clone(),
+        local_endpoints: Arc::from(Vec::new()),
+        internal_local: false,
+        external_local: false,
+        health_check_node_port: None,
+        annotations: BTreeMap::new(),
+    })
+}
+
+fn client(i: u8) -> IpAddr {
+    IpAddr::from([192, 168, 0, i])
+}
+
+fn picks(b: &Balancer, n: usize) -> HashMap<SocketAddr, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let p = b.pick(Scope::Cluster, client(1), &[]).expect("pick");
+        *m.entry(p.addr()).or_default() += 1;
+    }
+    m
+}
+
+#[tokio::test(start_paused = true)]
+async fn equal_endpoints_share_evenly_and_never_pick_empty() {
+    let eps: Vec<_> = (0..3).map(addr).collect();
+    let b = Balancer::new(
+        &service("a", &eps, Affinity::None),
+        BalanceConfig::default(),
+    );
+    let m = picks(&b, 3000);
+    for e in &eps {
+        let n = m.get(e).copied().unwrap_or(0);
+        assert!((800..=1200).contains(&n), "{e}: {n} of 3000 ({m:?})");
+    }
+    let empty = Balancer::new(&service("e", &[], Affinity::None), BalanceConfig::default());
+    assert!(empty.pick(Scope::Cluster, client(1), &[]).is_none());
+    // Local scope of a service with only cluster endpoints: nothing.
+    assert!(b.pick(Scope::Local, client(1), &[]).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_steers_towards_idle_endpoints() {
+    let eps: Vec<_> = (0..3).map(addr).collect();
+    let b = Balancer::new(
+        &service("a", &eps, Affinity::None),
+        BalanceConfig::default(),
+    );
+    // Hold 300 picks open: in-flight counts must end up close to equal.
+    let held: Vec<Pick> = (0..300)
+        .map(|_| b.pick(Scope::Cluster, client(1), &[]).expect("pick"))
+        .collect();
+    for be in b.backends(Scope::Cluster) {
+        let n = be.in_flight();
+        assert!((85..=115).contains(&n), "{}: {n} of 300", be.addr());
+    }
+    drop(held);
+    for be in b.backends(Scope::Cluster) {
+        assert_eq!(be.in_flight(), 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_endpoint_gets_less_and_recovers() {
+    let eps: Vec<_> = (0..4).map(addr).collect();
+    let b = Balancer::new(
+        &service("a", &eps, Affinity::None),
+        BalanceConfig::default(),
+    );
+    let slow = eps[0];
+    // Simulated load: 20 concurrent "connections", each completing after its
+    // endpoint's latency; the slow endpoint takes 100 ms, the others 5 ms.
+    let mut share_slow = |slow_ms: u64, rounds: usize| {
+        let mut got = 0usize;
+        let mut total = 0usize;
+        for _ in 0..rounds {
+            let mut batch = Vec::new();
+            for _ in 0..20 {
+                let p = b.pick(Scope::Cluster, client(1), &[]).expect("pick");
+                batch.push(p);
+            }
+            for p in &mut batch {
+                let ms = if p.addr() == slow { slow_ms } else { 5 };
+                p.backend().observe_latency(Duration::from_millis(ms));
+                if p.addr() == slow {
+                    got += 1;
+                }
+                total += 1;
+            }
+            drop(batch);
+        }
+        got as f64 / total as f64
+    };
+    let s = share_slow(100, 200);
+    assert!(s < 0.10, "slow endpoint share {s:.3} (fair would be 0.25)");
+    // It speeds up: after the old peak decays, it recovers a fair share.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let s = share_slow(5, 200);
+    assert!(s > 0.18, "recovered share {s:.3}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_endpoint_starts_at_default_rtt_not_zero() {
+    let eps: Vec<_> = (0..2).map(addr).collect();
+    let svc = service("a", &eps, Affinity::None);
+    let b = Balancer::new(&svc, BalanceConfig::default());
+    for be in b.backends(Scope::Cluster) {
+        be.observe_latency(Duration::from_millis(50));
+    }
+    // A new endpoint appears: it must not take (nearly) every pick.
+    let mut eps2 = eps.clone();
+    eps2.push(addr(2));
+    b.update(&service("a", &eps2, Affinity::None));
+    let new = b.backend(addr(2)).expect("new backend");
+    assert_eq!(new.rtt_estimate(), Duration::from_millis(30));
+    let held: Vec<Pick> = (0..90)
+        .map(|_| b.pick(Scope::Cluster, client(1), &[]).expect("pick"))
+        .collect();
+    let n = held.iter().filter(|p| p.addr() == addr(2)).count();
+    assert!(n < 70, "new endpoint took {n} of 90");
+}
+
+#[tokio::test(start_paused = true)]
+async fn update_keeps_stats_of_staying_endpoints() {
+    let svc1 = service("a", &[addr(0), addr(1)], Affinity::None);
+    let b = Balancer::new(&svc1, BalanceConfig::default());
+    let keep = b.backend(addr(0)).expect("a0");
+    keep.observe_latency(Duration::from_millis(300));
+    let held = b.pick(Scope::Cluster, client(1), &[addr(1)]).expect("pick");
+    assert_eq!(held.addr(), addr(0));
+
+    b.update(&service("a", &[addr(0), addr(2)], Affinity::None));
+    let again = b.backend(addr(0)).expect("a0 kept");
+    assert!(Arc::ptr_eq(&keep, &again), "same Backend object");
+    assert_eq!(again.in_flight(), 1);
+    assert!(again.rtt_estimate() >= Duration::from_millis(299));
+    assert!(b.backend(addr(1)).is_none(), "removed");
+    for _ in 0..100 {
+        let p = b.pick(Scope::Cluster, client(1), &[]).expect("pick");
+        assert_ne!(p.addr(), addr(1));
+    }
+    drop(held);
+    assert_eq!(again.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exclude_and_ejection() {
+    let eps: Vec<_> = (0..4).map(addr).collect();
+    let b = Balancer::new(
+        &service("a", &eps, Affinity::None),
+        BalanceConfig::default(),
+    );
+    // Exclusion (retries go elsewhere).
+    for _ in 0..200 {
+        let p = b
+            .pick(Scope::Cluster, client(1), &[eps[0], eps[1], eps[2]])
+            .expect("pick");
+        assert_eq!(p.addr(), eps[3]);
+    }
+    assert!(b.pick(Scope::Cluster, client(1), &eps).is_none());
+
+    // Ejection: 50 % of 4 = 2 may be out.
+    b.eject(eps[0]).expect("first");
+    b.eject(eps[1]).expect("second");
+    let err = b.eject(eps[2]).expect_err("third exceeds the share");
+    assert!(matches!(err, EjectError::LimitReached { .. }), "{err}");
+    assert!(err.to_string().contains("default/a"), "{err}");
+    assert!(matches!(b.eject(addr(99)), Err(EjectError::Unknown { .. })));
+    for _ in 0..200 {
+        let p = b.pick(Scope::Cluster, client(1), &[]).expect("pick");
+        assert!(p.addr() == eps[2] || p.addr() == eps[3], "{}", p.addr());
+    }
+    // Only ejected ones left after exclusion: still served, not refused.
+    let p = b
+        .pick(Scope::Cluster, client(1), &[eps[2], eps[3]])
+        .expect("fallback to ejected");
+    assert!(p.addr() == eps[0] || p.addr() == eps[1]);
+    assert!(b.readmit(eps[0]));
+    assert!(b.backend(eps[0]).expect("b").is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failure_penalty_moves_load_away() {
+    let eps: Vec<_> = (0..3).map(addr).collect();
+    let b = Balancer::new(
+        &service("a", &eps, Affinity::None),
+        BalanceConfig::default(),
+    );
+    for be in b.backends(Scope::Cluster) {
+        be.observe_latency(Duration::from_millis(2));
+    }
+    let mut p = b
+        .pick(Scope::Cluster, client(1), &[eps[1], eps[2]])
+        .expect("pick");
+    p.record_failure();
+    drop(p);
+    let dead = b.backend(eps[0]).expect("b");
+    assert_eq!(dead.consecutive_failures(), 1);
+    let m = picks(&b, 300);
+    assert_eq!(m.get(&eps[0]).copied().unwrap_or(0), 0, "{m:?}");
+    let mut p = b
+        .pick(Scope::Cluster, client(1), &[eps[1], eps[2]])
+        .expect("pick");
+    p.record_success();
+    assert_eq!(dead.consecutive_failures(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_ip_affinity_sticks_until_timeout_or_removal() {
+    let eps: Vec<_> = (0..5).map(addr).collect();
+    let aff = Affinity::ClientIp {
+        timeout: Duration::from_secs(30),
+    };
+    let b = Balancer::new(&service("a", &eps, aff), BalanceConfig::default());
+    let mut firsts = std::collections::HashSet::new();
+    for c in 0..20u8 {
+        let first = b.pick(Scope::Cluster, client(c), &[]).expect("pick").addr();
+        firsts.insert(first);
+        for _ in 0..20 {
+            // Hold others open so load differs: affinity must still win.
+            let _p = b.pick(Scope::Cluster, client(c), &[]).expect("pick");
+            assert_eq!(_p.addr(), first);
+        }
+    }
+    assert!(firsts.len() > 1, "different clients spread: {firsts:?}");
+
+    let c = client(1);
+    let first = b.pick(Scope::Cluster, c, &[]).expect("pick").addr();
+    // A retry excluding it moves the client.
+    let moved = b.pick(Scope::Cluster, c, &[first]).expect("pick").addr();
+    assert_ne!(moved, first);
+    assert_eq!(b.pick(Scope::Cluster, c, &[]).expect("pick").addr(), moved);
+    // The endpoint leaves the set: the client moves.
+    let rest: Vec<_> = eps.iter().copied().filter(|a| *a != moved).collect();
+    b.update(&service("a", &rest, aff));
+    let now = b.pick(Scope::Cluster, c, &[]).expect("pick").addr();
+    assert_ne!(now, moved);
+    // Expiry: after the timeout the entry no longer binds (seen by sweeping
+    // many picks: at least one lands elsewhere).
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..50 {
+        tokio::time::advance(Duration::from_secs(31)).await;
+        seen.insert(b.pick(Scope::Cluster, c, &[]).expect("pick").addr());
+    }
+    assert!(seen.len() > 1, "affinity expired: {seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_syncs_with_table() {
+    let s1 = service("a", &[addr(0)], Affinity::None);
+    let s2 = service("b", &[addr(1)], Affinity::None);
+    let fe = |port: u16, s: &Arc<ServicePort>| {
+        let key = FrontendKey::new(SocketAddr::from(([10, 96, 0, 1], port)), Protocol::Tcp);
+        (
+            key,
+            Frontend {
+                key,
+                kind: FrontendKind::ClusterIp,
+                service: s.clone(),
+            },
+        )
+    };
+    let mut t = Table::default();
+    for (k, f) in [fe(80, &s1), fe(81, &s2), fe(82, &s2)] {
+        t.frontends.insert(k, f);
+    }
+    let reg = Balancers::new(BalanceConfig::default());
+    assert_eq!(reg.sync(&t), 2);
+    let a = reg.get(&s1.name).expect("a");
+    // New snapshot: a's endpoints change, b disappears.
+    let s1b = service("a", &[addr(0), addr(2)], Affinity::None);
+    let mut t2 = Table::default();
+    let (k, f) = fe(80, &s1b);
+    t2.frontends.insert(k, f);
+    assert_eq!(reg.sync(&t2), 1);
+    let a2 = reg.get(&s1.name).expect("a");
+    assert!(Arc::ptr_eq(&a, &a2), "balancer reused");
+    assert_eq!(a2.backends(Scope::Cluster).len(), 2);
+    assert!(reg.get(&s2.name).is_none());
+    // The hot path creates what the sync task has not seen yet.
+    let s3 = service("c", &[addr(3)], Affinity::None);
+    let c = reg.for_service(&s3);
+    assert!(c.is_current(&s3));
+    assert_eq!(reg.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scope_of_frontend_follows_traffic_policy() {
+    let mut sp = (*service("a", &[addr(0)], Affinity::None)).clone();
+    sp.local_endpoints = Arc::from(vec![Endpoint {
+        addr: addr(1),
+        state: EndpointState::Ready,
+        node_name: None,
+        zone: None,
+    }]);
+    sp.external_local = true;
+    let sp = Arc::new(sp);
+    let key = FrontendKey::new(SocketAddr::from(([10, 96, 0, 1], 80)), Protocol::Tcp);
+    let mut f = Frontend {
+        key,
+        kind: FrontendKind::ClusterIp,
+        service: sp.clone(),
+    };
+    assert_eq!(Scope::of(&f), Scope::Cluster);
+    f.kind = FrontendKind::NodePort;
+    assert_eq!(Scope::of(&f), Scope::Local);
+    let b = Balancer::new(&sp, BalanceConfig::default());
+    let p = b.pick(Scope::Local, client(1), &[]).expect("pick");
+    assert_eq!(p.addr(), addr(1));
+    assert_eq!(f.endpoints()[0].addr, addr(1));
+}

@@ -1,0 +1,117 @@
+//! The L4 TCP relay: connect to a balanced endpoint (retrying on another one
+//! when a connect fails), then copy bytes both ways until both sides are done.
+//!
+//! Why its own module, apart from the accept loop: the L7 stack reuses the
+//! connect step (with its balancer bookkeeping and SO_MARK) for its upstream
+//! connections, and `Upgrade`/`CONNECT` tunnels reuse the copy step.
+//!
+//! * [`connect`]: bounded attempts, each with a timeout, each on an endpoint
+//!   not tried before; every outcome is reported to the balancer (connect
+//!   time as the latency sample, or a failure).
+//! * [`copy`]: bidirectional copy with half-close, reset propagation, an idle
+//!   timeout and bounded per-connection memory.
+
+pub mod connect;
+pub mod copy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::balance::{Balancer, Scope};
+use crate::drain;
+
+pub use connect::{connect, ConnectConfig, ConnectError};
+pub use copy::{copy_bidirectional, CopyConfig, CopyEnd, Transferred};
+
+/// Settings of the L4 relay.
+#[derive(Debug, Clone, Default)]
+pub struct RelayConfig {
+    pub connect: ConnectConfig,
+    pub copy: CopyConfig,
+}
+
+/// What one relayed connection did (for logs and tests).
+#[derive(Debug, Clone)]
+pub struct RelayReport {
+    pub endpoint: SocketAddr,
+    /// Connect attempts made, including the successful one.
+    pub attempts: usize,
+    pub transferred: Transferred,
+    pub end: CopyEnd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("drain deadline passed while connecting")]
+    Forced,
+}
+
+/// Relays `client` to an endpoint chosen by `balancer` from `scope`.
+///
+/// When no endpoint can be reached the client is reset (SO_LINGER 0), the
+/// closest a proxy can get to the "connection refused" kube-proxy's DNAT
+/// would have produced. Errors are returned for logging only; every socket is
+/// closed when this returns.
+pub async fn relay(
+    client: TcpStream,
+    balancer: Arc<Balancer>,
+    scope: Scope,
+    cfg: &RelayConfig,
+    drain: &drain::Watch,
+) -> Result<RelayReport, RelayError> {
+    let peer_ip = match client.peer_addr() {
+        Ok(a) => a.ip(),
+        // The client already went away (reset before we looked).
+        Err(e) => {
+            return Err(RelayError::Connect(ConnectError::Client(e)));
+        }
+    };
+    let connected = tokio::select! {
+        r = connect(&balancer, scope, peer_ip, &cfg.connect) => r,
+        _ = drain.forced() => {
+            abort(&client);
+            return Err(RelayError::Forced);
+        }
+    };
+    let (upstream, pick, attempts) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            abort(&client);
+            return Err(e.into());
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let endpoint = pick.addr();
+    let (transferred, end) = copy_bidirectional(&client, &upstream, &cfg.copy, drain).await;
+    // The in-flight slot is held until both sockets are done.
+    drop(pick);
+    Ok(RelayReport {
+        endpoint,
+        attempts,
+        transferred,
+        end,
+    })
+}
+
+/// Closes `sock` with a RST instead of a FIN when it is dropped, so the peer
+/// sees an abort rather than a clean end of stream.
+pub fn abort(sock: &TcpStream) {
+    let _ = sock.set_zero_linger();
+}
+
+/// TCP keepalive on proxied sockets: a peer that vanished without FIN or RST
+/// (node crash, network partition) is detected within about two minutes
+/// instead of holding two descriptors until the idle timeout. Probes are
+/// answered by a live peer's kernel, so healthy idle connections are not cut.
+pub(crate) fn set_keepalive(sock: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&ka);
+}

@@ -1,0 +1,283 @@
+//! The accept loop: redirected connections in, one task per connection,
+//! dispatched by the frontend's mode.
+//!
+//! Why it looks the way it does:
+//! * The accepted socket's original destination (its local address under
+//!   TPROXY) is the frontend key; the lookup reads the table snapshot that is
+//!   current at accept time, one `Arc` clone per connection, no lock held.
+//! * A frontend that is unknown or has no endpoints is reset at once
+//!   (SO_LINGER 0): the kernel rules normally reject those, so reaching us
+//!   means the table just changed, and a fast failure beats a hang.
+//! * Bounded: a semaphore caps concurrent connections; over the cap a new
+//!   connection is reset immediately rather than left in the backlog, so a
+//!   flood fails fast and cannot wedge the listener. Accept errors such as
+//!   EMFILE back off exponentially instead of spinning.
+//! * Drain: on the drain signal every accept loop stops and drops its
+//!   listener; connection tasks hold a [`drain::Watch`] until they finish.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::{FrontendKey, Mode, Protocol, Table, TableRx};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::balance::{BalanceConfig, Balancers, Scope};
+use crate::drain;
+use crate::l4::{self, RelayConfig};
+
+/// Settings of the data plane server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Concurrent connections across all listeners. 100 000: two descriptors
+    /// each stays under the usual 1 M hard RLIMIT_NOFILE with room to spare,
+    /// and an idle relayed connection costs a task and no buffers.
+    pub max_connections: usize,
+    pub relay: RelayConfig,
+    pub balance: BalanceConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 100_000,
+            relay: RelayConfig::default(),
+            balance: BalanceConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listener {addr}: {source}")]
+    Listener {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The shared state of all accept loops: the table, the balancers and the
+/// connection limit.
+#[derive(Debug, Clone)]
+pub struct Server {
+    table: TableRx,
+    balancers: Arc<Balancers>,
+    cfg: Arc<ServerConfig>,
+    slots: Arc<Semaphore>,
+}
+
+/// Serves redirected TCP connections from `listeners` (typically the v4 and
+/// v6 transparent listeners) with the frontends of `table`, until `drain`
+/// is signalled.
+///
+/// Returns once every accept loop has stopped (at the drain signal);
+/// connections still open keep running with their own [`drain::Watch`]
+/// clones, so the caller completes the shutdown with
+/// [`drain::Signal::drain`], which waits for them up to its deadline.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    table: TableRx,
+    cfg: ServerConfig,
+    drain: drain::Watch,
+) -> Result<(), ServeError> {
+    let server = Server::new(table, cfg);
+    server.run(listeners, drain).await
+}
+
+impl Server {
+    pub fn new(table: TableRx, cfg: ServerConfig) -> Self {
+        let balancers = Arc::new(Balancers::new(cfg.balance.clone()));
+        balancers.sync(&table.borrow());
+        Server {
+            table,
+            balancers,
+            slots: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+            cfg: Arc::new(cfg),
+        }
+    }
+
+    /// The balancers, shared with whatever else needs endpoint state.
+    pub fn balancers(&self) -> &Arc<Balancers> {
+        &self.balancers
+    }
+
+    /// Connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.cfg.max_connections.max(1) - self.slots.available_permits()
+    }
+
+    /// Runs one accept loop per listener plus the balancer sync task until
+    /// `drain` is signalled.
+    pub async fn run(
+        &self,
+        listeners: Vec<TcpListener>,
+        drain: drain::Watch,
+    ) -> Result<(), ServeError> {
+        let mut addrs = Vec::with_capacity(listeners.len());
+        for l in &listeners {
+            let addr = l.local_addr().map_err(|source| ServeError::Listener {
+                addr: "?".into(),
+                source,
+            })?;
+            addrs.push(addr);
+        }
+        tracing::info!(listeners = ?addrs, "serving");
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(sync_balancers(
+            self.table.clone(),
+            self.balancers.clone(),
+            drain.clone(),
+        ));
+        for l in listeners {
+            loops.spawn(self.clone().accept_loop(l, drain.clone()));
+        }
+        drop(drain);
+        while let Some(r) = loops.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "accept loop task failed");
+            }
+        }
+        tracing::info!(listeners = ?addrs, "stopped accepting");
+        Ok(())
+    }
+
+    async fn accept_loop(self, listener: TcpListener, drain: drain::Watch) {
+        let mut backoff = Backoff::new();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = drain.signaled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((sock, peer)) => {
+                    backoff.reset();
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, limit = self.cfg.max_connections, "connection limit reached, resetting");
+                        l4::abort(&sock);
+                        continue;
+                    };
+                    // The snapshot current at accept time, for this connection.
+                    let table = self.table.borrow().clone();
+                    let this = self.clone();
+                    let drain = drain.clone();
+                    tokio::spawn(async move {
+                        this.handle(sock, peer, &table, &drain).await;
+                        drop(slot);
+                        drop(drain);
+                    });
+                }
+                Err(e) if is_connection_error(&e) => {
+                    // The client gave up between SYN and accept: not our problem.
+                    tracing::debug!(error = %e, "accept: connection error");
+                }
+                Err(e) => {
+                    let wait = backoff.next();
+                    tracing::warn!(error = %e, ?wait, "accept failed, backing off");
+                    tokio::select! {
+                        _ = drain.signaled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        drop(listener);
+    }
+
+    /// One connection: find its frontend, then hand it to the mode's handler.
+    async fn handle(&self, sock: TcpStream, peer: SocketAddr, table: &Table, drain: &drain::Watch) {
+        let dst = match redirect::sockopt::original_dst(&sock) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no original destination");
+                l4::abort(&sock);
+                return;
+            }
+        };
+        let key = FrontendKey::new(dst, Protocol::Tcp);
+        let Some(frontend) = table.lookup(&key) else {
+            tracing::debug!(%peer, frontend = %key, "no such frontend, resetting");
+            l4::abort(&sock);
+            return;
+        };
+        if frontend.endpoints().is_empty() {
+            tracing::debug!(%peer, frontend = %key, service = %frontend.service.name, "no endpoints, resetting");
+            l4::abort(&sock);
+            return;
+        }
+        l4::set_keepalive(&sock);
+        let balancer = self.balancers.for_service(&frontend.service);
+        let scope = Scope::of(frontend);
+        // The dispatch point. L7 modes are relayed at L4 until the HTTP stack
+        // takes them over here.
+        let result = match frontend.service.mode {
+            Mode::L4 | Mode::Http | Mode::H2c => {
+                l4::relay(sock, balancer, scope, &self.cfg.relay, drain).await
+            }
+        };
+        match result {
+            Ok(r) => tracing::debug!(
+                %peer, frontend = %key, endpoint = %r.endpoint, attempts = r.attempts,
+                sent = r.transferred.client_to_upstream, received = r.transferred.upstream_to_client,
+                end = ?r.end, "connection done"
+            ),
+            Err(e) => tracing::info!(%peer, frontend = %key, error = %e, "connection failed"),
+        }
+    }
+}
+
+/// Keeps the balancers in step with the table, so balancers of removed
+/// service ports are dropped and new ones exist before their first
+/// connection.
+async fn sync_balancers(mut table: TableRx, balancers: Arc<Balancers>, drain: drain::Watch) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.signaled() => return,
+            r = table.changed() => {
+                if r.is_err() {
+                    // The source is gone; the last table keeps serving.
+                    return;
+                }
+                let t = table.borrow_and_update().clone();
+                let n = balancers.sync(&t);
+                tracing::debug!(version = t.version, balancers = n, "balancers synced");
+            }
+        }
+    }
+}
+
+/// Errors that concern one pending connection, not the listener.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Exponential backoff for accept errors: 5 ms doubling to 1 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Backoff(Self::MIN)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+}
