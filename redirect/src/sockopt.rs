@@ -13,7 +13,8 @@
 //!   can bind before the old one has drained: no refused window on upgrade).
 //! * [`original_dst`]: under TPROXY the accepted socket's local address *is*
 //!   the original destination; under a REDIRECT/DNAT setup it is the
-//!   listener's own address, and conntrack's SO_ORIGINAL_DST has the truth.
+//!   listener's own address, and conntrack's SO_ORIGINAL_DST has the truth
+//!   (so that is asked first; without a conntrack entry it fails at once).
 //! * [`upstream_socket`]: SO_MARK on lightpath's own connections, so the
 //!   `output` rule never sends them back to lightpath.
 
@@ -47,36 +48,27 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(sock.into())
 }
 
-/// Whether IP_TRANSPARENT / IPV6_TRANSPARENT is set (inherited by accepted
-/// sockets from their listener).
-fn is_transparent(sock: &SockRef<'_>, local: &SocketAddr) -> bool {
-    match local {
-        SocketAddr::V4(_) => sock.ip_transparent_v4().unwrap_or(false),
-        SocketAddr::V6(_) => sock.ip_transparent_v6().unwrap_or(false),
-    }
-}
-
 /// The destination the client originally dialled, for an accepted stream.
 ///
-/// Transparent socket → its local address. Otherwise SO_ORIGINAL_DST (IPv4,
-/// then IPv6), falling back to the local address when conntrack has no entry
-/// (a direct connection to the listener). v4-mapped IPv6 addresses are
-/// returned as IPv4.
+/// Conntrack's SO_ORIGINAL_DST when it has an entry (it is the truth both
+/// for REDIRECT/DNAT, where the local address is the listener's own, and for
+/// TPROXY, where nothing was rewritten), else the local address: under
+/// TPROXY that *is* the original destination, with or without conntrack.
+/// One getsockopt per connection. v4-mapped IPv6 addresses are returned as
+/// IPv4.
 pub fn original_dst<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
     let local = sock
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an inet socket"))?;
-    let addr = if is_transparent(&sock, &local) {
-        local
-    } else {
-        let conntrack = match local {
-            SocketAddr::V4(_) => sock.original_dst_v4(),
-            SocketAddr::V6(_) => sock.original_dst_v6().or_else(|_| sock.original_dst_v4()),
-        };
-        conntrack.ok().and_then(|a| a.as_socket()).unwrap_or(local)
+    let conntrack = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock
+            .original_dst_v6()
+            .or_else(|_| sock.original_dst_v4()),
     };
+    let addr = conntrack.ok().and_then(|a| a.as_socket()).unwrap_or(local);
     Ok(canonical(addr))
 }
 
@@ -136,6 +128,7 @@ mod tests {
                 let (s, _) = l.accept().unwrap();
                 assert_eq!(original_dst(&s).unwrap(), addr);
                 assert!(SockRef::from(&s).ip_transparent_v4().unwrap());
+                assert!(SockRef::from(&s).reuse_port().unwrap());
             }
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         }
