@@ -245,7 +245,6 @@ pub fn readyz(readiness: &Readiness) -> Resp {
     struct Body<'a> {
         ready: bool,
         draining: bool,
-        #[serde(rename = "waitingFor")]
         waiting_for: &'a [String],
     }
     web::json(
@@ -380,7 +379,11 @@ pub struct ServiceHealthServers {
 impl ServiceHealthServers {
     /// `bind_ips`: where to listen (kube-proxy: every node IP, i.e. 0.0.0.0
     /// unless `--nodeport-addresses` narrows it).
-    pub fn new(bind_ips: Vec<IpAddr>, health: ProxyHealth, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        bind_ips: Vec<IpAddr>,
+        health: ProxyHealth,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         let bind_ips = if bind_ips.is_empty() {
             vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
@@ -408,8 +411,10 @@ impl ServiceHealthServers {
         });
         for (nsn, spec) in wanted {
             if let Some(inst) = self.services.get(&nsn) {
-                inst.count
-                    .store(spec.local_ready_endpoints, std::sync::atomic::Ordering::Relaxed);
+                inst.count.store(
+                    spec.local_ready_endpoints,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 continue;
             }
             match self.open(&nsn, &spec) {
@@ -511,7 +516,13 @@ mod tests {
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert_eq!(
             keys,
-            ["currentTime", "healthy", "lastUpdated", "nodeEligible", "status"]
+            [
+                "currentTime",
+                "healthy",
+                "lastUpdated",
+                "nodeEligible",
+                "status"
+            ]
         );
         assert!(v["status"]["IPv4"]["healthy"].as_bool().unwrap());
         let text = serde_json::to_string(&r).unwrap();

@@ -24,9 +24,10 @@ pub struct BalancerState {
 
 /// One endpoint as the balancer sees it.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
 pub struct EndpointBalancerState {
     pub addr: SocketAddr,
+    /// Which endpoint set: "cluster" or "local".
+    pub scope: &'static str,
     /// The balancer may pick it (not ejected, not tripped).
     pub available: bool,
     /// Ejected by outlier detection / a breaker / a health check.
@@ -34,14 +35,26 @@ pub struct EndpointBalancerState {
     pub in_flight: u64,
     /// Peak-EWMA latency estimate, milliseconds.
     pub ewma_ms: f64,
-    /// What p2c compares: estimate × (in-flight + 1).
+    /// What p2c compares: estimate × (in-flight + 1), milliseconds.
     pub cost: f64,
+    pub picks: u64,
+    pub failures: u64,
+    pub consecutive_failures: u32,
 }
 
 /// Implemented by the data plane's balancer registry.
 pub trait BalancerDump: Send + Sync {
-    /// Every balancer, in any order.
-    fn balancers(&self) -> Vec<BalancerState>;
+    /// The balancers of `table`'s service ports, in any order.
+    fn balancers(&self, table: &Table) -> Vec<BalancerState>;
+}
+
+/// A frontend and what the kernel does with it when its set is empty.
+#[derive(Debug, Serialize)]
+pub struct TableEntry<'a> {
+    #[serde(flatten)]
+    pub frontend: &'a Frontend,
+    /// `null` while the frontend has endpoints, else "reject" or "drop".
+    pub verdict: Option<control::Verdict>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,7 +71,7 @@ pub struct ConfigDump<'a> {
     pub health: HealthReport,
     pub settings: &'a serde_json::Value,
     /// Frontends in key order.
-    pub table: Vec<&'a Frontend>,
+    pub table: Vec<TableEntry<'a>>,
     pub balancers: Vec<BalancerState>,
     pub ejections: Vec<Ejection>,
 }
@@ -72,7 +85,7 @@ pub fn config_dump<'a>(
 ) -> ConfigDump<'a> {
     balancers.sort_by(|a, b| a.service.cmp(&b.service));
     for b in &mut balancers {
-        b.endpoints.sort_by_key(|e| e.addr);
+        b.endpoints.sort_by_key(|e| (e.scope, e.addr));
     }
     let ejections = balancers
         .iter()
@@ -88,7 +101,14 @@ pub fn config_dump<'a>(
         readiness,
         health,
         settings,
-        table: table.sorted(),
+        table: table
+            .sorted()
+            .into_iter()
+            .map(|frontend| TableEntry {
+                frontend,
+                verdict: frontend.verdict(),
+            })
+            .collect(),
         balancers,
         ejections,
     }
@@ -132,7 +152,6 @@ impl ServiceQuery {
 
 /// One service port in `/endpoints`.
 #[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct ServicePortEndpoints {
     pub service: ServicePortName,
     pub mode: control::Mode,
@@ -155,17 +174,16 @@ pub fn endpoints(
             continue;
         }
         if let Some(existing) = out.iter_mut().find(|e| e.service == svc.name) {
-            existing.frontends.push(format!("{} ({:?})", fe.key, fe.kind));
+            existing
+                .frontends
+                .push(format!("{} ({:?})", fe.key, fe.kind));
             continue;
         }
-        let balancer = balancers
-            .iter()
-            .find(|b| b.service == svc.name)
-            .map(|b| {
-                let mut eps = b.endpoints.clone();
-                eps.sort_by_key(|e| e.addr);
-                eps
-            });
+        let balancer = balancers.iter().find(|b| b.service == svc.name).map(|b| {
+            let mut eps = b.endpoints.clone();
+            eps.sort_by_key(|e| (e.scope, e.addr));
+            eps
+        });
         out.push(ServicePortEndpoints {
             service: svc.name.clone(),
             mode: svc.mode,
@@ -194,7 +212,10 @@ mod tests {
             }
         );
         assert_eq!(
-            ServiceQuery::parse("default/web:http").unwrap().port.as_deref(),
+            ServiceQuery::parse("default/web:http")
+                .unwrap()
+                .port
+                .as_deref(),
             Some("http")
         );
         for bad in ["web", "/web", "default/", ""] {

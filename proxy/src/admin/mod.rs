@@ -13,9 +13,10 @@
 //! network for Prometheus (`0.0.0.0:15090`), and the health server
 //! (`0.0.0.0:10256`) for the kubelet and cloud load balancers.
 
+mod balancers;
 pub mod dump;
-pub mod web;
 mod routes;
+pub mod web;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -141,7 +142,10 @@ impl Drop for AdminHandle {
     }
 }
 
-fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, AdminError> {
+fn bind(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<std::net::TcpListener>, AdminError> {
     addr.map(|addr| web::bind(addr).map_err(|source| AdminError::Bind { what, addr, source }))
         .transpose()
 }
@@ -167,7 +171,13 @@ pub fn spawn(cfg: AdminConfig, state: AdminState) -> Result<AdminHandle, AdminEr
     let thread = std::thread::Builder::new()
         .name("lightpath-admin".into())
         .spawn(move || {
-            rt.block_on(run(cfg, state, prometheus, [admin, metrics, health], stopped));
+            rt.block_on(run(
+                cfg,
+                state,
+                prometheus,
+                [admin, metrics, health],
+                stopped,
+            ));
             // Connection tasks still open get a moment, then are dropped.
             rt.shutdown_timeout(Duration::from_secs(1));
         })
@@ -198,8 +208,14 @@ async fn run(
     mut stopped: watch::Receiver<bool>,
 ) {
     let handlers = [
-        (admin, routes::admin_handler(state.clone(), prometheus.clone())),
-        (metrics, routes::metrics_only_handler(state.clone(), prometheus)),
+        (
+            admin,
+            routes::admin_handler(state.clone(), prometheus.clone()),
+        ),
+        (
+            metrics,
+            routes::metrics_only_handler(state.clone(), prometheus),
+        ),
         (
             health,
             crate::health::proxy_health_handler(state.health.clone(), state.readiness.clone()),
@@ -216,9 +232,13 @@ async fn run(
     }
 
     // Follow the table: node gauges and health-check node ports.
-    let mut hc = cfg
-        .service_health
-        .then(|| ServiceHealthServers::new(cfg.service_health_ips.clone(), state.health.clone(), stopped.clone()));
+    let mut hc = cfg.service_health.then(|| {
+        ServiceHealthServers::new(
+            cfg.service_health_ips.clone(),
+            state.health.clone(),
+            stopped.clone(),
+        )
+    });
     let mut table = state.table.clone();
     loop {
         let current = table.borrow_and_update().clone();

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use control::Table;
 use http::{header, HeaderValue, Request, StatusCode};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -44,16 +45,18 @@ pub(super) fn metrics_only_handler(state: AdminState, prometheus: PrometheusHand
 fn render_metrics(state: &AdminState, prometheus: &PrometheusHandle) -> Resp {
     crate::metrics::node().refresh(state.data_plane.as_ref());
     let mut r = web::text(StatusCode::OK, prometheus.render());
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROMETHEUS_TEXT),
+    );
     r
 }
 
-fn balancers(state: &AdminState) -> Vec<dump::BalancerState> {
+fn balancers(state: &AdminState, table: &Table) -> Vec<dump::BalancerState> {
     state
         .balancers
         .as_ref()
-        .map(|b| b.balancers())
+        .map(|b| b.balancers(table))
         .unwrap_or_default()
 }
 
@@ -64,7 +67,7 @@ fn config_dump(state: &AdminState) -> Resp {
         state.readiness.status(),
         state.health.report(),
         &state.settings,
-        balancers(state),
+        balancers(state, &table),
     );
     web::json(StatusCode::OK, &doc)
 }
@@ -86,11 +89,14 @@ fn endpoints(state: &AdminState, query: Option<&str>) -> Resp {
         Err(e) => return web::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     let table = state.table.borrow().clone();
-    let found = dump::endpoints(&table, &q, &balancers(state));
+    let found = dump::endpoints(&table, &q, &balancers(state, &table));
     if found.is_empty() {
         return web::text(
             StatusCode::NOT_FOUND,
-            format!("no service port {service} in table version {}\n", table.version),
+            format!(
+                "no service port {service} in table version {}\n",
+                table.version
+            ),
         );
     }
     web::json(StatusCode::OK, &found)

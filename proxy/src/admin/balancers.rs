@@ -1,0 +1,53 @@
+//! The data plane's balancer registry, as `/config_dump` and `/endpoints`
+//! show it: a copy of each endpoint's atomics and EWMA estimate, read on the
+//! admin runtime.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use control::Table;
+
+use super::dump::{BalancerDump, BalancerState, EndpointBalancerState};
+use crate::balance::{Balancers, Scope};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl BalancerDump for Balancers {
+    fn balancers(&self, table: &Table) -> Vec<BalancerState> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for fe in table.frontends.values() {
+            let name = &fe.service.name;
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let Some(b) = self.get(name) else { continue };
+            let mut endpoints = Vec::new();
+            for (scope, label) in [(Scope::Cluster, "cluster"), (Scope::Local, "local")] {
+                for be in b.backends(scope) {
+                    let ewma_ms = ms(be.rtt_estimate());
+                    let in_flight = be.in_flight() as u64;
+                    endpoints.push(EndpointBalancerState {
+                        addr: be.addr(),
+                        scope: label,
+                        available: be.is_ready(),
+                        ejected: !be.is_ready(),
+                        in_flight,
+                        ewma_ms,
+                        cost: ewma_ms * (in_flight as f64 + 1.0),
+                        picks: be.picks(),
+                        failures: be.failures(),
+                        consecutive_failures: be.consecutive_failures(),
+                    });
+                }
+            }
+            out.push(BalancerState {
+                service: name.clone(),
+                endpoints,
+            });
+        }
+        out
+    }
+}
