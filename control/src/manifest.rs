@@ -210,14 +210,21 @@ fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Result<T, Stri
 }
 
 /// One object document (not a List) → a typed object.
-fn object_from_value(at: &Location, v: serde_yaml::Value, default_kind: Option<&str>) -> Result<Object, ManifestError> {
+fn object_from_value(
+    at: &Location,
+    v: serde_yaml::Value,
+    default_kind: Option<&str>,
+) -> Result<Object, ManifestError> {
     let doc_err = |object: Option<String>, message: String| ManifestError::Document {
         at: at.clone(),
         object,
         message,
     };
     if !v.is_mapping() {
-        return Err(doc_err(None, "not a mapping (expected a Kubernetes object)".into()));
+        return Err(doc_err(
+            None,
+            "not a mapping (expected a Kubernetes object)".into(),
+        ));
     }
     let kind = match (str_field(&v, "kind"), default_kind) {
         (Some(k), _) => k.to_string(),
@@ -227,7 +234,9 @@ fn object_from_value(at: &Location, v: serde_yaml::Value, default_kind: Option<&
     let Some(want_api) = expected_api_version(&kind) else {
         return Err(doc_err(
             describe_raw(&kind, &v),
-            format!("unsupported kind {kind:?} (want Service, EndpointSlice, Node or a List of them)"),
+            format!(
+                "unsupported kind {kind:?} (want Service, EndpointSlice, Node or a List of them)"
+            ),
         ));
     };
     let describe = describe_raw(&kind, &v);
@@ -258,9 +267,9 @@ fn object_from_value(at: &Location, v: serde_yaml::Value, default_kind: Option<&
     obj.map_err(|m| doc_err(describe, m))
 }
 
-/// Parses every document of one file. Returns all problems, not just the
-/// first.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
+/// Parses every document of one file: the objects that parsed, and every
+/// problem (not just the first).
+pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>) {
     let mut docs = Vec::new();
     let mut errs = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -286,7 +295,11 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Document>, Vec<Manifest
         }
         let kind = str_field(&value, "kind").map(str::to_string);
         match kind.as_deref() {
-            Some(k) if k == "List" || (k.ends_with("List") && expected_api_version(&k[..k.len() - 4]).is_some()) => {
+            Some(k)
+                if k == "List"
+                    || (k.ends_with("List")
+                        && expected_api_version(&k[..k.len() - 4]).is_some()) =>
+            {
                 let item_kind = (k != "List").then(|| &k[..k.len() - 4]);
                 let items = match value.get("items") {
                     Some(serde_yaml::Value::Sequence(items)) => items.clone(),
@@ -317,11 +330,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Document>, Vec<Manifest
             },
         }
     }
-    if errs.is_empty() {
-        Ok(docs)
-    } else {
-        Err(errs)
-    }
+    (docs, errs)
 }
 
 /// Reads and parses `paths`, checks for duplicates and validates every
@@ -341,14 +350,17 @@ pub fn read_manifests(paths: &[PathBuf], opts: &Options) -> Result<Vec<Document>
     parse_texts(paths, &texts, opts)
 }
 
-fn parse_texts(paths: &[PathBuf], texts: &[String], opts: &Options) -> Result<Vec<Document>, ManifestError> {
+fn parse_texts(
+    paths: &[PathBuf],
+    texts: &[String],
+    opts: &Options,
+) -> Result<Vec<Document>, ManifestError> {
     let mut all = Vec::new();
     let mut errs = Vec::new();
     for (p, text) in paths.iter().zip(texts) {
-        match parse_file(p, text) {
-            Ok(docs) => all.extend(docs),
-            Err(e) => errs.extend(e),
-        }
+        let (docs, e) = parse_file(p, text);
+        all.extend(docs);
+        errs.extend(e);
     }
     let mut seen: HashMap<(&'static str, String, String), Location> = HashMap::new();
     for d in &all {
@@ -378,7 +390,11 @@ fn parse_texts(paths: &[PathBuf], texts: &[String], opts: &Options) -> Result<Ve
 
 /// Applies a validated document set to `state`: upserts every object and
 /// deletes objects of `previous` that are gone.
-fn apply(state: &mut ClusterState, previous: &HashMap<(&'static str, String, String), Object>, docs: &[Document]) {
+fn apply(
+    state: &mut ClusterState,
+    previous: &HashMap<(&'static str, String, String), Object>,
+    docs: &[Document],
+) {
     let mut current = HashSet::with_capacity(docs.len());
     for d in docs {
         let id = d.object.id();
@@ -407,7 +423,9 @@ fn apply(state: &mut ClusterState, previous: &HashMap<(&'static str, String, Str
 }
 
 fn index(docs: Vec<Document>) -> HashMap<(&'static str, String, String), Object> {
-    docs.into_iter().map(|d| (d.object.id(), d.object)).collect()
+    docs.into_iter()
+        .map(|d| (d.object.id(), d.object))
+        .collect()
 }
 
 /// Builds the table from manifest files once.
@@ -488,7 +506,11 @@ pub fn watch_manifests(
                     last_error = None;
                     let table = state.snapshot();
                     if table.version != tx.borrow().version {
-                        tracing::info!(version = table.version, frontends = table.len(), "manifests changed; table published");
+                        tracing::info!(
+                            version = table.version,
+                            frontends = table.len(),
+                            "manifests changed; table published"
+                        );
                         tx.send_replace(table);
                     }
                 }

@@ -219,7 +219,11 @@ impl ServicePort {
     /// such traffic to an external frontend (NodePort, externalIP, LB IP) of
     /// an `externalTrafficPolicy: Local` service to the cluster set, "as if
     /// it went out to the load balancer and came back in".
-    pub fn endpoints_for_client(&self, kind: FrontendKind, client_on_node: bool) -> &Arc<[Endpoint]> {
+    pub fn endpoints_for_client(
+        &self,
+        kind: FrontendKind,
+        client_on_node: bool,
+    ) -> &Arc<[Endpoint]> {
         if client_on_node && kind.is_external() && self.external_local {
             &self.cluster_endpoints
         } else {

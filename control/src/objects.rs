@@ -101,7 +101,10 @@ impl fmt::Display for Skip {
             Skip::Headless => f.write_str("headless (clusterIP None)"),
             Skip::ExternalName => f.write_str("type ExternalName"),
             Skip::OtherProxy(p) => write!(f, "{LABEL_SERVICE_PROXY_NAME}={p} is another proxy"),
-            Skip::NotLabelled => write!(f, "not labelled {LABEL_SERVICE_PROXY_NAME} (labelled-only mode)"),
+            Skip::NotLabelled => write!(
+                f,
+                "not labelled {LABEL_SERVICE_PROXY_NAME} (labelled-only mode)"
+            ),
         }
     }
 }
@@ -239,10 +242,12 @@ pub fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
 }
 
 fn parse_port(v: i32) -> Result<u16, String> {
-    u16::try_from(v)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("port {v} out of range 1-65535"))
+    match u16::try_from(v) {
+        // k8s-openapi reads a missing required port as 0.
+        Ok(0) => Err("missing or 0 (want 1-65535)".to_string()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("port {v} out of range 1-65535")),
+    }
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, String> {
@@ -283,7 +288,10 @@ pub fn detect_mode(
 }
 
 /// Validates a Service. `Ok(Err(skip))` is a valid Service we do not proxy.
-pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo, Skip>, ObjectError> {
+pub fn parse_service(
+    svc: &Service,
+    opts: &Options,
+) -> Result<Result<ServiceInfo, Skip>, ObjectError> {
     const KIND: &str = "Service";
     let ns = namespace_of(&svc.metadata.namespace);
     let name = required_name(KIND, ns, &svc.metadata.name)?;
@@ -309,7 +317,9 @@ pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo
         other => {
             return Err(err(
                 "spec.type".into(),
-                format!("unknown type {other:?} (want ClusterIP, NodePort, LoadBalancer or ExternalName)"),
+                format!(
+                "unknown type {other:?} (want ClusterIP, NodePort, LoadBalancer or ExternalName)"
+            ),
             ))
         }
     }
@@ -317,10 +327,17 @@ pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo
     // kube-proxy's IsServiceIPSet looks at spec.clusterIP; clusterIPs[0]
     // mirrors it on any API server that fills clusterIPs.
     let (ips_field, raw_ips): (&str, Vec<&str>) = match spec.cluster_ips.as_deref() {
-        Some(ips) if !ips.is_empty() => ("spec.clusterIPs", ips.iter().map(String::as_str).collect()),
-        _ => ("spec.clusterIP", spec.cluster_ip.as_deref().into_iter().collect()),
+        Some(ips) if !ips.is_empty() => {
+            ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
+        }
+        _ => (
+            "spec.clusterIP",
+            spec.cluster_ip.as_deref().into_iter().collect(),
+        ),
     };
-    if raw_ips.first().is_none_or(|ip| ip.is_empty() || *ip == "None")
+    if raw_ips
+        .first()
+        .is_none_or(|ip| ip.is_empty() || *ip == "None")
         || spec.cluster_ip.as_deref() == Some("None")
     {
         return Ok(Err(Skip::Headless));
@@ -360,7 +377,8 @@ pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo
         let Some(raw) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
             continue; // hostname-only ingress: nothing to capture
         };
-        let ip = parse_ip(raw).map_err(|m| err(format!("status.loadBalancer.ingress[{i}].ip"), m))?;
+        let ip =
+            parse_ip(raw).map_err(|m| err(format!("status.loadBalancer.ingress[{i}].ip"), m))?;
         if vip {
             lb_ips.push(ip);
         }
@@ -374,7 +392,10 @@ pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo
         .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let forced = match annotations.get(ANNOTATION_PROTOCOL).map(|v| v.trim().to_ascii_lowercase()) {
+    let forced = match annotations
+        .get(ANNOTATION_PROTOCOL)
+        .map(|v| v.trim().to_ascii_lowercase())
+    {
         None => None,
         Some(v) => Some(match v.as_str() {
             "tcp" => Mode::L4,
@@ -392,11 +413,13 @@ pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo
     let mut ports: Vec<PortInfo> = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = parse_port(p.port).map_err(|m| err(format!("spec.ports[{i}].port"), m))?;
-        let protocol =
-            parse_protocol(p.protocol.as_deref()).map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
+        let protocol = parse_protocol(p.protocol.as_deref())
+            .map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
         let node_port = match p.node_port {
             None | Some(0) => None,
-            Some(n) => Some(parse_port(n).map_err(|m| err(format!("spec.ports[{i}].nodePort"), m))?),
+            Some(n) => {
+                Some(parse_port(n).map_err(|m| err(format!("spec.ports[{i}].nodePort"), m))?)
+            }
         };
         let pname = p.name.clone().unwrap_or_default();
         if ports.iter().any(|q| q.name == pname) {
@@ -450,7 +473,9 @@ pub fn parse_service(svc: &Service, opts: &Options) -> Result<Result<ServiceInfo
                 .and_then(|c| c.timeout_seconds);
             let timeout = match secs {
                 None => DEFAULT_AFFINITY_TIMEOUT,
-                Some(s) if (1..=MAX_AFFINITY_TIMEOUT_SECS).contains(&s) => Duration::from_secs(s as u64),
+                Some(s) if (1..=MAX_AFFINITY_TIMEOUT_SECS).contains(&s) => {
+                    Duration::from_secs(s as u64)
+                }
                 Some(s) => {
                     return Err(err(
                         "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
@@ -509,6 +534,12 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceInfo, ObjectError> {
         "IPv4" => Some(Family::V4),
         "IPv6" => Some(Family::V6),
         "FQDN" => None,
+        "" => {
+            return Err(err(
+                "addressType".into(),
+                "missing (want IPv4, IPv6 or FQDN)".into(),
+            ))
+        }
         other => {
             return Err(err(
                 "addressType".into(),
@@ -519,8 +550,8 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceInfo, ObjectError> {
 
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let protocol =
-            parse_protocol(p.protocol.as_deref()).map_err(|m| err(format!("ports[{i}].protocol"), m))?;
+        let protocol = parse_protocol(p.protocol.as_deref())
+            .map_err(|m| err(format!("ports[{i}].protocol"), m))?;
         let port = match p.port {
             None | Some(0) => continue, // kube-proxy: "Ignoring invalid endpoint port"
             Some(n) => parse_port(n).map_err(|m| err(format!("ports[{i}].port"), m))?,
@@ -599,8 +630,9 @@ pub fn parse_node(node: &Node) -> Result<NodeInfo, ObjectError> {
     let addrs = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     for (i, a) in addrs.into_iter().flatten().enumerate() {
         if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-            let ip = parse_ip(&a.address)
-                .map_err(|m| ObjectError::new(KIND, "", name, format!("status.addresses[{i}].address"), m))?;
+            let ip = parse_ip(&a.address).map_err(|m| {
+                ObjectError::new(KIND, "", name, format!("status.addresses[{i}].address"), m)
+            })?;
             if !addresses.contains(&ip) {
                 addresses.push(ip);
             }

@@ -22,7 +22,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::error::ObjectError;
 use crate::model::{Frontend, FrontendKey, Table};
-use crate::objects::{parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, SliceInfo};
+use crate::objects::{
+    parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, SliceInfo,
+};
 use crate::options::Options;
 use crate::translate::{translate, NodeCtx};
 
@@ -83,7 +85,12 @@ impl ClusterState {
                 }
             }
             Err(skip) => {
-                let ns = svc.metadata.namespace.as_deref().filter(|s| !s.is_empty()).unwrap_or("default");
+                let ns = svc
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("default");
                 let name = svc.metadata.name.as_deref().unwrap_or_default();
                 tracing::debug!(service = %format!("{ns}/{name}"), reason = %skip, "service skipped");
                 self.delete_service(ns, name);

@@ -50,7 +50,12 @@ impl NodeCtx {
 /// number; deduplicated on ip:port, a non-terminating copy replacing a
 /// terminating one (kube-proxy's addEndpoints). Slices are visited in name
 /// order so the result never depends on arrival order.
-fn candidates(port: &PortInfo, family: Family, slices: &[&SliceInfo], node: &NodeCtx) -> Vec<Candidate> {
+fn candidates(
+    port: &PortInfo,
+    family: Family,
+    slices: &[&SliceInfo],
+    node: &NodeCtx,
+) -> Vec<Candidate> {
     let mut set: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.family == Some(family)) {
         for sp in slice
@@ -63,7 +68,8 @@ fn candidates(port: &PortInfo, family: Family, slices: &[&SliceInfo], node: &Nod
                 if set.contains_key(&addr) && ep.terminating {
                     continue;
                 }
-                let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+                let local =
+                    !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
                 set.insert(
                     addr,
                     Candidate {
@@ -94,14 +100,21 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
             continue;
         };
         let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            ips.iter().copied().filter(|ip| Family::of(ip) == family).collect()
+            ips.iter()
+                .copied()
+                .filter(|ip| Family::of(ip) == family)
+                .collect()
         };
         let external_ips = of_family(&svc.external_ips);
         let lb_ips = of_family(&svc.lb_ips);
         let node_ips = of_family(&node.ips);
 
         for port in &svc.ports {
-            let sets = categorize(&candidates(port, family, slices, node), &node.name, &node.zone);
+            let sets = categorize(
+                &candidates(port, family, slices, node),
+                &node.name,
+                &node.zone,
+            );
             // serviceport.go ExternallyAccessible: per port and family.
             let externally_accessible =
                 port.node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();

@@ -30,7 +30,15 @@ struct E {
 }
 
 const fn ready(addr: &'static str) -> E {
-    E { addr, ready: true, serving: true, terminating: false, local: false, zones: &[], nodes: &[] }
+    E {
+        addr,
+        ready: true,
+        serving: true,
+        terminating: false,
+        local: false,
+        zones: &[],
+        nodes: &[],
+    }
 }
 
 impl E {
@@ -89,7 +97,11 @@ fn run(c: &Case) {
     let cands: Vec<Candidate> = c.eps.iter().map(E::cand).collect();
     let sets = categorize(&cands, NODE, c.zone);
     let sp = ServicePort {
-        name: ServicePortName { namespace: "ns".into(), name: "svc".into(), port: String::new() },
+        name: ServicePortName {
+            namespace: "ns".into(),
+            name: "svc".into(),
+            port: String::new(),
+        },
         protocol: Protocol::Tcp,
         mode: Mode::L4,
         affinity: Affinity::None,
@@ -280,7 +292,9 @@ fn categorize_endpoints_cases() {
             ],
             cluster: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"]),
             has_any: true,
-            ..base("multiple hints per endpoint, filtering includes any endpoint with zone included")
+            ..base(
+                "multiple hints per endpoint, filtering includes any endpoint with zone included",
+            )
         },
         Case {
             zone: "zone-a",
@@ -376,7 +390,10 @@ fn categorize_endpoints_cases() {
             ..base("internalTrafficPolicy: Local, some endpoints are local")
         },
         Case {
-            eps: vec![ready("10.0.0.0:80").unready(), ready("10.0.0.1:80").unready()],
+            eps: vec![
+                ready("10.0.0.0:80").unready(),
+                ready("10.0.0.1:80").unready(),
+            ],
             cluster: Some(&[]),
             has_any: false,
             ..base("Cluster traffic policy, endpoints not Ready")
@@ -497,8 +514,14 @@ fn fallback_endpoints_are_marked_serving_terminating() {
     let cands = vec![ready("10.0.0.1:80").serving_terminating().local().cand()];
     let sets = categorize(&cands, NODE, "");
     assert_eq!(sets.cluster.len(), 1);
-    assert_eq!(sets.cluster[0].state, control::EndpointState::ServingTerminating);
-    assert_eq!(sets.local[0].state, control::EndpointState::ServingTerminating);
+    assert_eq!(
+        sets.cluster[0].state,
+        control::EndpointState::ServingTerminating
+    );
+    assert_eq!(
+        sets.local[0].state,
+        control::EndpointState::ServingTerminating
+    );
 }
 
 #[test]
@@ -506,8 +529,14 @@ fn serving_terminating_fallback_ignores_topology() {
     // No Ready endpoint anywhere: the fallback takes every serving-terminating
     // endpoint, whatever their hints say.
     let cands: Vec<Candidate> = vec![
-        ready("10.0.0.1:80").zones(&["zone-b"]).serving_terminating().cand(),
-        ready("10.0.0.2:80").zones(&["zone-a"]).serving_terminating().cand(),
+        ready("10.0.0.1:80")
+            .zones(&["zone-b"])
+            .serving_terminating()
+            .cand(),
+        ready("10.0.0.2:80")
+            .zones(&["zone-a"])
+            .serving_terminating()
+            .cand(),
     ];
     assert_eq!(topology_mode(&cands, NODE, "zone-a"), TopologyMode::None);
     assert_eq!(categorize(&cands, NODE, "zone-a").cluster.len(), 2);

@@ -14,7 +14,12 @@ use control::{Affinity, ClusterState, EndpointState, FrontendKind, Mode, Options
 use serde_json::json;
 
 fn web() -> serde_json::Value {
-    cluster_ip("default", "web", "10.96.0.10", json!([{"name": "http", "port": 80, "targetPort": "http-alt"}]))
+    cluster_ip(
+        "default",
+        "web",
+        "10.96.0.10",
+        json!([{"name": "http", "port": 80, "targetPort": "http-alt"}]),
+    )
 }
 
 // ---------- endpointslicecache: join, union, dedupe ----------
@@ -24,7 +29,13 @@ fn slice_joins_by_port_name_using_the_slices_port_number() {
     // targetPort is named ("http-alt"); the slice carries the resolved 8080.
     let mut st = state_with(vec![
         web(),
-        v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        ),
     ]);
     let t = st.snapshot();
     assert_eq!(used(&t, "10.96.0.10:80"), vec!["10.244.1.5:8080"]);
@@ -34,7 +45,13 @@ fn slice_joins_by_port_name_using_the_slices_port_number() {
 fn slice_port_with_other_name_or_protocol_does_not_join() {
     let mut st = state_with(vec![
         web(),
-        v4_slice("default", "web-1", "web", &[("metrics", 9090)], vec![ep("10.244.1.5", None)]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("metrics", 9090)],
+            vec![ep("10.244.1.5", None)],
+        ),
         json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"namespace": "default", "name": "web-udp", "labels": {"kubernetes.io/service-name": "web"}},
@@ -45,7 +62,10 @@ fn slice_port_with_other_name_or_protocol_does_not_join() {
     ]);
     let t = st.snapshot();
     assert!(used(&t, "10.96.0.10:80").is_empty());
-    assert_eq!(t.lookup(&key("10.96.0.10:80")).unwrap().verdict(), Some(Verdict::Reject));
+    assert_eq!(
+        t.lookup(&key("10.96.0.10:80")).unwrap().verdict(),
+        Some(Verdict::Reject)
+    );
 }
 
 #[test]
@@ -58,12 +78,30 @@ fn endpoints_union_across_slices_and_multiple_ports() {
     );
     let mut st = state_with(vec![
         svc,
-        v4_slice("shop", "api-a", "api", &[("http", 8080), ("grpc", 9090)], vec![ep("10.244.1.1", None), ep("10.244.1.2", None)]),
-        v4_slice("shop", "api-b", "api", &[("http", 8080), ("grpc", 9090)], vec![ep("10.244.2.1", None)]),
+        v4_slice(
+            "shop",
+            "api-a",
+            "api",
+            &[("http", 8080), ("grpc", 9090)],
+            vec![ep("10.244.1.1", None), ep("10.244.1.2", None)],
+        ),
+        v4_slice(
+            "shop",
+            "api-b",
+            "api",
+            &[("http", 8080), ("grpc", 9090)],
+            vec![ep("10.244.2.1", None)],
+        ),
     ]);
     let t = st.snapshot();
-    assert_eq!(used(&t, "10.96.1.1:80"), vec!["10.244.1.1:8080", "10.244.1.2:8080", "10.244.2.1:8080"]);
-    assert_eq!(used(&t, "10.96.1.1:9000"), vec!["10.244.1.1:9090", "10.244.1.2:9090", "10.244.2.1:9090"]);
+    assert_eq!(
+        used(&t, "10.96.1.1:80"),
+        vec!["10.244.1.1:8080", "10.244.1.2:8080", "10.244.2.1:8080"]
+    );
+    assert_eq!(
+        used(&t, "10.96.1.1:9000"),
+        vec!["10.244.1.1:9090", "10.244.1.2:9090", "10.244.2.1:9090"]
+    );
     let grpc = t.lookup(&key("10.96.1.1:9000")).unwrap();
     assert_eq!(grpc.service.name.to_string(), "shop/api:grpc");
     assert_eq!(grpc.service.mode, Mode::H2c);
@@ -74,10 +112,25 @@ fn same_endpoint_in_two_slices_is_deduplicated() {
     // An endpoint moving between slices is briefly in both.
     let mut st = state_with(vec![
         web(),
-        v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)]),
-        v4_slice("default", "web-2", "web", &[("http", 8080)], vec![ep("10.244.1.5", None), ep("10.244.1.6", None)]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        ),
+        v4_slice(
+            "default",
+            "web-2",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None), ep("10.244.1.6", None)],
+        ),
     ]);
-    assert_eq!(used(&st.snapshot(), "10.96.0.10:80"), vec!["10.244.1.5:8080", "10.244.1.6:8080"]);
+    assert_eq!(
+        used(&st.snapshot(), "10.96.0.10:80"),
+        vec!["10.244.1.5:8080", "10.244.1.6:8080"]
+    );
 }
 
 #[test]
@@ -113,10 +166,10 @@ fn nil_conditions_mean_ready_serving_not_terminating() {
         ),
     ]);
     let t = st.snapshot();
-    assert_eq!(addrs_state(t.lookup(&key("10.96.0.10:80")).unwrap().endpoints()), vec![
-        "10.244.1.1:8080(ready)",
-        "10.244.1.2:8080(ready)"
-    ]);
+    assert_eq!(
+        addrs_state(t.lookup(&key("10.96.0.10:80")).unwrap().endpoints()),
+        vec!["10.244.1.1:8080(ready)", "10.244.1.2:8080(ready)"]
+    );
 }
 
 #[test]
@@ -124,28 +177,73 @@ fn terminating_pod_is_used_only_when_nothing_is_ready() {
     let term = ep_cond("10.244.1.9", None, json!(false), json!(true), json!(true));
     let mut st = state_with(vec![
         web(),
-        v4_slice("default", "web-1", "web", &[("http", 8080)], vec![term, ep("10.244.1.1", None)]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![term, ep("10.244.1.1", None)],
+        ),
     ]);
-    assert_eq!(used(&st.snapshot(), "10.96.0.10:80"), vec!["10.244.1.1:8080"]);
+    assert_eq!(
+        used(&st.snapshot(), "10.96.0.10:80"),
+        vec!["10.244.1.1:8080"]
+    );
     // The ready pod goes away: the serving-terminating one takes over.
     let term = ep_cond("10.244.1.9", None, json!(false), json!(true), json!(true));
-    apply(&mut st, vec![v4_slice("default", "web-1", "web", &[("http", 8080)], vec![term])]);
+    apply(
+        &mut st,
+        vec![v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![term],
+        )],
+    );
     let t = st.snapshot();
     let f = t.lookup(&key("10.96.0.10:80")).unwrap();
-    assert_eq!(addrs_state(f.endpoints()), vec!["10.244.1.9:8080(serving-terminating)"]);
+    assert_eq!(
+        addrs_state(f.endpoints()),
+        vec!["10.244.1.9:8080(serving-terminating)"]
+    );
     assert_eq!(f.verdict(), None);
 }
 
 #[test]
 fn slice_without_service_name_label_is_ignored() {
-    let mut s = v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)]);
+    let mut s = v4_slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080)],
+        vec![ep("10.244.1.5", None)],
+    );
     s["metadata"]["labels"] = json!({});
     let mut st = state_with(vec![web(), s]);
     assert!(used(&st.snapshot(), "10.96.0.10:80").is_empty());
     // ...and a slice that loses its label stops contributing.
-    apply(&mut st, vec![v4_slice("default", "web-2", "web", &[("http", 8080)], vec![ep("10.244.1.6", None)])]);
-    assert_eq!(used(&st.snapshot(), "10.96.0.10:80"), vec!["10.244.1.6:8080"]);
-    let mut unlabelled = v4_slice("default", "web-2", "web", &[("http", 8080)], vec![ep("10.244.1.6", None)]);
+    apply(
+        &mut st,
+        vec![v4_slice(
+            "default",
+            "web-2",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.6", None)],
+        )],
+    );
+    assert_eq!(
+        used(&st.snapshot(), "10.96.0.10:80"),
+        vec!["10.244.1.6:8080"]
+    );
+    let mut unlabelled = v4_slice(
+        "default",
+        "web-2",
+        "web",
+        &[("http", 8080)],
+        vec![ep("10.244.1.6", None)],
+    );
     unlabelled["metadata"]["labels"] = json!({});
     apply(&mut st, vec![unlabelled]);
     assert!(used(&st.snapshot(), "10.96.0.10:80").is_empty());
@@ -153,14 +251,34 @@ fn slice_without_service_name_label_is_ignored() {
 
 #[test]
 fn slice_moving_to_another_service_leaves_the_first() {
-    let other = cluster_ip("default", "other", "10.96.0.11", json!([{"name": "http", "port": 80}]));
+    let other = cluster_ip(
+        "default",
+        "other",
+        "10.96.0.11",
+        json!([{"name": "http", "port": 80}]),
+    );
     let mut st = state_with(vec![
         web(),
         other,
-        v4_slice("default", "s1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)]),
+        v4_slice(
+            "default",
+            "s1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        ),
     ]);
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 1);
-    apply(&mut st, vec![v4_slice("default", "s1", "other", &[("http", 8080)], vec![ep("10.244.1.5", None)])]);
+    apply(
+        &mut st,
+        vec![v4_slice(
+            "default",
+            "s1",
+            "other",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        )],
+    );
     let t = st.snapshot();
     assert!(used(&t, "10.96.0.10:80").is_empty());
     assert_eq!(used(&t, "10.96.0.11:80"), vec!["10.244.1.5:8080"]);
@@ -184,32 +302,63 @@ fn unnamed_single_port_joins_the_empty_name() {
     let svc = cluster_ip("default", "db", "10.96.0.20", json!([{"port": 5432}]));
     let mut st = state_with(vec![
         svc,
-        v4_slice("default", "db-1", "db", &[("", 5432)], vec![ep("10.244.3.3", None)]),
+        v4_slice(
+            "default",
+            "db-1",
+            "db",
+            &[("", 5432)],
+            vec![ep("10.244.3.3", None)],
+        ),
     ]);
     let t = st.snapshot();
     assert_eq!(used(&t, "10.96.0.20:5432"), vec!["10.244.3.3:5432"]);
-    assert_eq!(t.lookup(&key("10.96.0.20:5432")).unwrap().service.name.to_string(), "default/db");
+    assert_eq!(
+        t.lookup(&key("10.96.0.20:5432"))
+            .unwrap()
+            .service
+            .name
+            .to_string(),
+        "default/db"
+    );
 }
 
 #[test]
 fn slice_arriving_before_its_service_is_applied_when_the_service_comes() {
-    let mut st = state_with(vec![v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)])]);
+    let mut st = state_with(vec![v4_slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080)],
+        vec![ep("10.244.1.5", None)],
+    )]);
     assert!(st.snapshot().is_empty());
     apply(&mut st, vec![web()]);
-    assert_eq!(used(&st.snapshot(), "10.96.0.10:80"), vec!["10.244.1.5:8080"]);
+    assert_eq!(
+        used(&st.snapshot(), "10.96.0.10:80"),
+        vec!["10.244.1.5:8080"]
+    );
 }
 
 #[test]
 fn deleting_slice_and_service() {
     let mut st = state_with(vec![
         web(),
-        v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        ),
     ]);
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 1);
     st.delete_slice("default", "web-1");
     let t = st.snapshot();
     assert!(used(&t, "10.96.0.10:80").is_empty());
-    assert_eq!(t.lookup(&key("10.96.0.10:80")).unwrap().verdict(), Some(Verdict::Reject));
+    assert_eq!(
+        t.lookup(&key("10.96.0.10:80")).unwrap().verdict(),
+        Some(Verdict::Reject)
+    );
     st.delete_service("default", "web");
     assert!(st.snapshot().is_empty());
     // Deleting unknown objects is a no-op.
@@ -247,7 +396,13 @@ fn v6_slice(name: &str, addr: &str) -> serde_json::Value {
 fn dual_stack_families_never_cross() {
     let mut st = state_with(vec![
         dual_stack(),
-        v4_slice("default", "ds-v4", "ds", &[("http", 8080)], vec![ep("10.244.1.1", None)]),
+        v4_slice(
+            "default",
+            "ds-v4",
+            "ds",
+            &[("http", 8080)],
+            vec![ep("10.244.1.1", None)],
+        ),
         v6_slice("ds-v6", "fd00:244::1"),
     ]);
     let t = st.snapshot();
@@ -255,7 +410,10 @@ fn dual_stack_families_never_cross() {
     assert_eq!(used(&t, "[fd00:10:96::30]:80"), vec!["[fd00:244::1]:8080"]);
     assert_eq!(used(&t, "192.0.2.10:80"), vec!["10.244.1.1:8080"]);
     assert_eq!(used(&t, "[2001:db8::10]:80"), vec!["[fd00:244::1]:8080"]);
-    assert_eq!(t.lookup(&key("192.0.2.10:80")).unwrap().kind, FrontendKind::ExternalIp);
+    assert_eq!(
+        t.lookup(&key("192.0.2.10:80")).unwrap().kind,
+        FrontendKind::ExternalIp
+    );
     assert_eq!(t.len(), 4);
 }
 
@@ -269,7 +427,11 @@ fn single_stack_service_ignores_other_family_slices_and_addresses() {
     let mut st = state_with(vec![svc, v6_slice("ds-v6", "fd00:244::1")]);
     let t = st.snapshot();
     assert!(used(&t, "10.96.0.30:80").is_empty());
-    assert_eq!(t.len(), 1, "the v6 externalIP has no v6 ClusterIP, so no v6 frontend");
+    assert_eq!(
+        t.len(),
+        1,
+        "the v6 externalIP has no v6 ClusterIP, so no v6 frontend"
+    );
 }
 
 #[test]
@@ -314,15 +476,31 @@ fn headless_external_name_and_other_proxies_are_skipped() {
     let no_ip = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": "default", "name": "noip"},
         "spec": {"ports": [{"port": 80}]}});
-    let mut st = state_with(vec![headless, headless_label, ext, other, ours.clone(), no_ip, web()]);
+    let mut st = state_with(vec![
+        headless,
+        headless_label,
+        ext,
+        other,
+        ours.clone(),
+        no_ip,
+        web(),
+    ]);
     let t = st.snapshot();
     let keys: Vec<String> = t.sorted().iter().map(|f| f.key.to_string()).collect();
     assert_eq!(keys, vec!["10.96.0.10:80/TCP", "10.96.0.44:80/TCP"]);
 
     // labelled-only (hybrid) mode takes only services labelled for us.
-    let mut st = ClusterState::new(Options { labelled_only: true, ..opts() });
+    let mut st = ClusterState::new(Options {
+        labelled_only: true,
+        ..opts()
+    });
     apply(&mut st, vec![web(), ours]);
-    let keys: Vec<String> = st.snapshot().sorted().iter().map(|f| f.key.to_string()).collect();
+    let keys: Vec<String> = st
+        .snapshot()
+        .sorted()
+        .iter()
+        .map(|f| f.key.to_string())
+        .collect();
     assert_eq!(keys, vec!["10.96.0.44:80/TCP"]);
 }
 
@@ -331,7 +509,10 @@ fn custom_proxy_name() {
     let labelled = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": "default", "name": "o", "labels": {"service.kubernetes.io/service-proxy-name": "edge"}},
         "spec": {"clusterIP": "10.96.0.43", "ports": [{"port": 80}]}});
-    let mut st = ClusterState::new(Options { proxy_name: "edge".into(), ..opts() });
+    let mut st = ClusterState::new(Options {
+        proxy_name: "edge".into(),
+        ..opts()
+    });
     apply(&mut st, vec![labelled]);
     assert_eq!(st.snapshot().len(), 1);
 }
@@ -368,21 +549,44 @@ fn lb_service() -> serde_json::Value {
 
 #[test]
 fn loadbalancer_frontends_nodeports_and_health_check() {
-    let mut st = ClusterState::new(Options { node_ips: vec!["192.168.1.10".parse().unwrap()], ..opts() });
-    st.upsert_node(our_node(Some("zone-a"), "10.244.0.1")).unwrap();
-    apply(&mut st, vec![
-        lb_service(),
-        v4_slice("edge", "gw-1", "gw", &[("http", 8080)], vec![ep("10.244.0.5", Some(NODE)), ep("10.244.9.5", Some("node-z"))]),
-    ]);
+    let mut st = ClusterState::new(Options {
+        node_ips: vec!["192.168.1.10".parse().unwrap()],
+        ..opts()
+    });
+    st.upsert_node(our_node(Some("zone-a"), "10.244.0.1"))
+        .unwrap();
+    apply(
+        &mut st,
+        vec![
+            lb_service(),
+            v4_slice(
+                "edge",
+                "gw-1",
+                "gw",
+                &[("http", 8080)],
+                vec![
+                    ep("10.244.0.5", Some(NODE)),
+                    ep("10.244.9.5", Some("node-z")),
+                ],
+            ),
+        ],
+    );
     let t = st.snapshot();
-    let keys: Vec<String> = t.sorted().iter().map(|f| format!("{} {:?}", f.key, f.kind)).collect();
-    assert_eq!(keys, vec![
-        "10.96.2.2:80/TCP ClusterIp",
-        "10.244.0.1:30080/TCP NodePort",
-        "192.168.1.10:30080/TCP NodePort",
-        "203.0.113.7:80/TCP LoadBalancer",
-        "203.0.113.8:80/TCP LoadBalancer",
-    ]);
+    let keys: Vec<String> = t
+        .sorted()
+        .iter()
+        .map(|f| format!("{} {:?}", f.key, f.kind))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            "10.96.2.2:80/TCP ClusterIp",
+            "10.244.0.1:30080/TCP NodePort",
+            "192.168.1.10:30080/TCP NodePort",
+            "203.0.113.7:80/TCP LoadBalancer",
+            "203.0.113.8:80/TCP LoadBalancer",
+        ]
+    );
     let sp = &t.lookup(&key("10.96.2.2:80")).unwrap().service;
     assert!(sp.external_local && !sp.internal_local);
     assert_eq!(sp.health_check_node_port, Some(32000));
@@ -390,12 +594,18 @@ fn loadbalancer_frontends_nodeports_and_health_check() {
     assert_eq!(sp.annotations.len(), 1);
     assert_eq!(sp.annotations["lightpath.io/retries"], "2");
     // eTP=Local: external frontends use the local set, ClusterIP the cluster set.
-    assert_eq!(used(&t, "10.96.2.2:80"), vec!["10.244.0.5:8080", "10.244.9.5:8080"]);
+    assert_eq!(
+        used(&t, "10.96.2.2:80"),
+        vec!["10.244.0.5:8080", "10.244.9.5:8080"]
+    );
     assert_eq!(used(&t, "10.244.0.1:30080"), vec!["10.244.0.5:8080"]);
     assert_eq!(used(&t, "203.0.113.7:80"), vec!["10.244.0.5:8080"]);
     // Node-originated traffic to an external frontend short-circuits to the cluster set.
     let np = t.lookup(&key("10.244.0.1:30080")).unwrap();
-    assert_eq!(addrs(np.endpoints_for_client(true)), vec!["10.244.0.5:8080", "10.244.9.5:8080"]);
+    assert_eq!(
+        addrs(np.endpoints_for_client(true)),
+        vec!["10.244.0.5:8080", "10.244.9.5:8080"]
+    );
     // Both frontend pointers share one ServicePort.
     assert!(Arc::ptr_eq(&np.service, sp));
 }
@@ -404,12 +614,24 @@ fn loadbalancer_frontends_nodeports_and_health_check() {
 fn etp_local_with_only_remote_endpoints_drops_external_but_serves_cluster_ip() {
     let mut st = state_with(vec![
         lb_service(),
-        v4_slice("edge", "gw-1", "gw", &[("http", 8080)], vec![ep("10.244.9.5", Some("node-z"))]),
+        v4_slice(
+            "edge",
+            "gw-1",
+            "gw",
+            &[("http", 8080)],
+            vec![ep("10.244.9.5", Some("node-z"))],
+        ),
     ]);
     st.upsert_node(our_node(None, "10.244.0.1")).unwrap();
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("10.244.0.1:30080")).unwrap().verdict(), Some(Verdict::Drop));
-    assert_eq!(t.lookup(&key("203.0.113.7:80")).unwrap().verdict(), Some(Verdict::Drop));
+    assert_eq!(
+        t.lookup(&key("10.244.0.1:30080")).unwrap().verdict(),
+        Some(Verdict::Drop)
+    );
+    assert_eq!(
+        t.lookup(&key("203.0.113.7:80")).unwrap().verdict(),
+        Some(Verdict::Drop)
+    );
     assert_eq!(t.lookup(&key("10.96.2.2:80")).unwrap().verdict(), None);
     // No endpoints at all: REJECT everywhere.
     st.delete_slice("edge", "gw-1");
@@ -425,14 +647,32 @@ fn itp_local_remote_only_is_drop_and_local_ready_is_used() {
     svc["spec"]["internalTrafficPolicy"] = json!("Local");
     let mut st = state_with(vec![
         svc,
-        v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.9.1", Some("node-z"))]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.9.1", Some("node-z"))],
+        ),
     ]);
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("10.96.0.10:80")).unwrap().verdict(), Some(Verdict::Drop));
-    apply(&mut st, vec![v4_slice("default", "web-1", "web", &[("http", 8080)], vec![
-        ep("10.244.9.1", Some("node-z")),
-        ep("10.244.0.7", Some(NODE)),
-    ])]);
+    assert_eq!(
+        t.lookup(&key("10.96.0.10:80")).unwrap().verdict(),
+        Some(Verdict::Drop)
+    );
+    apply(
+        &mut st,
+        vec![v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![
+                ep("10.244.9.1", Some("node-z")),
+                ep("10.244.0.7", Some(NODE)),
+            ],
+        )],
+    );
     let t = st.snapshot();
     assert_eq!(used(&t, "10.96.0.10:80"), vec!["10.244.0.7:8080"]);
 }
@@ -443,7 +683,12 @@ fn etp_local_on_clusterip_without_external_ips_is_ignored() {
     svc["spec"]["externalTrafficPolicy"] = json!("Local");
     let mut st = state_with(vec![svc]);
     let t = st.snapshot();
-    assert!(!t.lookup(&key("10.96.0.10:80")).unwrap().service.external_local);
+    assert!(
+        !t.lookup(&key("10.96.0.10:80"))
+            .unwrap()
+            .service
+            .external_local
+    );
 }
 
 #[test]
@@ -455,12 +700,18 @@ fn session_affinity() {
     b["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
     let mut st = state_with(vec![a, b]);
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("10.96.0.10:80")).unwrap().service.affinity, Affinity::ClientIp {
-        timeout: Duration::from_secs(10800)
-    });
-    assert_eq!(t.lookup(&key("10.96.0.12:80")).unwrap().service.affinity, Affinity::ClientIp {
-        timeout: Duration::from_secs(60)
-    });
+    assert_eq!(
+        t.lookup(&key("10.96.0.10:80")).unwrap().service.affinity,
+        Affinity::ClientIp {
+            timeout: Duration::from_secs(10800)
+        }
+    );
+    assert_eq!(
+        t.lookup(&key("10.96.0.12:80")).unwrap().service.affinity,
+        Affinity::ClientIp {
+            timeout: Duration::from_secs(60)
+        }
+    );
 }
 
 #[test]
@@ -494,11 +745,19 @@ fn mode_detection() {
     assert_eq!(mode("10.96.0.50:5"), Some(Mode::Http));
     assert_eq!(mode("10.96.0.50:6"), Some(Mode::H2c));
     assert_eq!(mode("10.96.0.50:7"), Some(Mode::Http));
-    assert_eq!(mode("10.96.0.50:8"), Some(Mode::L4), "appProtocol wins over the name");
+    assert_eq!(
+        mode("10.96.0.50:8"),
+        Some(Mode::L4),
+        "appProtocol wins over the name"
+    );
     assert_eq!(mode("10.96.0.50:9"), Some(Mode::L4));
     assert_eq!(mode("10.96.0.50:10"), Some(Mode::L4));
     assert_eq!(mode("10.96.0.50:12"), Some(Mode::H2c));
-    assert_eq!(mode("10.96.0.50:13"), Some(Mode::L4), "prefix means the whole first dash-segment");
+    assert_eq!(
+        mode("10.96.0.50:13"),
+        Some(Mode::L4),
+        "prefix means the whole first dash-segment"
+    );
     let udp = t.lookup(&key_udp("10.96.0.50:11")).unwrap();
     assert_eq!(udp.service.mode, Mode::L4);
     assert_eq!(udp.service.protocol, control::Protocol::Udp);
@@ -508,12 +767,23 @@ fn mode_detection() {
 fn protocol_annotation_forces_mode() {
     let mut a = web();
     a["metadata"]["annotations"] = json!({"lightpath.io/protocol": "tcp"});
-    let mut b = cluster_ip("default", "b", "10.96.0.12", json!([{"name": "db", "port": 80}]));
+    let mut b = cluster_ip(
+        "default",
+        "b",
+        "10.96.0.12",
+        json!([{"name": "db", "port": 80}]),
+    );
     b["metadata"]["annotations"] = json!({"lightpath.io/protocol": "h2c"});
     let mut st = state_with(vec![a, b]);
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("10.96.0.10:80")).unwrap().service.mode, Mode::L4);
-    assert_eq!(t.lookup(&key("10.96.0.12:80")).unwrap().service.mode, Mode::H2c);
+    assert_eq!(
+        t.lookup(&key("10.96.0.10:80")).unwrap().service.mode,
+        Mode::L4
+    );
+    assert_eq!(
+        t.lookup(&key("10.96.0.12:80")).unwrap().service.mode,
+        Mode::H2c
+    );
     assert_eq!(
         t.lookup(&key("10.96.0.10:80")).unwrap().service.annotations["lightpath.io/protocol"],
         "tcp"
@@ -532,25 +802,38 @@ fn hinted_slice(zones: &[(&str, &str)]) -> serde_json::Value {
 
 #[test]
 fn zone_hints_follow_our_nodes_zone_label() {
-    let mut st = state_with(vec![web(), hinted_slice(&[("10.244.1.1", "zone-a"), ("10.244.2.1", "zone-b")])]);
+    let mut st = state_with(vec![
+        web(),
+        hinted_slice(&[("10.244.1.1", "zone-a"), ("10.244.2.1", "zone-b")]),
+    ]);
     // No Node object yet: zone unknown, no filtering.
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 2);
-    st.upsert_node(our_node(Some("zone-a"), "10.244.0.1")).unwrap();
+    st.upsert_node(our_node(Some("zone-a"), "10.244.0.1"))
+        .unwrap();
     let t = st.snapshot();
     assert_eq!(used(&t, "10.96.0.10:80"), vec!["10.244.1.1:8080"]);
     assert_eq!(
-        t.lookup(&key("10.96.0.10:80")).unwrap().endpoints()[0].zone.as_deref(),
+        t.lookup(&key("10.96.0.10:80")).unwrap().endpoints()[0]
+            .zone
+            .as_deref(),
         Some("zone-a")
     );
-    st.upsert_node(our_node(Some("zone-b"), "10.244.0.1")).unwrap();
-    assert_eq!(used(&st.snapshot(), "10.96.0.10:80"), vec!["10.244.2.1:8080"]);
+    st.upsert_node(our_node(Some("zone-b"), "10.244.0.1"))
+        .unwrap();
+    assert_eq!(
+        used(&st.snapshot(), "10.96.0.10:80"),
+        vec!["10.244.2.1:8080"]
+    );
     st.delete_node(NODE);
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 2);
 }
 
 #[test]
 fn other_nodes_are_ignored() {
-    let mut st = state_with(vec![web(), hinted_slice(&[("10.244.1.1", "zone-a"), ("10.244.2.1", "zone-b")])]);
+    let mut st = state_with(vec![
+        web(),
+        hinted_slice(&[("10.244.1.1", "zone-a"), ("10.244.2.1", "zone-b")]),
+    ]);
     let v = st.snapshot().version;
     let other = node(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "node-z", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
@@ -572,7 +855,16 @@ fn snapshot_is_the_same_arc_when_nothing_changed() {
     let c = st.snapshot();
     assert!(Arc::ptr_eq(&a, &c));
     // A real change bumps the version by one.
-    apply(&mut st, vec![v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)])]);
+    apply(
+        &mut st,
+        vec![v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        )],
+    );
     let d = st.snapshot();
     assert_eq!(d.version, a.version + 1);
     // Old snapshots are immutable.
@@ -584,17 +876,40 @@ fn one_slice_change_touches_only_its_service() {
     let mut objs = Vec::new();
     for i in 0..20 {
         let name = format!("s{i}");
-        objs.push(cluster_ip("default", &name, &format!("10.96.3.{i}"), json!([{"name": "http", "port": 80}])));
-        objs.push(v4_slice("default", &format!("{name}-1"), &name, &[("http", 8080)], vec![ep(&format!("10.244.3.{i}"), None)]));
+        objs.push(cluster_ip(
+            "default",
+            &name,
+            &format!("10.96.3.{i}"),
+            json!([{"name": "http", "port": 80}]),
+        ));
+        objs.push(v4_slice(
+            "default",
+            &format!("{name}-1"),
+            &name,
+            &[("http", 8080)],
+            vec![ep(&format!("10.244.3.{i}"), None)],
+        ));
     }
     let mut st = state_with(objs);
     let before = st.snapshot();
-    apply(&mut st, vec![v4_slice("default", "s7-1", "s7", &[("http", 8080)], vec![ep("10.244.3.7", None), ep("10.244.4.7", None)])]);
+    apply(
+        &mut st,
+        vec![v4_slice(
+            "default",
+            "s7-1",
+            "s7",
+            &[("http", 8080)],
+            vec![ep("10.244.3.7", None), ep("10.244.4.7", None)],
+        )],
+    );
     let after = st.snapshot();
     assert_eq!(after.version, before.version + 1);
     for i in 0..20 {
         let k = key(&format!("10.96.3.{i}:80"));
-        let same = Arc::ptr_eq(&before.lookup(&k).unwrap().service, &after.lookup(&k).unwrap().service);
+        let same = Arc::ptr_eq(
+            &before.lookup(&k).unwrap().service,
+            &after.lookup(&k).unwrap().service,
+        );
         assert_eq!(same, i != 7, "service s{i}");
     }
     assert_eq!(used(&after, "10.96.3.7:80").len(), 2);
@@ -604,14 +919,29 @@ fn one_slice_change_touches_only_its_service() {
 fn invalid_update_keeps_the_previous_object() {
     let mut st = state_with(vec![
         web(),
-        v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.5", None)]),
+        v4_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.244.1.5", None)],
+        ),
     ]);
     let good = st.snapshot();
     let mut bad_svc = web();
     bad_svc["spec"]["ports"][0]["port"] = json!(70000);
     let e = st.upsert_service(svc(bad_svc)).unwrap_err();
-    assert_eq!(e.to_string(), "Service default/web: spec.ports[0].port: port 70000 out of range 1-65535");
-    let bad_slice = v4_slice("default", "web-1", "web", &[("http", 8080)], vec![ep("10.244.1.6", None), ep("10.0.0.300", None)]);
+    assert_eq!(
+        e.to_string(),
+        "Service default/web: spec.ports[0].port: port 70000 out of range 1-65535"
+    );
+    let bad_slice = v4_slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080)],
+        vec![ep("10.244.1.6", None), ep("10.0.0.300", None)],
+    );
     let e = st.upsert_slice(slice(bad_slice)).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -631,13 +961,22 @@ fn conflicting_frontends_go_to_the_first_service_by_name_and_fail_over() {
     // b arrives first, then a (sorting first) takes the shared frontend.
     let mut st = state_with(vec![b]);
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("192.0.2.1:80")).unwrap().service.name.name, "b");
+    assert_eq!(
+        t.lookup(&key("192.0.2.1:80")).unwrap().service.name.name,
+        "b"
+    );
     apply(&mut st, vec![a]);
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("192.0.2.1:80")).unwrap().service.name.name, "a");
+    assert_eq!(
+        t.lookup(&key("192.0.2.1:80")).unwrap().service.name.name,
+        "a"
+    );
     st.delete_service("default", "a");
     let t = st.snapshot();
-    assert_eq!(t.lookup(&key("192.0.2.1:80")).unwrap().service.name.name, "b");
+    assert_eq!(
+        t.lookup(&key("192.0.2.1:80")).unwrap().service.name.name,
+        "b"
+    );
     assert!(t.lookup(&key("10.96.0.61:80")).is_none());
 }
 
@@ -661,7 +1000,10 @@ fn udp_and_sctp_ports_are_in_the_table_with_their_protocol() {
     let u = t.lookup(&key_udp("10.96.0.53:53")).unwrap();
     assert_eq!(addrs(u.endpoints()), vec!["10.244.5.5:53"]);
     assert_eq!(u.service.name.port, "dns");
-    assert_eq!(t.lookup(&key("10.96.0.53:53")).unwrap().service.name.port, "dns-tcp");
+    assert_eq!(
+        t.lookup(&key("10.96.0.53:53")).unwrap().service.name.port,
+        "dns-tcp"
+    );
     assert_eq!(t.len(), 3);
     assert_eq!(EndpointState::Ready, u.endpoints()[0].state);
 }

@@ -45,7 +45,13 @@ pub fn ep(addr: &str, node: Option<&str>) -> Value {
     json!({"addresses": [addr], "nodeName": node})
 }
 
-pub fn ep_cond(addr: &str, node: Option<&str>, ready: Value, serving: Value, terminating: Value) -> Value {
+pub fn ep_cond(
+    addr: &str,
+    node: Option<&str>,
+    ready: Value,
+    serving: Value,
+    terminating: Value,
+) -> Value {
     json!({
         "addresses": [addr], "nodeName": node,
         "conditions": {"ready": ready, "serving": serving, "terminating": terminating}
@@ -53,7 +59,13 @@ pub fn ep_cond(addr: &str, node: Option<&str>, ready: Value, serving: Value, ter
 }
 
 /// An IPv4 slice `name` for service `svc` with ports `[(name, port)]`.
-pub fn v4_slice(ns: &str, name: &str, svc: &str, ports: &[(&str, i32)], endpoints: Vec<Value>) -> Value {
+pub fn v4_slice(
+    ns: &str,
+    name: &str,
+    svc: &str,
+    ports: &[(&str, i32)],
+    endpoints: Vec<Value>,
+) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": svc}},
@@ -79,11 +91,17 @@ pub fn our_node(zone: Option<&str>, internal_ip: &str) -> Node {
 }
 
 pub fn key(addr: &str) -> FrontendKey {
-    FrontendKey::new(addr.parse::<SocketAddr>().expect("test address"), Protocol::Tcp)
+    FrontendKey::new(
+        addr.parse::<SocketAddr>().expect("test address"),
+        Protocol::Tcp,
+    )
 }
 
 pub fn key_udp(addr: &str) -> FrontendKey {
-    FrontendKey::new(addr.parse::<SocketAddr>().expect("test address"), Protocol::Udp)
+    FrontendKey::new(
+        addr.parse::<SocketAddr>().expect("test address"),
+        Protocol::Udp,
+    )
 }
 
 /// `ip:port` strings of an endpoint set, sorted.
@@ -111,9 +129,16 @@ pub fn addrs_state(eps: &[Endpoint]) -> Vec<String> {
 
 /// The endpoints the data plane would use for the frontend at `addr`.
 pub fn used(table: &Table, addr: &str) -> Vec<String> {
-    let f = table
-        .lookup(&key(addr))
-        .unwrap_or_else(|| panic!("no frontend {addr} in table: {:?}", table.sorted().iter().map(|f| f.key.to_string()).collect::<Vec<_>>()));
+    let f = table.lookup(&key(addr)).unwrap_or_else(|| {
+        panic!(
+            "no frontend {addr} in table: {:?}",
+            table
+                .sorted()
+                .iter()
+                .map(|f| f.key.to_string())
+                .collect::<Vec<_>>()
+        )
+    });
     addrs(f.endpoints())
 }
 
