@@ -245,3 +245,114 @@ fn lightpath_down_fails_fast_and_cleanup_removes_everything() {
         .exec(&lightpath_bin().to_string_lossy(), &["cleanup"])
         .expect("second cleanup");
 }
+
+#[test]
+fn sigterm_refuses_new_connections_and_drains_established_ones() {
+    if !require_root("sigterm_refuses_new_connections_and_drains_established_ones") {
+        return;
+    }
+    let mut sb = Sandbox::new("drain", 1);
+    sb.start_backend(1);
+    let vip = ip("10.96.0.10");
+    let m = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("web", &[vip], &[1], "node-a", "")
+    );
+    let path = sb.write_manifest("svc.yaml", &m);
+    let lp = sb.start_lightpath(&path, &[]);
+
+    let (tx_open, rx_open) = std::sync::mpsc::channel::<()>();
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let holder = sb.client.spawn(move || async move {
+        let mut s = TcpStream::connect(SocketAddr::new(vip, 9000))
+            .await
+            .expect("connect");
+        s.write_all(b"ping").await.expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.expect("echo before SIGTERM");
+        let _ = tx_open.send(());
+        let _ = rx_go.recv_timeout(Duration::from_secs(30));
+        s.write_all(b"pong").await.expect("write while draining");
+        tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut b))
+            .await
+            .expect("echo while draining stalled")
+            .expect("echo while draining");
+        b
+    });
+    rx_open
+        .recv_timeout(Duration::from_secs(20))
+        .expect("connection open");
+
+    let from = sb.lightpath(lp).lines.len();
+    sb.lightpath(lp).signal(nix::sys::signal::Signal::SIGTERM);
+    sb.lightpath(lp)
+        .lines
+        .wait_for("stopped accepting", from, Duration::from_secs(5))
+        .expect("listener closed on SIGTERM");
+    // New connections: refused at once while the old one is still served.
+    let outcome = sb
+        .client
+        .run(move || async move { probe(SocketAddr::new(vip, 80), Duration::from_secs(3)).await });
+    match outcome {
+        ConnectOutcome::Refused(t) => assert!(t < Duration::from_millis(100), "refusal took {t:?}"),
+        other => panic!("new connection during drain must be refused: {other:?}"),
+    }
+    let _ = tx_go.send(());
+    assert_eq!(&holder.join().expect("holder"), b"pong");
+    // The holder has closed its connection: the drain completes and
+    // lightpath exits 0 well before the deadline.
+    let code = sb.procs[lp].wait(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{}", sb.lightpath(lp).lines.text());
+}
+
+#[test]
+fn restart_after_a_crash_reconciles_rules_and_routing() {
+    if !require_root("restart_after_a_crash_reconciles_rules_and_routing") {
+        return;
+    }
+    let mut sb = Sandbox::new("crash", 1);
+    sb.start_backend(1);
+    let old = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("old", &[ip("10.96.0.40")], &[1], "node-a", "")
+    );
+    let path = sb.write_manifest("svc.yaml", &old);
+    let lp = sb.start_lightpath(&path, &[]);
+    assert!(sb.nft_table().contains("10.96.0.40"));
+    sb.lightpath(lp).signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = sb.procs[lp].wait(Duration::from_secs(5));
+
+    let new = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("new", &[ip("10.96.0.50")], &[1], "node-a", "")
+    );
+    sb.write_manifest("svc.yaml", &new);
+    sb.start_lightpath(&path, &[]);
+    let table = sb.nft_table();
+    assert!(
+        !table.contains("10.96.0.40"),
+        "stale frontend survived the restart:\n{table}"
+    );
+    assert!(table.contains("10.96.0.50 . tcp . 80"), "{table}");
+    for fam in ["-4", "-6"] {
+        let rules = sb.node.exec("ip", &[fam, "rule", "show"]).expect("ip rule");
+        assert_eq!(
+            rules
+                .lines()
+                .filter(|l| l.contains("fwmark 0x1/0x1 lookup 100"))
+                .count(),
+            1,
+            "exactly one policy rule ({fam}):\n{rules}"
+        );
+    }
+    let name = sb.client.run(|| {
+        wait_http(
+            SocketAddr::new(ip("10.96.0.50"), 80),
+            Duration::from_secs(5),
+        )
+    });
+    assert_eq!(name.expect("served after restart"), "pod-1");
+}
