@@ -39,7 +39,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("lightpath demo needs root (network namespaces, nftables); try: sudo -E cargo run --release -p lightpath -- demo")]
+    #[error("needs root (it creates network namespaces and nftables rules); run it as root, e.g. sudo -E cargo run --release -p lightpath -- demo")]
     NotRoot,
     #[error("{0}")]
     Setup(String),
