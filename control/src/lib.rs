@@ -10,6 +10,7 @@
 //! as kube-proxy would, and [`manifest`] feeds files through the same path.
 
 pub mod error;
+pub mod kube;
 pub mod manifest;
 pub mod model;
 pub mod objects;

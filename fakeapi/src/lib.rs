@@ -213,17 +213,29 @@ impl FakeApi {
 
     /// Creates or replaces `obj`; returns its new resourceVersion.
     pub fn apply<K: k8s_openapi::Resource + Serialize>(&self, obj: &K) -> Result<u64, Error> {
-        self.write_value(kind_of::<K>()?, serde_json::to_value(obj)?, WriteMode::Upsert)
+        self.write_value(
+            kind_of::<K>()?,
+            serde_json::to_value(obj)?,
+            WriteMode::Upsert,
+        )
     }
 
     /// Creates `obj`; 409 AlreadyExists if it does.
     pub fn create<K: k8s_openapi::Resource + Serialize>(&self, obj: &K) -> Result<u64, Error> {
-        self.write_value(kind_of::<K>()?, serde_json::to_value(obj)?, WriteMode::Create)
+        self.write_value(
+            kind_of::<K>()?,
+            serde_json::to_value(obj)?,
+            WriteMode::Create,
+        )
     }
 
     /// Replaces `obj`; 404 if missing, 409 on a stale resourceVersion.
     pub fn update<K: k8s_openapi::Resource + Serialize>(&self, obj: &K) -> Result<u64, Error> {
-        self.write_value(kind_of::<K>()?, serde_json::to_value(obj)?, WriteMode::Update)
+        self.write_value(
+            kind_of::<K>()?,
+            serde_json::to_value(obj)?,
+            WriteMode::Update,
+        )
     }
 
     /// Creates or replaces a raw JSON object (for objects the typed API
@@ -247,7 +259,11 @@ impl FakeApi {
     }
 
     /// Deletes `namespace/name` (namespace ignored for Nodes).
-    pub fn delete<K: k8s_openapi::Resource>(&self, namespace: &str, name: &str) -> Result<u64, Error> {
+    pub fn delete<K: k8s_openapi::Resource>(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<u64, Error> {
         let kind = kind_of::<K>()?;
         let last = self.shared.lock().delete(kind, namespace, name)?;
         self.shared.notify();

@@ -302,14 +302,22 @@ fn list(
             return Err(ApiError::new(
                 504,
                 "Timeout",
-                format!("Too large resource version: {rv}, current: {}", store.resource_version()),
+                format!(
+                    "Too large resource version: {rv}, current: {}",
+                    store.resource_version()
+                ),
             ));
         }
         if param(q, "resourceVersionMatch") == Some("Exact") && rv != store.resource_version() {
             return Err(ApiError::gone(format!("too old resource version: {rv}")));
         }
     }
-    let page = store.list(t.kind, &f, limit, param(q, "continue").filter(|c| !c.is_empty()))?;
+    let page = store.list(
+        t.kind,
+        &f,
+        limit,
+        param(q, "continue").filter(|c| !c.is_empty()),
+    )?;
     drop(store);
     shared.stats.lists[idx(t.kind)].fetch_add(1, Ordering::Relaxed);
     let mut meta = json!({"resourceVersion": page.rv.to_string()});
@@ -482,7 +490,10 @@ mod tests {
             r("/apis/discovery.k8s.io/v1/namespaces/a/endpointslices"),
             Some((Kind::EndpointSlice, Some("a".into()), None))
         );
-        assert_eq!(r("/api/v1/nodes/n1"), Some((Kind::Node, None, Some("n1".into()))));
+        assert_eq!(
+            r("/api/v1/nodes/n1"),
+            Some((Kind::Node, None, Some("n1".into())))
+        );
         assert_eq!(r("/api/v1/namespaces/a/nodes"), None);
         assert_eq!(r("/api/v1/services/x"), None);
         assert_eq!(r("/api/v1/pods"), None);

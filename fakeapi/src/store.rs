@@ -200,7 +200,11 @@ impl Store {
         mode: WriteMode,
     ) -> Result<Arc<Value>, ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::new(400, "BadRequest", "body is not a JSON object"));
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                "body is not a JSON object",
+            ));
         }
         if let Some(k) = obj["kind"].as_str() {
             if k != kind.kind() {
@@ -330,7 +334,11 @@ impl Store {
         let (snap_id, offset) = match continue_token {
             Some(tok) => {
                 let (id, off, rv) = parse_token(tok).ok_or_else(|| {
-                    ApiError::new(400, "BadRequest", format!("continue key is not valid: {tok}"))
+                    ApiError::new(
+                        400,
+                        "BadRequest",
+                        format!("continue key is not valid: {tok}"),
+                    )
                 })?;
                 if rv < self.compacted || !self.snapshots.contains_key(&id) {
                     return Err(ApiError::gone(
@@ -356,7 +364,8 @@ impl Store {
                 }
                 self.next_snapshot += 1;
                 let id = self.next_snapshot;
-                self.snapshots.insert(id, ListSnapshot { rv: self.rv, items });
+                self.snapshots
+                    .insert(id, ListSnapshot { rv: self.rv, items });
                 (id, 0)
             }
         };
@@ -433,7 +442,8 @@ mod tests {
         assert_eq!(p1.items.len(), 2);
         assert_eq!(p1.remaining, 3);
         // A write between pages does not show up in the frozen list.
-        s.write(Kind::Service, svc("s9"), WriteMode::Create).unwrap();
+        s.write(Kind::Service, svc("s9"), WriteMode::Create)
+            .unwrap();
         let tok = p1.continue_token.unwrap();
         let p2 = s.list(Kind::Service, &f, 2, Some(&tok)).unwrap();
         assert_eq!(p2.rv, p1.rv);

@@ -37,7 +37,10 @@ fn service_cells(o: &Value) -> Vec<Value> {
     let spec = &o["spec"];
     let mut external = strs(&spec["externalIPs"]);
     if let Some(ing) = o["status"]["loadBalancer"]["ingress"].as_array() {
-        external.extend(ing.iter().filter_map(|i| i["ip"].as_str().map(str::to_string)));
+        external.extend(
+            ing.iter()
+                .filter_map(|i| i["ip"].as_str().map(str::to_string)),
+        );
     }
     let ports: Vec<String> = spec["ports"]
         .as_array()

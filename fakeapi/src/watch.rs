@@ -112,13 +112,10 @@ impl State {
                 EventType::Modified if cur => self.pending.push_back(line("ADDED", &ch.object)),
                 EventType::Modified if prev => {
                     if let Some(p) = &ch.prev {
-                        self.pending
-                            .push_back(line("DELETED", &restamp(p, ch.rv)));
+                        self.pending.push_back(line("DELETED", &restamp(p, ch.rv)));
                     }
                 }
-                EventType::Deleted if prev => {
-                    self.pending.push_back(line("DELETED", &ch.object))
-                }
+                EventType::Deleted if prev => self.pending.push_back(line("DELETED", &ch.object)),
                 _ => {}
             }
         }
