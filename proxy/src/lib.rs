@@ -10,6 +10,7 @@ pub mod drain;
 pub mod l4;
 pub mod run;
 pub mod server;
+pub mod table_cmd;
 pub mod webhook;
 pub mod admin;
 pub mod health;

@@ -20,6 +20,9 @@ enum Command {
     Run(lightpath::run::RunArgs),
     /// Remove lightpath's nftables table and policy routing.
     Cleanup,
+    /// Print what this node does with every Service frontend, resolved from
+    /// manifest files (endpoint sets, policy, verdict).
+    Table(lightpath::table_cmd::TableArgs),
     /// Build a sandbox of network namespaces, send real traffic through
     /// lightpath, print what happened, tear it down (needs root).
     Demo,
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => lightpath::run::main(args)?,
         Command::Cleanup => lightpath::cleanup::main()?,
+        Command::Table(args) => lightpath::table_cmd::main(args)?,
         Command::Demo => {
             if let Err(e) = lightpath::demo::main() {
                 eprintln!("lightpath demo: {e}");
