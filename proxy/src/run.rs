@@ -193,9 +193,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         let cfg = redirect_config(args.listen, v6)?;
         let initial = kernel_frontends(&table.borrow());
         let count = initial.len();
-        let r = tokio::task::spawn_blocking(move || Redirector::install(cfg, initial))
-            .await
-            .map_err(|e| RunError::Runtime(std::io::Error::other(e)))??;
+        let r = tokio::task::block_in_place(|| Redirector::install(cfg, initial))?;
         tracing::info!(frontends = count, "redirect rules installed");
         Some(r)
     };
@@ -240,9 +238,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some(task) = rules_task {
         if let Ok(r) = task.await {
             if args.remove_rules_on_exit {
-                tokio::task::spawn_blocking(move || r.remove())
-                    .await
-                    .map_err(|e| RunError::Runtime(std::io::Error::other(e)))??;
+                tokio::task::block_in_place(|| r.remove())?;
                 tracing::info!("redirect rules removed");
             } else {
                 tracing::info!(
@@ -323,13 +319,9 @@ async fn follow_table(
         }
         let snapshot: Arc<Table> = table.borrow_and_update().clone();
         let desired = kernel_frontends(&snapshot);
-        let (back, result) = tokio::task::spawn_blocking(move || {
-            let r = rules.update(desired);
-            (rules, r)
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        rules = back;
+        // `nft` and `ip` are short blocking subprocesses; this task owns the
+        // redirector, so it simply yields its worker thread meanwhile.
+        let result = tokio::task::block_in_place(|| rules.update(desired));
         match result {
             Ok(stats) => {
                 failed = false;
