@@ -356,3 +356,65 @@ fn restart_after_a_crash_reconciles_rules_and_routing() {
     });
     assert_eq!(name.expect("served after restart"), "pod-1");
 }
+
+#[test]
+fn manifest_edits_move_frontends_between_proxy_and_reject_in_the_kernel() {
+    if !require_root("manifest_edits_move_frontends_between_proxy_and_reject_in_the_kernel") {
+        return;
+    }
+    let mut sb = Sandbox::new("edit", 1);
+    sb.start_backend(1);
+    let vip = ip("10.96.0.10");
+    let served = format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("web", &[vip], &[1], "node-a", "")
+    );
+    let path = sb.write_manifest("svc.yaml", &served);
+    let lp = sb.start_lightpath(&path, &[]);
+    assert!(sb.nft_table().contains("10.96.0.10 . tcp . 80"));
+
+    // All endpoints gone: the kernel rejects, as one incremental update.
+    let from = sb.lightpath(lp).lines.len();
+    sb.write_manifest(
+        "svc.yaml",
+        &format!(
+            "{}{}",
+            node_yaml(),
+            service_yaml("web", &[vip], &[], "node-a", "")
+        ),
+    );
+    let from = sb
+        .lightpath(lp)
+        .lines
+        .wait_for("redirect rules updated", from, Duration::from_secs(10))
+        .expect("rules updated");
+    let table = sb.nft_table();
+    assert!(
+        table.contains("10.96.0.10 . tcp . 80 : goto reject_fe"),
+        "{table}"
+    );
+    let log = sb.lightpath(lp).lines.text();
+    assert!(
+        !log.contains("full_reload=true"),
+        "an incremental update was refused:\n{log}"
+    );
+    let outcome = sb
+        .client
+        .run(move || async move { probe(SocketAddr::new(vip, 80), Duration::from_secs(3)).await });
+    assert!(
+        matches!(outcome, ConnectOutcome::Refused(t) if t < Duration::from_millis(100)),
+        "{outcome:?}"
+    );
+
+    // Back: served again.
+    sb.write_manifest("svc.yaml", &served);
+    sb.lightpath(lp)
+        .lines
+        .wait_for("redirect rules updated", from, Duration::from_secs(10))
+        .expect("rules updated again");
+    let name = sb
+        .client
+        .run(move || wait_http(SocketAddr::new(vip, 80), Duration::from_secs(5)));
+    assert_eq!(name.expect("served again"), "pod-1");
+}
