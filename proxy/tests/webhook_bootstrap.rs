@@ -108,7 +108,10 @@ fn handle(store: &mut Store, method: &str, path: &str, body: &[u8]) -> (u16, Val
                     (201, obj)
                 }
                 _ => {
-                    let current = store.secrets.get(name).map(|s| s["metadata"]["resourceVersion"].clone());
+                    let current = store
+                        .secrets
+                        .get(name)
+                        .map(|s| s["metadata"]["resourceVersion"].clone());
                     if current.is_none() {
                         return status(404, "NotFound", "secret not found");
                     }
@@ -159,7 +162,10 @@ impl MiniApi {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let store = Arc::new(Mutex::new(Store::default()));
-        let name = config["metadata"]["name"].as_str().expect("name").to_string();
+        let name = config["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_string();
         store.lock().expect("store").configs.insert(name, config);
         let shared = store.clone();
         tokio::spawn(async move {
@@ -179,7 +185,8 @@ impl MiniApi {
                                 }
                                 Err(_) => status(400, "BadRequest", "body"),
                             };
-                            let mut resp = http::Response::new(Full::new(Bytes::from(value.to_string())));
+                            let mut resp =
+                                http::Response::new(Full::new(Bytes::from(value.to_string())));
                             *resp.status_mut() = http::StatusCode::from_u16(code).expect("status");
                             resp.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
@@ -230,7 +237,11 @@ fn hybrid() -> Vec<Value> {
         .arg(repo().join("deploy/overlays/hybrid"))
         .output()
         .expect("kubectl is needed to render deploy/ (.ci/run installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8");
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
@@ -272,14 +283,18 @@ async fn post_review(addr: SocketAddr, ca_pem: &str, body: Vec<u8>) -> Result<Va
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
     let config = rustls::ClientConfig::builder_with_provider(lightpath::webhook::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from(format!("{SERVICE}.{NS}.svc"))
         .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -296,7 +311,12 @@ async fn post_review(addr: SocketAddr, ca_pem: &str, body: Vec<u8>) -> Result<Va
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
@@ -304,7 +324,10 @@ async fn post_review(addr: SocketAddr, ca_pem: &str, body: Vec<u8>) -> Result<Va
 async fn binary_bootstraps_its_certificate_and_the_ca_bundle_trusts_it() {
     let docs = hybrid();
     let api = MiniApi::start(find(&docs, "MutatingWebhookConfiguration", CONFIG).clone()).await;
-    assert!(api.ca_bundle().is_none(), "the manifest ships without a caBundle");
+    assert!(
+        api.ca_bundle().is_none(),
+        "the manifest ships without a caBundle"
+    );
 
     let kubeconfig = TempFile(std::env::temp_dir().join(format!(
         "lp-whkc-{}-{}.yaml",
@@ -373,7 +396,13 @@ async fn binary_bootstraps_its_certificate_and_the_ca_bundle_trusts_it() {
     assert_eq!(answer["response"]["patchType"], "JSONPatch");
 
     // The Secret holds what is served, as a kubernetes.io/tls Secret.
-    let store = api.store.lock().expect("store").secrets.get(SECRET).cloned();
+    let store = api
+        .store
+        .lock()
+        .expect("store")
+        .secrets
+        .get(SECRET)
+        .cloned();
     let secret = store.expect("bootstrap Secret created");
     assert_eq!(secret["type"], "kubernetes.io/tls");
     for key in ["tls.crt", "tls.key", "ca.crt", "ca.key"] {
@@ -413,7 +442,9 @@ async fn racing_replicas_share_one_secret_and_renewal_keeps_the_ca() {
         secret["metadata"]["resourceVersion"] = rv;
         store.secrets.insert(SECRET.into(), secret);
     }
-    let renewed = bootstrap::ensure(api.client(), &target()).await.expect("renew");
+    let renewed = bootstrap::ensure(api.client(), &target())
+        .await
+        .expect("renew");
     assert_eq!(renewed.ca_cert, old.ca_cert, "CA kept");
     assert_ne!(renewed.cert, old.cert, "leaf re-issued");
     assert!(renewed.usable(&target(), SystemTime::now()));
@@ -422,9 +453,12 @@ async fn racing_replicas_share_one_secret_and_renewal_keeps_the_ca() {
     // A Secret that is not ours to read (garbage) is replaced, not fatal.
     {
         let mut store = api.store.lock().expect("store");
-        store.secrets.get_mut(SECRET).expect("secret")["data"]["tls.crt"] = json!("bm90IGEgY2VydA==");
+        store.secrets.get_mut(SECRET).expect("secret")["data"]["tls.crt"] =
+            json!("bm90IGEgY2VydA==");
     }
-    let replaced = bootstrap::ensure(api.client(), &target()).await.expect("replace garbage");
+    let replaced = bootstrap::ensure(api.client(), &target())
+        .await
+        .expect("replace garbage");
     assert!(replaced.usable(&target(), SystemTime::now()));
     assert_eq!(api.ca_bundle().as_deref(), Some(replaced.ca_cert.as_str()));
 
