@@ -140,17 +140,29 @@ fn removed_backend_gets_no_new_connections_while_established_ones_finish() {
         "p2c put no echo connection on pod-2; nothing to check"
     );
 
-    let seen_before = sb.lightpath(lp).lines.len();
     let only_one = format!(
         "{}{}",
         node_yaml(),
         service_yaml("web", &[vip], &[1], "node-a", "")
     );
     sb.write_manifest("svc.yaml", &only_one);
-    sb.lightpath(lp)
-        .lines
-        .wait_for("manifests changed", seen_before, Duration::from_secs(10))
-        .expect("lightpath noticed the edit");
+    // Wait (bounded) until the edit is in effect: ten answers in a row from
+    // pod-1 (with two endpoints, p2c would have sent some to pod-2).
+    let settled = sb.client.run(move || async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut run = 0;
+        while run < 10 && std::time::Instant::now() < deadline {
+            match http_name(SocketAddr::new(vip, 80)).await.as_deref() {
+                Ok("pod-1") => run += 1,
+                _ => run = 0,
+            }
+        }
+        run >= 10
+    });
+    assert!(
+        settled,
+        "lightpath did not pick up the manifest edit within 10 s"
+    );
     // New connections: pod-1 only.
     let names = sb.client.run(move || async move {
         let mut v = Vec::new();
