@@ -462,3 +462,102 @@ async fn rewritten_certificate_files_are_served_without_restart() {
         "old certificate is no longer served"
     );
 }
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn carried_protocols_flag_of_the_binary() {
+    let dir = TempDir::new("whflag");
+    let cert = localhost_cert();
+    let (cert_path, key_path) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
+    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
+    std::fs::write(&key_path, &cert.key_pem).expect("write");
+    let bin = env!("CARGO_BIN_EXE_lightpath");
+
+    // A typo is refused at start, naming the flag and the value.
+    let out = std::process::Command::new(bin)
+        .args([
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--carried-protocols",
+            "TCP,QUIC",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .output()
+        .expect("run lightpath webhook");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--carried-protocols") && stderr.contains("QUIC"),
+        "{stderr}"
+    );
+
+    // UDP switched on by the flag: TCP+UDP Services are labelled.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = std::process::Command::new(bin)
+        .args(["webhook", "--carried-protocols", "tcp,udp"])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start lightpath webhook");
+    let mut child = Kill(child);
+    let (stop, _) = oneshot::channel();
+    let server = Server {
+        addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+        _stop: stop,
+    };
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(exit) = child.0.try_wait().expect("status") {
+            panic!("lightpath webhook exited: {exit}");
+        }
+        if let Ok((200, _)) = request(
+            server.addr,
+            &cert.cert_pem,
+            "GET",
+            "/healthz",
+            vec![],
+            false,
+        )
+        .await
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhook not up in {STEP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = review(
+        "Service",
+        "dns",
+        service(&[("TCP", None), ("UDP", None)], None),
+    );
+    let (_, patch) = admit(&server, &cert, body, false).await;
+    assert!(patch.is_some(), "UDP carried by flag: labelled");
+    let sctp = review(
+        "Service",
+        "x",
+        service(&[("TCP", None), ("SCTP", None)], None),
+    );
+    let (_, patch) = admit(&server, &cert, sctp, false).await;
+    assert_eq!(patch, None, "SCTP still not carried");
+}
