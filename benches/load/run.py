@@ -613,8 +613,10 @@ class Bench:
             man = self.rules_file(kind, spec.services)
             logf = self.workdir / f"{spec.name}-{self.seq}.log"
             env_cmd = ["env", f"RUST_LOG={os.environ.get('RUST_LOG', 'warn')}"]
+            # The file source re-reads and hashes the manifests every poll; at 10,000 services that
+            # is file I/O unrelated to the data path, so poll once a minute (the kube source has no such cost).
             p = topo.spawn(node, env_cmd + [str(self.args.lightpath), "run", "--manifests", str(man),
-                                            "--node-name", "node-bench"], logf)
+                                            "--node-name", "node-bench", "--manifest-poll-ms", "60000"], logf)
             run = Running(vip_http, vip_h2, proxy=p)
         else:
             raise BenchError(f"unknown mode {spec.name}")
