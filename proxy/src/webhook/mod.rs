@@ -110,6 +110,9 @@ pub struct WebhookArgs {
         default_value = "lightpath-webhook"
     )]
     pub webhook_configuration: String,
+    /// Log format: text or json (filter from RUST_LOG, default info).
+    #[arg(long, env = "LIGHTPATH_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
     /// kubeconfig for bootstrap mode; else $KUBECONFIG, else in-cluster config.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -155,12 +158,11 @@ impl WebhookArgs {
 
 /// Blocking entry point for `main.rs`: own runtime, stop on SIGTERM/SIGINT.
 pub fn main(args: WebhookArgs) -> Result<(), WebhookError> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    // Already installed (a test harness): keep that one.
+    let _ = crate::telemetry::init(&crate::telemetry::TelemetryConfig {
+        format: args.log_format,
+        ..Default::default()
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
