@@ -94,7 +94,7 @@ fn removed_backend_gets_no_new_connections_while_established_ones_finish() {
         service_yaml("web", &[vip], &[1, 2], "node-a", "")
     );
     let path = sb.write_manifest("svc.yaml", &both);
-    let lp = sb.start_lightpath(&path, &[]);
+    sb.start_lightpath(&path, &[]);
 
     // Open echo connections until both pods hold at least one (the echo
     // port cannot tell pods apart, so open several: p2c spreads them).
