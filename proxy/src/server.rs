@@ -204,12 +204,21 @@ impl Server {
             return;
         };
         if frontend.endpoints().is_empty() {
+            // Counted as opened and failed, like a connection whose endpoints
+            // all refused.
+            self.balancers
+                .for_service(&frontend.service)
+                .metrics()
+                .tcp_open()
+                .failed();
             tracing::debug!(%peer, frontend = %key, service = %frontend.service.name, "no endpoints, resetting");
             l4::abort(&sock);
             return;
         }
         l4::set_keepalive(&sock);
         let balancer = self.balancers.for_service(&frontend.service);
+        // Opened and active until this function returns.
+        let conn = balancer.metrics().tcp_open();
         let scope = Scope::of(frontend);
         // The dispatch point. L7 modes are relayed at L4 until the HTTP stack
         // takes them over here.
@@ -218,6 +227,13 @@ impl Server {
                 l4::relay(sock, balancer, scope, &self.cfg.relay, drain).await
             }
         };
+        match &result {
+            Ok(r) => conn.bytes(
+                r.transferred.client_to_upstream,
+                r.transferred.upstream_to_client,
+            ),
+            Err(_) => conn.failed(),
+        }
         match result {
             Ok(r) => tracing::debug!(
                 %peer, frontend = %key, endpoint = %r.endpoint, attempts = r.attempts,

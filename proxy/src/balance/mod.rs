@@ -150,6 +150,8 @@ pub struct Balancer {
     affinity: [AffinityMap; 2],
     /// Serialises ejection decisions (never taken by `pick`).
     eject_lock: Mutex<()>,
+    /// This service port's metric handles, registered once.
+    metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 impl Balancer {
@@ -162,11 +164,17 @@ impl Balancer {
             state: ArcSwap::from_pointee(state),
             affinity: [AffinityMap::new(), AffinityMap::new()],
             eject_lock: Mutex::new(()),
+            metrics: crate::metrics::service(&service.name),
         }
     }
 
     pub fn name(&self) -> &ServicePortName {
         &self.name
+    }
+
+    /// The service port's metric handles (no lookup: a field).
+    pub fn metrics(&self) -> &Arc<crate::metrics::ServiceMetrics> {
+        &self.metrics
     }
 
     /// The service port this balancer last applied.
@@ -291,6 +299,7 @@ impl Balancer {
             });
         }
         b.set_ready(false);
+        self.metrics.ejections.increment(1);
         Ok(true)
     }
 
@@ -298,6 +307,9 @@ impl Balancer {
     pub fn readmit(&self, addr: SocketAddr) -> bool {
         match self.backend(addr) {
             Some(b) => {
+                if !b.is_ready() {
+                    self.metrics.readmissions.increment(1);
+                }
                 b.set_ready(true);
                 true
             }

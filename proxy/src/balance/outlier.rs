@@ -60,10 +60,14 @@ impl Balancer {
         let time = cfg.base_time.saturating_mul(n).min(cfg.max_time);
         tracing::info!(service = %self.name(), endpoint = %backend.addr(), ejections = n, ?time, "endpoint ejected");
         let weak: Weak<Backend> = Arc::downgrade(backend);
+        let metrics = self.metrics().clone();
         tokio::spawn(async move {
             tokio::time::sleep(time).await;
             if let Some(b) = weak.upgrade() {
                 b.clear_failures();
+                if !b.is_ready() {
+                    metrics.readmissions.increment(1);
+                }
                 b.set_ready(true);
                 tracing::info!(endpoint = %b.addr(), "endpoint readmitted");
             }

@@ -76,12 +76,15 @@ pub async fn connect(
         };
         let addr = pick.addr();
         tried.push(addr);
+        let started = std::time::Instant::now();
         match connect_one(addr, cfg).await {
             Ok(stream) => {
+                balancer.metrics().connect_succeeded(started.elapsed());
                 pick.record_success();
                 return Ok((stream, pick, tried.len()));
             }
             Err(e) => {
+                balancer.metrics().connect_failed();
                 pick.record_failure();
                 tracing::debug!(service = %balancer.name(), endpoint = %addr, error = %e, "connect failed");
                 last_err = Some((addr, e));

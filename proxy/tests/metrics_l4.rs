@@ -1,0 +1,272 @@
+//! Real scrapes after real traffic: connections relayed by the L4 server on
+//! loopback (the listener's own address is the frontend key, so no root is
+//! needed), then `/metrics` from both the admin API and the metrics-only
+//! listener parsed with an independent Prometheus parser, and the counters
+//! compared with what the clients sent.
+
+mod admin_util;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use admin_util::*;
+use control::{EndpointState, FrontendKind};
+use lightpath::admin::{self, AdminState, BalancerDump};
+use lightpath::health::{ProxyHealth, DEFAULT_HEALTH_TIMEOUT};
+use lightpath::lifecycle::Readiness;
+use lightpath::server::{Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An echo backend on an ephemeral loopback port.
+async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `n` bytes, half-closes, reads the echo to EOF; returns bytes read.
+async fn echo_through(frontend: SocketAddr, n: usize) -> usize {
+    let mut s = TcpStream::connect(frontend).await.unwrap();
+    let payload: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    s.write_all(&payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, payload, "echo mismatch");
+    back.len()
+}
+
+async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let r = get(addr, "/metrics").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("Content-Type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    parse_prometheus(&r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_match_the_traffic_sent() {
+    let b1 = echo_backend().await;
+    let b2 = echo_backend().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }; // closed again: connecting to it is refused
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let frontend = listener.local_addr().unwrap();
+    let dead_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_frontend = dead_listener.local_addr().unwrap();
+    let name = spn("metrics-l4", "echo", "tcp");
+    let dead_name = spn("metrics-l4", "dead", "");
+    let t = table(
+        7,
+        vec![
+            (
+                frontend,
+                FrontendKind::ClusterIp,
+                service_port(
+                    name.clone(),
+                    vec![ep(b1, EndpointState::Ready), ep(b2, EndpointState::Ready)],
+                    vec![],
+                    None,
+                ),
+            ),
+            (
+                dead_frontend,
+                FrontendKind::ClusterIp,
+                service_port(
+                    dead_name.clone(),
+                    vec![ep(dead, EndpointState::Ready)],
+                    vec![],
+                    None,
+                ),
+            ),
+        ],
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(t);
+    let server = Server::new(rx.clone(), ServerConfig::default());
+    let balancers: Arc<dyn BalancerDump> = server.balancers().clone();
+    let (drain_signal, drain_watch) = lightpath::drain::channel();
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.run(vec![listener, dead_listener], drain_watch).await })
+    };
+
+    let mut state = AdminState::new(
+        rx,
+        Readiness::new(),
+        ProxyHealth::new(DEFAULT_HEALTH_TIMEOUT),
+    );
+    state.balancers = Some(balancers);
+    state.data_plane = Some(tokio::runtime::Handle::current());
+    state.settings = serde_json::json!({"test": "metrics_l4"});
+    let srv = admin::spawn(loopback_config(), state).expect("admin spawn");
+    let admin = srv.admin_addr().unwrap();
+    let metrics = srv.metrics_addr().unwrap();
+
+    // 20 connections of different sizes, 4 at a time.
+    const CONNS: usize = 20;
+    let sizes: Vec<usize> = (0..CONNS).map(|i| 1000 + 997 * i).collect();
+    let total: usize = sizes.iter().sum();
+    let mut echoed = 0;
+    for chunk in sizes.chunks(4) {
+        let jobs: Vec<_> = chunk
+            .iter()
+            .map(|&n| tokio::spawn(echo_through(frontend, n)))
+            .collect();
+        for j in jobs {
+            echoed += tokio::time::timeout(DEADLINE, j).await.unwrap().unwrap();
+        }
+    }
+    assert_eq!(echoed, total);
+
+    // One connection to the service whose only endpoint refuses: reset.
+    // On loopback the reset can arrive before connect() even returns.
+    if let Ok(mut s) = TcpStream::connect(dead_frontend).await {
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(r, Ok(0) | Err(_)), "dead service answered: {r:?}");
+    }
+
+    // Connection tasks finish (and count "closed") just after the clients
+    // see EOF; wait for the counters to settle.
+    let labels = [
+        ("namespace", "metrics-l4"),
+        ("service", "echo"),
+        ("port", "tcp"),
+    ];
+    let start = Instant::now();
+    let scrape_admin = loop {
+        let s = scrape(admin).await;
+        let closed = sample(&s, "lightpath_tcp_connections_closed_total", &labels);
+        let dead_closed = sample(
+            &s,
+            "lightpath_tcp_connections_closed_total",
+            &[("service", "dead")],
+        );
+        if closed == Some(CONNS as f64) && dead_closed == Some(1.0) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "closed counters never settled: echo {closed:?}, dead {dead_closed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let scrape_metrics = scrape(metrics).await;
+
+    for s in [&scrape_admin, &scrape_metrics] {
+        let v = |m: &str| sample(s, m, &labels).unwrap_or_else(|| panic!("{m} missing"));
+        assert_eq!(v("lightpath_tcp_connections_opened_total"), CONNS as f64);
+        assert_eq!(v("lightpath_tcp_connections_closed_total"), CONNS as f64);
+        assert_eq!(v("lightpath_tcp_connections_active"), 0.0);
+        assert_eq!(v("lightpath_tcp_connections_failed_total"), 0.0);
+        assert_eq!(v("lightpath_tcp_received_bytes_total"), total as f64);
+        assert_eq!(v("lightpath_tcp_sent_bytes_total"), total as f64);
+        assert_eq!(v("lightpath_upstream_connect_failures_total"), 0.0);
+        // Histogram: one observation per connection.
+        assert_eq!(
+            v("lightpath_upstream_connect_duration_seconds"),
+            CONNS as f64
+        );
+        assert_eq!(
+            sample(
+                s,
+                "lightpath_upstream_connect_duration_seconds_count",
+                &labels
+            ),
+            Some(CONNS as f64)
+        );
+
+        let d = [("service", "dead")];
+        assert_eq!(
+            sample(s, "lightpath_tcp_connections_opened_total", &d),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(s, "lightpath_tcp_connections_failed_total", &d),
+            Some(1.0)
+        );
+        assert!(sample(s, "lightpath_upstream_connect_failures_total", &d).unwrap() >= 1.0);
+
+        // Node gauges.
+        assert!(sample(s, "lightpath_table_frontends", &[]).unwrap() >= 2.0);
+        assert!(sample(s, "lightpath_process_open_fds", &[]).unwrap() > 0.0);
+        assert!(sample(s, "lightpath_process_resident_memory_bytes", &[]).unwrap() > 0.0);
+        assert_eq!(sample(s, "lightpath_tokio_workers", &[]), Some(2.0));
+    }
+
+    // Every series of this service carries exactly the bounded label set.
+    for smp in scrape_admin
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("service") == Some("echo"))
+    {
+        let mut keys: Vec<&str> = ["namespace", "service", "port", "class"]
+            .into_iter()
+            .filter(|k| smp.labels.get(k).is_some())
+            .collect();
+        keys.sort();
+        assert!(
+            keys == ["namespace", "port", "service"]
+                || keys == ["class", "namespace", "port", "service"],
+            "{}: unexpected labels {:?}",
+            smp.metric,
+            smp.labels
+        );
+    }
+
+    // The metrics-only listener serves nothing else.
+    assert_eq!(get(metrics, "/config_dump").await.status, 404);
+
+    // /config_dump and /endpoints show the balancer's view of the same traffic.
+    let dump = get(admin, "/config_dump").await.json();
+    assert_eq!(dump["version"], 7);
+    assert_eq!(dump["settings"]["test"], "metrics_l4");
+    let echo = dump["balancers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["service"]["name"] == "echo")
+        .expect("echo balancer in config_dump");
+    let picks: u64 = echo["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["ewma_ms"].as_f64().unwrap() > 0.0, "{e}");
+            assert!(e["cost"].as_f64().unwrap() > 0.0, "{e}");
+            e["picks"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(picks, CONNS as u64);
+    let r = get(admin, "/endpoints?service=metrics-l4/echo").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v[0]["cluster_endpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["balancer"].as_array().unwrap().len(), 2);
+
+    drain_signal.drain(Duration::from_secs(2)).await;
+    tokio::time::timeout(DEADLINE, serving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(srv);
+}
