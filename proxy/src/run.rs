@@ -32,7 +32,7 @@ use crate::server::{self, ServerConfig};
 /// next cluster change).
 const REDIRECT_RETRY: Duration = Duration::from_secs(1);
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct RunArgs {
     /// Manifest files (Services, EndpointSlices, Nodes) to serve; re-read
     /// when they change.
@@ -85,6 +85,9 @@ pub struct RunArgs {
     /// Extra node addresses NodePorts are served on.
     #[arg(long = "node-ip", env = "LIGHTPATH_NODE_IPS", value_delimiter = ',')]
     pub node_ips: Vec<IpAddr>,
+    /// Admin API, metrics, health server and logs.
+    #[command(flatten)]
+    pub operator: crate::admin::OperatorArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,11 +114,13 @@ pub enum RunError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Serve(#[from] server::ServeError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// Runs until SIGTERM/SIGINT; returns after the drain.
 pub fn main(args: RunArgs) -> Result<(), RunError> {
-    let _ = crate::telemetry::init(&Default::default());
+    crate::admin::operator::init_process(&args.operator);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,6 +187,8 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         Duration::from_millis(args.manifest_poll_ms),
     )?;
     tracing::info!(frontends = table.borrow().len(), "table loaded");
+    let settings = serde_json::to_value(&args).unwrap_or_default();
+    let mut ops = crate::admin::Operator::start(&args.operator, table.clone(), settings)?;
 
     let (listeners, v6) = bind_listeners(&args)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
@@ -197,6 +204,10 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         tracing::info!(frontends = count, "redirect rules installed");
         Some(r)
     };
+    ops.rules_applied();
+    if args.no_redirect {
+        ops.follow_without_rules(table.clone());
+    }
 
     let mut server_cfg = ServerConfig::default();
     if !args.no_redirect {
@@ -204,13 +215,10 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     let (drain_signal, drain_watch) = drain::channel();
     let (stop_rules_tx, stop_rules_rx) = tokio::sync::watch::channel(false);
-    let rules_task = rules.map(|r| tokio::spawn(follow_table(r, table.clone(), stop_rules_rx)));
-    let mut serve_task = tokio::spawn(server::serve(
-        listeners,
-        table.clone(),
-        server_cfg,
-        drain_watch,
-    ));
+    let rules_task = rules.map(|r| tokio::spawn(follow_table(r, table.clone(), stop_rules_rx, ops.health.clone())));
+    let server = server::Server::new(table.clone(), server_cfg);
+    ops.serving(server.balancers().clone());
+    let mut serve_task = tokio::spawn(async move { server.run(listeners, drain_watch).await });
 
     let why = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
@@ -224,6 +232,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
             };
         }
     };
+    ops.draining();
     let deadline = Duration::from_secs(args.drain_timeout);
     tracing::info!(
         signal = why,
@@ -302,6 +311,7 @@ async fn follow_table(
     mut rules: Redirector,
     mut table: TableRx,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    health: crate::health::ProxyHealth,
 ) -> Redirector {
     let mut failed = false;
     loop {
@@ -318,18 +328,22 @@ async fn follow_table(
             _ = tokio::time::sleep(REDIRECT_RETRY), if failed => {}
         }
         let snapshot: Arc<Table> = table.borrow_and_update().clone();
+        health.queued_update_all();
+        let started = std::time::Instant::now();
         let desired = kernel_frontends(&snapshot);
         // `nft` and `ip` are short blocking subprocesses; this task owns the
         // redirector, so it simply yields its worker thread meanwhile.
         let result = tokio::task::block_in_place(|| rules.update(desired));
         match result {
             Ok(stats) => {
+                crate::admin::operator::rules_update_result(&health, started.elapsed(), true);
                 failed = false;
                 if stats.changed > 0 {
                     tracing::info!(version = snapshot.version, changed = stats.changed, full_reload = stats.full_reload, elapsed = ?stats.elapsed, "redirect rules updated");
                 }
             }
             Err(e) => {
+                crate::admin::operator::rules_update_result(&health, started.elapsed(), false);
                 failed = true;
                 tracing::error!(version = snapshot.version, error = %e, "redirect update failed; retrying");
             }

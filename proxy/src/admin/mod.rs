@@ -15,6 +15,7 @@
 
 mod balancers;
 pub mod dump;
+pub mod operator;
 mod routes;
 pub mod web;
 
@@ -31,6 +32,7 @@ use crate::health::{ProxyHealth, ServiceHealthServers};
 use crate::lifecycle::Readiness;
 
 pub use dump::{BalancerDump, BalancerState, EndpointBalancerState};
+pub use operator::{Operator, OperatorArgs};
 
 /// Where each operator server listens; `None` turns that server off.
 #[derive(Clone, Debug)]
@@ -65,6 +67,8 @@ pub struct AdminState {
     pub health: ProxyHealth,
     /// Per-endpoint balancer state for `/config_dump` and `/endpoints`.
     pub balancers: Option<Arc<dyn BalancerDump>>,
+    /// The same, for a data plane created after the servers started (set once).
+    pub late_balancers: Arc<std::sync::OnceLock<Arc<dyn BalancerDump>>>,
     /// The active settings, shown verbatim in `/config_dump`.
     pub settings: serde_json::Value,
     /// The data-plane runtime, for the `lightpath_tokio_*` gauges.
@@ -79,6 +83,7 @@ impl AdminState {
             readiness,
             health,
             balancers: None,
+            late_balancers: Default::default(),
             settings: serde_json::Value::Null,
             data_plane: None,
         }

@@ -56,6 +56,7 @@ fn balancers(state: &AdminState, table: &Table) -> Vec<dump::BalancerState> {
     state
         .balancers
         .as_ref()
+        .or_else(|| state.late_balancers.get())
         .map(|b| b.balancers(table))
         .unwrap_or_default()
 }
