@@ -79,6 +79,7 @@ impl AffinityMap {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.inner
             .lock()

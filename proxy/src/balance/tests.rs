@@ -107,7 +107,7 @@ async fn slow_endpoint_gets_less_and_recovers() {
     let slow = eps[0];
     // Simulated load: 20 concurrent "connections", each completing after its
     // endpoint's latency; the slow endpoint takes 100 ms, the others 5 ms.
-    let mut share_slow = |slow_ms: u64, rounds: usize| {
+    let share_slow = |slow_ms: u64, rounds: usize| {
         let mut got = 0usize;
         let mut total = 0usize;
         for _ in 0..rounds {
