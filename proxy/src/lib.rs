@@ -8,6 +8,7 @@ pub mod defaults;
 pub mod demo;
 pub mod drain;
 pub mod l4;
+pub mod l7;
 pub mod run;
 pub mod server;
 pub mod table_cmd;

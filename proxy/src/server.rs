@@ -67,6 +67,8 @@ pub struct Server {
     balancers: Arc<Balancers>,
     cfg: Arc<ServerConfig>,
     slots: Arc<Semaphore>,
+    /// Per-service L7 state (settings, budgets, pools) for HTTP frontends.
+    l7: Arc<crate::l7::L7>,
 }
 
 /// Serves redirected TCP connections from `listeners` (typically the v4 and
@@ -95,6 +97,7 @@ impl Server {
             table,
             balancers,
             slots: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+            l7: Arc::new(crate::l7::L7::new(cfg.relay.connect.mark)),
             cfg: Arc::new(cfg),
         }
     }
@@ -220,11 +223,14 @@ impl Server {
         // Opened and active until this function returns.
         let conn = balancer.metrics().tcp_open();
         let scope = Scope::of(frontend);
-        // The dispatch point. L7 modes are relayed at L4 until the HTTP stack
-        // takes them over here.
+        // The dispatch point: HTTP frontends are proxied per request.
         let result = match frontend.service.mode {
-            Mode::L4 | Mode::Http | Mode::H2c => {
-                l4::relay(sock, balancer, scope, &self.cfg.relay, drain).await
+            Mode::L4 => l4::relay(sock, balancer, scope, &self.cfg.relay, drain).await,
+            Mode::Http | Mode::H2c => {
+                self.l7
+                    .serve_connection(sock, peer, &frontend.service, balancer, scope, drain)
+                    .await;
+                return;
             }
         };
         match &result {

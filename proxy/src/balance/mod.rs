@@ -256,6 +256,15 @@ impl Balancer {
         Some(Pick::new(chosen.clone(), now, self.cfg.failure_penalty))
     }
 
+    /// A [`Pick`] of the specific endpoint `addr` in `scope`'s set, for
+    /// policies that choose the endpoint themselves (L7 ring-hash); `None`
+    /// when `addr` is not in the set.
+    pub fn pick_endpoint(&self, scope: Scope, addr: SocketAddr) -> Option<Pick> {
+        let st = self.state.load();
+        let b = st.set(scope).iter().find(|b| b.addr() == addr)?;
+        Some(Pick::new(b.clone(), Instant::now(), self.cfg.failure_penalty))
+    }
+
     /// Marks `addr` not-ready so p2c skips it, unless that would put more
     /// than `max_ejection_percent` of its set (at least one endpoint) out.
     pub fn eject(&self, addr: SocketAddr) -> Result<(), EjectError> {

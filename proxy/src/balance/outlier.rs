@@ -123,14 +123,10 @@ mod tests {
         };
         let addr = svc.cluster_endpoints[0].addr;
         let b = bal.backend(addr).expect("backend");
-        let client = "10.0.0.1".parse().expect("ip");
+        // The failing endpoint is picked directly: p2c itself would steer
+        // away from it after the first failure's latency penalty.
         let fail = |bal: &Balancer| {
-            let mut p = loop {
-                let p = bal.pick(Scope::Cluster, client, &[]).expect("pick");
-                if p.addr() == addr {
-                    break p;
-                }
-            };
+            let mut p = bal.pick_endpoint(Scope::Cluster, addr).expect("pick");
             p.record_failure();
             bal.report_failure(p.backend(), &cfg)
         };

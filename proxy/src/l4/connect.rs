@@ -86,6 +86,9 @@ pub async fn connect(
             Err(e) => {
                 balancer.metrics().connect_failed();
                 pick.record_failure();
+                // Outlier ejection (shared with L7): a streak of failed
+                // connects takes the endpoint out for a while.
+                balancer.report_failure(pick.backend(), &crate::balance::OutlierConfig::default());
                 tracing::debug!(service = %balancer.name(), endpoint = %addr, error = %e, "connect failed");
                 last_err = Some((addr, e));
             }

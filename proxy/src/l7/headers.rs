@@ -1,0 +1,197 @@
+//! Request and response header rewriting at the proxy hop.
+//!
+//! Why its own module: this runs on every request, so it is kept allocation
+//! light and benchmarked on its own (benches/benches/l7.rs). What it does:
+//! * removes hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and the
+//!   headers it lists, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`,
+//!   `Upgrade`, and `TE` except `TE: trailers`, which gRPC needs), keeping
+//!   `Upgrade`/`Connection: upgrade` on a request that is being upgraded;
+//! * keeps `Host` as the client sent it;
+//! * appends the client address to `X-Forwarded-For`, sets
+//!   `X-Forwarded-Proto` when absent, and adds an `X-Request-Id` when absent.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Attempts made for the request, on every proxied response.
+pub const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-lightpath-attempts");
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether the request asks for a protocol upgrade (WebSocket etc.).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Removes hop-by-hop headers; with `upgrade`, keeps the upgrade handshake.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Headers named by Connection are hop-by-hop too.
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for n in listed {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = headers.get(header::TE) {
+        if !has_token(te, "trailers") {
+            headers.remove(header::TE);
+        } else if te.as_bytes() != b"trailers" {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Rewrites a request's headers for the upstream hop.
+pub fn prepare_request(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    append_forwarded_for(headers, client);
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id());
+    }
+}
+
+/// Rewrites a response's headers for the client hop.
+pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let mut v = String::with_capacity(64);
+    // Several X-Forwarded-For lines are one comma list (RFC 9110 §5.3).
+    for prev in headers.get_all(X_FORWARDED_FOR).iter() {
+        if let Ok(s) = prev.to_str() {
+            if !v.is_empty() {
+                v.push_str(", ");
+            }
+            v.push_str(s.trim());
+        }
+    }
+    if !v.is_empty() {
+        v.push_str(", ");
+    }
+    let _ = write!(v, "{client}");
+    if let Ok(hv) = HeaderValue::from_str(&v) {
+        headers.insert(X_FORWARDED_FOR, hv);
+    }
+}
+
+/// A random 128-bit id in the 8-4-4-4-12 hex form of a UUID.
+fn request_id() -> HeaderValue {
+    let n: u128 = rand::random();
+    let h = format!("{n:032x}");
+    let s = format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    );
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Adds the attempt count to a response.
+pub fn set_attempts(headers: &mut HeaderMap, attempts: u32) {
+    headers.insert(X_ATTEMPTS, HeaderValue::from(attempts));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_removed_end_to_end_kept() {
+        let mut h = map(&[
+            ("host", "web.ns"),
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-app", "kept"),
+        ]);
+        prepare_request(&mut h, "10.0.0.7".parse().expect("ip"), false);
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(h["host"], "web.ns");
+        assert_eq!(h["x-app"], "kept");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-request-id"].len(), 36);
+    }
+
+    #[test]
+    fn upgrade_and_trailers_survive_and_xff_appends() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-request-id", "abc"),
+        ]);
+        assert!(is_upgrade(&h));
+        prepare_request(&mut h, "10.0.0.7".parse().expect("ip"), true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.7");
+        assert_eq!(h["x-request-id"], "abc");
+    }
+}

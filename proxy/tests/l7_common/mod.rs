@@ -1,0 +1,274 @@
+//! Loopback fixtures for the L7 tests: HTTP frontends on plain 127.0.0.1
+//! listeners (their local address is what TPROXY would report), in-process
+//! hyper backends with scriptable behaviour, and hyper clients.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use control::{
+    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
+    ServicePort, ServicePortName, Table,
+};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lightpath::drain;
+use lightpath::server::{Server, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Upper bound for any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub type BBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(b: impl Into<Bytes>) -> BBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn service(
+    name: &str,
+    eps: &[SocketAddr],
+    mode: Mode,
+    annotations: &[(&str, &str)],
+) -> Arc<ServicePort> {
+    let eps: Arc<[Endpoint]> = eps
+        .iter()
+        .map(|a| Endpoint {
+            addr: *a,
+            state: EndpointState::Ready,
+            node_name: None,
+            zone: None,
+        })
+        .collect();
+    Arc::new(ServicePort {
+        name: ServicePortName {
+            namespace: "l7".into(),
+            name: name.into(),
+            port: "http".into(),
+        },
+        protocol: Protocol::Tcp,
+        mode,
+        affinity: Affinity::None,
+        cluster_endpoints: eps,
+        local_endpoints: Arc::from(Vec::new()),
+        internal_local: false,
+        external_local: false,
+        health_check_node_port: None,
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    })
+}
+
+pub fn table(version: u64, rows: &[(SocketAddr, Arc<ServicePort>)]) -> Arc<Table> {
+    let mut t = Table {
+        version,
+        ..Table::default()
+    };
+    for (addr, svc) in rows {
+        let key = FrontendKey::new(*addr, Protocol::Tcp);
+        t.frontends.insert(
+            key,
+            Frontend {
+                key,
+                kind: FrontendKind::ClusterIp,
+                service: svc.clone(),
+            },
+        );
+    }
+    Arc::new(t)
+}
+
+/// A running lightpath server with one loopback frontend.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub table: watch::Sender<Arc<Table>>,
+    pub server: Server,
+    pub signal: Option<drain::Signal>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(svc: Arc<ServicePort>) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind frontend");
+        let addr = l.local_addr().expect("addr");
+        let (tx, rx) = watch::channel(table(1, &[(addr, svc)]));
+        let server = Server::new(rx, ServerConfig::default());
+        let (signal, watch) = drain::channel();
+        let s = server.clone();
+        let task = tokio::spawn(async move {
+            s.run(vec![l], watch).await.expect("serve");
+        });
+        Proxy {
+            addr,
+            table: tx,
+            server,
+            signal: Some(signal),
+            task,
+        }
+    }
+
+    pub fn publish(&self, svc: Arc<ServicePort>) {
+        let v = self.table.borrow().version + 1;
+        self.table.send_replace(table(v, &[(self.addr, svc)]));
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Handler = Arc<
+    dyn Fn(usize, Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<BBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// An in-process hyper backend (HTTP/1.1 and h2c) on loopback.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    pub connections: Arc<AtomicUsize>,
+    kill: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// `handler(n, req)` answers the backend's n-th request (0-based).
+    pub async fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(usize, Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<BBody>> + Send + 'static,
+    {
+        Self::start_on("127.0.0.1:0".parse().expect("addr"), handler).await
+    }
+
+    pub async fn start_on<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(usize, Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<BBody>> + Send + 'static,
+    {
+        let h: Handler = Arc::new(move |n, r| Box::pin(handler(n, r)));
+        let l = TcpListener::bind(addr).await.expect("bind backend");
+        let addr = l.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (kill, killed) = watch::channel(false);
+        let (rq, cn) = (requests.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                cn.fetch_add(1, Ordering::SeqCst);
+                let (h, rq, mut killed) = (h.clone(), rq.clone(), killed.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let n = rq.fetch_add(1, Ordering::SeqCst);
+                        let fut = h(n, req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed.wait_for(|k| *k) => {}
+                    }
+                });
+            }
+        });
+        Backend {
+            addr,
+            requests,
+            connections,
+            kill,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting and closes every open connection.
+    pub fn kill(&self) {
+        self.task.abort();
+        let _ = self.kill.send(true);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A backend answering 200 with `id` as the body.
+pub async fn ok_backend(id: &'static str) -> Backend {
+    Backend::start(move |_, _| async move { Response::new(full(id)) }).await
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, BBody>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// GET `url`; returns status, headers and body.
+pub async fn get(c: &HttpClient, url: &str) -> (u16, http::HeaderMap, Bytes) {
+    send(c, Request::get(url).body(full("")).expect("request")).await
+}
+
+pub async fn send(c: &HttpClient, req: Request<BBody>) -> (u16, http::HeaderMap, Bytes) {
+    let resp = tokio::time::timeout(WAIT, c.request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    (status, headers, body)
+}
+
+/// Resident set size of this process, in bytes.
+pub fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS")
+}
