@@ -211,7 +211,7 @@ impl L7 {
     /// the request in progress and closes; HTTP/2 sends GOAWAY.
     #[allow(clippy::too_many_arguments)]
     pub async fn serve_connection(
-        &self,
+        self: &Arc<Self>,
         sock: TcpStream,
         peer: SocketAddr,
         port: &Arc<ServicePort>,
@@ -220,8 +220,11 @@ impl L7 {
         drain: &drain::Watch,
     ) {
         let _ = sock.set_nodelay(true);
-        let ctx = Arc::new(proxy::Conn {
-            svc: self.service(port),
+        // Creates (or refreshes) the service's L7 state before the first
+        // request, so annotation errors are logged once, at the edge.
+        self.service(port);
+        let ctx = Arc::new(proxy::ClientConn {
+            l7: self.clone(),
             balancer,
             scope,
             peer,

@@ -38,6 +38,17 @@ use crate::balance::{Balancer, Pick, Scope};
 
 /// One client connection's fixed context.
 #[derive(Debug)]
+pub struct ClientConn {
+    pub l7: Arc<super::L7>,
+    pub balancer: Arc<Balancer>,
+    pub scope: Scope,
+    pub peer: SocketAddr,
+}
+
+/// One request's context: the connection's, plus the service state current
+/// when the request arrived (so endpoint and annotation changes reach
+/// long-lived keep-alive connections too).
+#[derive(Debug)]
 pub struct Conn {
     pub svc: Arc<Service>,
     pub balancer: Arc<Balancer>,
@@ -46,8 +57,14 @@ pub struct Conn {
 }
 
 /// Serves one request; never fails (errors become responses via rescue).
-pub async fn handle(ctx: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    let ctx = Conn {
+        svc: conn.l7.service(&conn.balancer.service()),
+        balancer: conn.balancer.clone(),
+        scope: conn.scope,
+        peer: conn.peer,
+    };
     let (mut resp, attempts) = match proxy(&ctx, req, started).await {
         Ok(r) => r,
         Err((e, attempts)) => {

@@ -104,12 +104,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(svc: Arc<ServicePort>) -> Proxy {
+        Self::start_with(svc, ServerConfig::default()).await
+    }
+
+    pub async fn start_with(svc: Arc<ServicePort>, cfg: ServerConfig) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind frontend");
         let addr = l.local_addr().expect("addr");
         let (tx, rx) = watch::channel(table(1, &[(addr, svc)]));
-        let server = Server::new(rx, ServerConfig::default());
+        let server = Server::new(rx, cfg);
         let (signal, watch) = drain::channel();
         let s = server.clone();
         let task = tokio::spawn(async move {

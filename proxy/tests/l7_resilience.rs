@@ -1,0 +1,433 @@
+//! L7 resilience end to end through real loopback sockets: retries and their
+//! budget, non-idempotent requests, peak-EWMA steering, outlier ejection and
+//! readmission, timeouts, circuit-breaker limits and ring-hash balancing.
+
+mod l7_common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use control::Mode;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use l7_common::*;
+use lightpath::balance::BalanceConfig;
+use lightpath::server::ServerConfig;
+
+fn status(code: u16, body: &'static str) -> Response<BBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = StatusCode::from_u16(code).expect("status");
+    r
+}
+
+/// Sends `n` requests built by `req`, `conc` at a time; returns status counts.
+async fn load(
+    c: &HttpClient,
+    n: usize,
+    conc: usize,
+    req: impl Fn(usize) -> Request<BBody>,
+) -> HashMap<u16, usize> {
+    let mut counts = HashMap::new();
+    let mut i = 0;
+    while i < n {
+        let mut batch = Vec::new();
+        for _ in 0..conc.min(n - i) {
+            let (c, r) = (c.clone(), req(i));
+            i += 1;
+            batch.push(tokio::spawn(async move { send(&c, r).await.0 }));
+        }
+        for t in batch {
+            *counts.entry(t.await.expect("task")).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn half_failing_backend_gets_gets_retried_posts_are_not() {
+    // Every other request to this backend is a 503.
+    let flaky_handler = |n: usize, _| async move {
+        if n % 2 == 1 {
+            status(503, "flaky")
+        } else {
+            status(200, "flaky-ok")
+        }
+    };
+    let good = ok_backend("good").await;
+    let flaky = Backend::start(flaky_handler).await;
+    let p = Proxy::start(service("half", &[good.addr, flaky.addr], Mode::Http, &[])).await;
+    let c = client();
+    let url = p.url("/");
+    let gets = load(&c, 300, 4, |_| {
+        Request::get(url.as_str()).body(full("")).expect("req")
+    })
+    .await;
+    assert_eq!(gets.get(&200), Some(&300), "GETs: {gets:?}");
+    // At least one 503 was served and hidden by a retry (after it, p2c
+    // steers away from the failing endpoint).
+    assert!(
+        flaky.requests() >= 2,
+        "the flaky backend took part: {}",
+        flaky.requests()
+    );
+
+    // POSTs to a service whose only endpoint is the flaky one: every 503
+    // reaches the client, and the backend sees each POST exactly once.
+    let only = Backend::start(flaky_handler).await;
+    let p = Proxy::start(service("half-post", &[only.addr], Mode::Http, &[])).await;
+    let url = p.url("/");
+    let posts = load(&c, 100, 4, |_| {
+        Request::post(url.as_str())
+            .body(full("order"))
+            .expect("req")
+    })
+    .await;
+    assert_eq!(
+        only.requests(),
+        100,
+        "each POST reached the backend exactly once: {posts:?}"
+    );
+    assert_eq!(posts.get(&503), Some(&50), "{posts:?}");
+    assert_eq!(posts.get(&200), Some(&50), "{posts:?}");
+}
+
+#[tokio::test]
+async fn retry_budget_stops_a_retry_storm() {
+    let a = Backend::start(|_, _| async move { status(503, "a") }).await;
+    let b = Backend::start(|_, _| async move { status(503, "b") }).await;
+    // A 1/s reserve (10 over the 10 s window) plus 20 % of requests.
+    let p = Proxy::start(service(
+        "storm",
+        &[a.addr, b.addr],
+        Mode::Http,
+        &[("lightpath.io/retry-budget-min-per-second", "1")],
+    ))
+    .await;
+    let c = client();
+    let url = p.url("/");
+    let n = 200;
+    let got = load(&c, n, 2, |_| {
+        Request::get(url.as_str()).body(full("")).expect("req")
+    })
+    .await;
+    // Clients see the backends' own 503s, not proxy errors.
+    assert_eq!(got.get(&503), Some(&n), "{got:?}");
+    let total = a.requests() + b.requests();
+    let retries = total - n;
+    // Without a budget: 2 retries each = 400. With it: ≤ 10 + 20 % of 200.
+    assert!(
+        retries <= 10 + n / 5 + 5,
+        "retries {retries} exceed the budget"
+    );
+    assert!(retries >= 10, "some retries were made: {retries}");
+}
+
+#[tokio::test]
+async fn slow_endpoint_gets_a_small_share_and_recovers() {
+    let slow_on = Arc::new(AtomicBool::new(true));
+    let s2 = slow_on.clone();
+    let slow = Backend::start(move |_, _| {
+        let slow = s2.load(Ordering::SeqCst);
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            status(200, "slow")
+        }
+    })
+    .await;
+    let f1 = ok_backend("f1").await;
+    let f2 = ok_backend("f2").await;
+    // A 1 s decay so the test sees the recovery within seconds (10 s in
+    // production; the shape is the same).
+    let cfg = ServerConfig {
+        balance: BalanceConfig {
+            decay: Duration::from_secs(1),
+            ..BalanceConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    let p = Proxy::start_with(
+        service("slow", &[slow.addr, f1.addr, f2.addr], Mode::Http, &[]),
+        cfg,
+    )
+    .await;
+    let c = client();
+    let url = p.url("/");
+    let req = |_| Request::get(url.as_str()).body(full("")).expect("req");
+    let got = load(&c, 600, 6, req).await;
+    assert_eq!(got.get(&200), Some(&600));
+    let share = slow.requests() as f64 / 600.0;
+    assert!(
+        share < 0.12,
+        "slow endpoint share {share:.3} (fair share 0.33)"
+    );
+
+    slow_on.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = slow.requests();
+    let got = load(&c, 600, 6, req).await;
+    assert_eq!(got.get(&200), Some(&600));
+    let share = (slow.requests() - before) as f64 / 600.0;
+    assert!(share > 0.2, "recovered share {share:.3} (fair share 0.33)");
+}
+
+#[tokio::test]
+async fn killed_endpoint_is_ejected_without_client_errors_and_readmitted() {
+    let a = ok_backend("a").await;
+    let b = ok_backend("b").await;
+    let victim = ok_backend("victim").await;
+    let victim_addr = victim.addr;
+    let cfg = ServerConfig {
+        balance: BalanceConfig {
+            decay: Duration::from_secs(1),
+            ..BalanceConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    let svc = service(
+        "kill",
+        &[a.addr, b.addr, victim_addr],
+        Mode::Http,
+        &[
+            ("lightpath.io/ejection-consecutive-failures", "2"),
+            ("lightpath.io/ejection-base-time", "2s"),
+        ],
+    );
+    let name = svc.name.clone();
+    let p = Proxy::start_with(svc, cfg).await;
+    let c = client();
+    let url = p.url("/");
+    let req = |_| Request::get(url.as_str()).body(full("")).expect("req");
+    let got = load(&c, 60, 3, req).await;
+    assert_eq!(got.get(&200), Some(&60));
+    assert!(victim.requests() > 0);
+
+    victim.kill();
+    drop(victim);
+    let bal = p.server.balancers().get(&name).expect("balancer");
+    let backend = bal.backend(victim_addr).expect("victim backend");
+    // Traffic continues without errors until the victim is ejected.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut sent = 0;
+    while backend.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "victim never ejected"
+        );
+        let got = load(&c, 20, 3, req).await;
+        assert_eq!(got.get(&200), Some(&20), "GETs failed: {got:?}");
+        sent += 20;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(backend.ejections() >= 1);
+    assert!(sent > 0);
+
+    // Healthy again on the same address: readmitted after the ejection
+    // time, and takes traffic.
+    let back = Backend::start_on(victim_addr, |_, _| async move { status(200, "back") }).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while back.requests() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "victim never readmitted"
+        );
+        let got = load(&c, 20, 3, req).await;
+        assert_eq!(got.get(&200), Some(&20), "GETs failed: {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(backend.is_ready());
+}
+
+#[tokio::test]
+async fn timeouts_give_504_and_streams_are_not_cut_by_default() {
+    let slow = Backend::start(|_, req| async move {
+        if req.uri().path() == "/stream" {
+            // A long-poll style response: 15 chunks over 1.5 s.
+            let s = futures::stream::unfold(0u32, |i| async move {
+                if i == 15 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some((
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(
+                        "tick\n",
+                    ))),
+                    i + 1,
+                ))
+            });
+            return Response::new(BodyExt::boxed(StreamBody::new(s)));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        status(200, "late")
+    })
+    .await;
+    let per_try = Proxy::start(service(
+        "pertry",
+        &[slow.addr],
+        Mode::Http,
+        &[
+            ("lightpath.io/per-try-timeout", "200ms"),
+            ("lightpath.io/max-attempts", "1"),
+        ],
+    ))
+    .await;
+    let (code, h, body) = get(&client(), &per_try.url("/")).await;
+    assert_eq!(code, 504, "{body:?}");
+    assert_eq!(h["x-lightpath-error"], "per-try-timeout");
+
+    let whole = Proxy::start(service(
+        "whole",
+        &[slow.addr],
+        Mode::Http,
+        &[("lightpath.io/request-timeout", "300ms")],
+    ))
+    .await;
+    let started = tokio::time::Instant::now();
+    let (code, h, _) = get(&client(), &whole.url("/")).await;
+    assert_eq!(code, 504);
+    assert_eq!(h["x-lightpath-error"], "request-timeout");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Default settings: no response timeout, a slow stream completes.
+    let dflt = Proxy::start(service("dflt", &[slow.addr], Mode::Http, &[])).await;
+    let (code, _, body) = get(&client(), &dflt.url("/stream")).await;
+    assert_eq!(code, 200);
+    assert_eq!(body.len(), 15 * 5);
+}
+
+#[tokio::test]
+async fn limits_overflow_with_503_and_connect_failure_gives_502() {
+    let slow = Backend::start(|_, _| async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status(200, "ok")
+    })
+    .await;
+    let p = Proxy::start(service(
+        "limits",
+        &[slow.addr],
+        Mode::Http,
+        &[("lightpath.io/max-requests", "2")],
+    ))
+    .await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (c, url) = (c.clone(), p.url("/"));
+        tasks.push(tokio::spawn(async move {
+            send(&c, Request::get(url).body(full("")).expect("req")).await
+        }));
+    }
+    let mut ok = 0;
+    let mut overflow = 0;
+    for t in tasks {
+        let (code, h, _) = t.await.expect("task");
+        match code {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(h["x-lightpath-overflow"], "true");
+                overflow += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, overflow), (2, 4), "no queueing past the limit");
+
+    // Nothing listens on the endpoint: 502 after the attempts.
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let p = Proxy::start(service("dead", &[dead], Mode::Http, &[])).await;
+    let (code, h, body) = get(&client(), &p.url("/")).await;
+    assert_eq!(code, 502, "{body:?}");
+    assert_eq!(h["x-lightpath-error"], "connect-failed");
+}
+
+#[tokio::test]
+async fn ring_hash_is_sticky_and_moves_about_one_nth_on_add() {
+    let ids = ["r0", "r1", "r2", "r3"];
+    let mut backends = Vec::new();
+    for id in ids {
+        backends.push(ok_backend(id).await);
+    }
+    let annotations = [
+        ("lightpath.io/balance", "ring-hash"),
+        ("lightpath.io/hash-on", "header:x-user"),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let p = Proxy::start(service("ring", &addrs[..3], Mode::Http, &annotations)).await;
+    let c = client();
+    let url = p.url("/");
+    let users = 200;
+    let owner = |user: usize| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let req = Request::get(url)
+                .header("x-user", format!("user-{user}"))
+                .body(full(""))
+                .expect("req");
+            let (code, _, body) = send(&c, req).await;
+            assert_eq!(code, 200);
+            body
+        }
+    };
+    let mut first = Vec::new();
+    for u in 0..users {
+        let a = owner(u).await;
+        for _ in 0..3 {
+            assert_eq!(owner(u).await, a, "user {u} moved without a change");
+        }
+        first.push(a);
+    }
+    p.publish(service("ring", &addrs, Mode::Http, &annotations));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut moved = 0;
+    for (u, before) in first.iter().enumerate() {
+        let now = owner(u).await;
+        if now != *before {
+            assert_eq!(now.as_ref(), b"r3", "keys only move to the new endpoint");
+            moved += 1;
+        }
+    }
+    let share = moved as f64 / users as f64;
+    assert!(
+        (0.1..0.45).contains(&share),
+        "moved {share:.2}, expected about 1/4"
+    );
+}
+
+#[tokio::test]
+async fn retried_request_reports_attempts() {
+    // The first endpoint tried refuses connections; the request succeeds on
+    // the other one and says it took two attempts.
+    let hits = Arc::new(AtomicU64::new(0));
+    let h2 = hits.clone();
+    let ok = Backend::start(move |_, _| {
+        h2.fetch_add(1, Ordering::SeqCst);
+        async move { status(200, "ok") }
+    })
+    .await;
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let c = client();
+    let mut saw_two = false;
+    // A fresh proxy per trial: its first pick is a coin flip between the two
+    // (equal default RTT); after a failure p2c avoids the dead one.
+    for _ in 0..20 {
+        let p = Proxy::start(service("attempts", &[dead, ok.addr], Mode::Http, &[])).await;
+        // A POST: a connect failure means it was never sent, so it is retried.
+        let (code, h, _) = send(&c, Request::post(p.url("/")).body(full("x")).expect("req")).await;
+        assert_eq!(code, 200);
+        saw_two |= h["x-lightpath-attempts"] == "2";
+    }
+    assert!(saw_two, "some request went to the dead endpoint first");
+    assert_eq!(hits.load(Ordering::SeqCst), 20);
+}
