@@ -17,6 +17,7 @@ pub mod objects;
 pub mod options;
 pub mod select;
 pub mod state;
+pub mod synth;
 pub mod translate;
 
 pub use error::ObjectError;

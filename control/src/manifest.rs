@@ -14,7 +14,7 @@
 //! symlink swaps defeat most inotify setups) and costs one read per poll.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::io;
@@ -301,8 +301,12 @@ pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>
                         && expected_api_version(&k[..k.len() - 4]).is_some()) =>
             {
                 let item_kind = (k != "List").then(|| &k[..k.len() - 4]);
-                let items = match value.get("items") {
-                    Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+                // Take the items out rather than cloning them: a large List
+                // would otherwise be held twice at the parse peak.
+                let mut value = value;
+                let items = value.as_mapping_mut().and_then(|m| m.remove("items"));
+                let items = match items {
+                    Some(serde_yaml::Value::Sequence(items)) => items,
                     Some(serde_yaml::Value::Null) | None => Vec::new(),
                     Some(_) => {
                         errs.push(ManifestError::Document {
@@ -388,31 +392,47 @@ fn parse_texts(
     }
 }
 
-/// Applies a validated document set to `state`: upserts every object and
-/// deletes objects of `previous` that are gone.
-fn apply(
-    state: &mut ClusterState,
-    previous: &HashMap<(&'static str, String, String), Object>,
-    docs: &[Document],
-) {
-    let mut current = HashSet::with_capacity(docs.len());
+/// Identity → content hash of every object last applied. Hashes, not the
+/// objects, so a long-running `run` does not hold a second copy of the
+/// cluster next to the store.
+type Index = HashMap<(&'static str, String, String), Option<u64>>;
+
+fn object_hash(o: &Object) -> Option<u64> {
+    let bytes = match o {
+        Object::Service(s) => serde_json::to_vec(s),
+        Object::EndpointSlice(s) => serde_json::to_vec(s),
+        Object::Node(n) => serde_json::to_vec(n),
+    }
+    .ok()?;
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+/// Applies a validated document set to `state`: upserts every new or changed
+/// object, deletes objects of `previous` that are gone, and returns the new
+/// index.
+fn apply(state: &mut ClusterState, previous: &Index, docs: Vec<Document>) -> Index {
+    let mut current = Index::with_capacity(docs.len());
     for d in docs {
         let id = d.object.id();
-        if previous.get(&id) != Some(&d.object) {
+        let hash = object_hash(&d.object);
+        // An unhashable object (never expected) is always re-applied.
+        if hash.is_none() || previous.get(&id) != Some(&hash) {
             // Already validated, so these cannot fail; log defensively anyway.
-            let res = match &d.object {
-                Object::Service(s) => state.upsert_service((**s).clone()),
-                Object::EndpointSlice(s) => state.upsert_slice((**s).clone()),
-                Object::Node(n) => state.upsert_node((**n).clone()),
+            let res = match d.object {
+                Object::Service(s) => state.upsert_service(*s),
+                Object::EndpointSlice(s) => state.upsert_slice(*s),
+                Object::Node(n) => state.upsert_node(*n),
             };
             if let Err(e) = res {
                 tracing::warn!(at = %d.at, error = %e, "object rejected");
             }
         }
-        current.insert(id);
+        current.insert(id, hash);
     }
     for id @ (kind, ns, name) in previous.keys() {
-        if !current.contains(id) {
+        if !current.contains_key(id) {
             match *kind {
                 "Service" => state.delete_service(ns, name),
                 "EndpointSlice" => state.delete_slice(ns, name),
@@ -420,19 +440,14 @@ fn apply(
             }
         }
     }
-}
-
-fn index(docs: Vec<Document>) -> HashMap<(&'static str, String, String), Object> {
-    docs.into_iter()
-        .map(|d| (d.object.id(), d.object))
-        .collect()
+    current
 }
 
 /// Builds the table from manifest files once.
 pub fn load_manifests(paths: &[PathBuf], opts: &Options) -> Result<Arc<Table>, ManifestError> {
     let docs = read_manifests(paths, opts)?;
     let mut state = ClusterState::new(opts.clone());
-    apply(&mut state, &HashMap::new(), &docs);
+    apply(&mut state, &Index::new(), docs);
     Ok(state.snapshot())
 }
 
@@ -470,10 +485,9 @@ pub fn watch_manifests(
     let texts = read_all(&paths)?;
     let docs = parse_texts(&paths, &texts, &opts)?;
     let mut state = ClusterState::new(opts.clone());
-    apply(&mut state, &HashMap::new(), &docs);
+    let mut objects = apply(&mut state, &Index::new(), docs);
     let (tx, rx) = watch::channel(state.snapshot());
     let mut last_hash = content_hash(&texts);
-    let mut objects = index(docs);
     let poll = poll.max(Duration::from_millis(10));
 
     let task = tokio::spawn(async move {
@@ -500,8 +514,7 @@ pub fn watch_manifests(
             }
             match parse_texts(&paths, &texts, &opts) {
                 Ok(docs) => {
-                    apply(&mut state, &objects, &docs);
-                    objects = index(docs);
+                    objects = apply(&mut state, &objects, docs);
                     last_hash = hash;
                     last_error = None;
                     let table = state.snapshot();
