@@ -77,6 +77,32 @@ fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drop
         matches!(drop, ConnectOutcome::TimedOut),
         "Local policy without local endpoints must DROP, got {drop:?}"
     );
+
+    // The same verdicts for processes on the node itself (output hook).
+    let (reject, drop) = sb.node.run(|| async {
+        let reject = probe(
+            SocketAddr::new(ip("10.96.0.20"), 80),
+            Duration::from_secs(3),
+        )
+        .await;
+        let drop = probe(
+            SocketAddr::new(ip("10.96.0.30"), 80),
+            Duration::from_secs(2),
+        )
+        .await;
+        (reject, drop)
+    });
+    match reject {
+        ConnectOutcome::Refused(t) => assert!(
+            t < Duration::from_millis(100),
+            "node-local REJECT took {t:?}"
+        ),
+        other => panic!("node-local: no-endpoint service must be refused, got {other:?}"),
+    }
+    assert!(
+        matches!(drop, ConnectOutcome::TimedOut),
+        "node-local DROP, got {drop:?}"
+    );
 }
 
 #[test]
