@@ -149,6 +149,9 @@ impl Server {
 
     async fn accept_loop(self, listener: TcpListener, drain: drain::Watch) {
         let mut backoff = Backoff::new();
+        // Over-limit warnings: at most one per second, with a count, so a
+        // flood cannot turn into a log flood.
+        let mut over_limit: (Option<tokio::time::Instant>, u64) = (None, 0);
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -159,7 +162,15 @@ impl Server {
                 Ok((sock, peer)) => {
                     backoff.reset();
                     let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, limit = self.cfg.max_connections, "connection limit reached, resetting");
+                        over_limit.1 += 1;
+                        let now = tokio::time::Instant::now();
+                        if over_limit
+                            .0
+                            .is_none_or(|t| now >= t + Duration::from_secs(1))
+                        {
+                            tracing::warn!(%peer, limit = self.cfg.max_connections, reset = over_limit.1, "connection limit reached, resetting new connections");
+                            over_limit = (Some(now), 0);
+                        }
                         l4::abort(&sock);
                         continue;
                     };
