@@ -14,7 +14,7 @@
 //! `namespace/name` sorts first owns the frontend; when it lets go, the next
 //! claimant takes over.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -34,7 +34,7 @@ pub struct ClusterState {
     services: HashMap<ObjKey, ServiceInfo>,
     slices: HashMap<ObjKey, SliceInfo>,
     /// service → names of the slices labelled for it.
-    slices_by_service: HashMap<ObjKey, BTreeSet<String>>,
+    slices_by_service: HashMap<ObjKey, SortedSet<String>>,
     node: Option<NodeInfo>,
     node_ctx: NodeCtx,
     node_dirty: bool,
@@ -43,7 +43,7 @@ pub struct ClusterState {
     /// The frontend keys each service currently claims.
     claimed: HashMap<ObjKey, Vec<FrontendKey>>,
     /// Every claimant of each key; the first (smallest) owns the row.
-    claims: HashMap<FrontendKey, BTreeSet<ObjKey>>,
+    claims: HashMap<FrontendKey, SortedSet<ObjKey>>,
     frontends: imbl::HashMap<FrontendKey, Frontend>,
     changed: bool,
     published: Arc<Table>,
@@ -276,5 +276,48 @@ impl ClusterState {
                 self.dirty.insert(next);
             }
         }
+    }
+}
+
+/// A set kept as a sorted `Vec`. Almost every set here has one element (one
+/// slice per service, one claimant per frontend); a `BTreeSet` would
+/// allocate a whole 11-slot node for each, which dominated the store's
+/// memory at 10,000 services.
+#[derive(Debug)]
+struct SortedSet<T>(Vec<T>);
+
+impl<T> Default for SortedSet<T> {
+    fn default() -> Self {
+        SortedSet(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedSet<T> {
+    fn insert(&mut self, v: T) {
+        if let Err(i) = self.0.binary_search(&v) {
+            self.0.insert(i, v);
+        }
+    }
+
+    fn remove(&mut self, v: &T) {
+        if let Ok(i) = self.0.binary_search(v) {
+            self.0.remove(i);
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SortedSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
