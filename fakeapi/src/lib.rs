@@ -264,7 +264,11 @@ impl FakeApi {
         namespace: &str,
         name: &str,
     ) -> Result<u64, Error> {
-        let kind = kind_of::<K>()?;
+        self.delete_kind(kind_of::<K>()?, namespace, name)
+    }
+
+    /// Deletes `namespace/name` of `kind` (namespace ignored for Nodes).
+    pub fn delete_kind(&self, kind: Kind, namespace: &str, name: &str) -> Result<u64, Error> {
         let last = self.shared.lock().delete(kind, namespace, name)?;
         self.shared.notify();
         Ok(rv_of(&last))

@@ -38,6 +38,11 @@ pub struct RunArgs {
     /// when they change.
     #[arg(long, env = "LIGHTPATH_MANIFESTS", num_args = 1.., value_delimiter = ',')]
     pub manifests: Vec<PathBuf>,
+    /// Without --manifests, the Kubernetes API is watched: through this
+    /// kubeconfig, else KUBECONFIG / ~/.kube/config, else the in-cluster
+    /// service account.
+    #[arg(long, env = "LIGHTPATH_KUBECONFIG", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name (endpoint locality, NodePort addresses).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -92,8 +97,10 @@ pub struct RunArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("no table source: pass --manifests FILE... (or LIGHTPATH_MANIFESTS)")]
-    NoSource,
+    #[error("kubernetes: {0}")]
+    Kube(#[from] control::kube::ClientError),
+    #[error("kubernetes source stopped before its initial sync")]
+    KubeStopped,
     #[error("--node-name (or NODE_NAME) must not be empty")]
     NoNodeName,
     #[error("manifests: {0}")]
@@ -168,10 +175,24 @@ pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
         .collect()
 }
 
+/// The Kubernetes source, once every watch's initial list is in the table:
+/// rules are never programmed from a partial view of the cluster.
+async fn kube_table(
+    kubeconfig: Option<&std::path::Path>,
+    opts: Options,
+) -> Result<(TableRx, tokio::task::JoinHandle<()>), RunError> {
+    let client = control::kube::client(kubeconfig).await?;
+    let source = control::kube::watch_cluster(client, opts);
+    tracing::info!("waiting for the initial Kubernetes lists");
+    let mut ready = source.ready.clone();
+    ready
+        .wait_for(|r| *r)
+        .await
+        .map_err(|_| RunError::KubeStopped)?;
+    Ok((source.table, source.task))
+}
+
 async fn run(args: RunArgs) -> Result<(), RunError> {
-    if args.manifests.is_empty() {
-        return Err(RunError::NoSource);
-    }
     if args.node_name.trim().is_empty() {
         return Err(RunError::NoNodeName);
     }
@@ -181,11 +202,15 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         labelled_only: args.labelled_only,
         node_ips: args.node_ips.clone(),
     };
-    let (table, _source) = control::watch_manifests(
-        args.manifests.clone(),
-        opts,
-        Duration::from_millis(args.manifest_poll_ms),
-    )?;
+    let (table, _source) = if args.manifests.is_empty() {
+        kube_table(args.kubeconfig.as_deref(), opts).await?
+    } else {
+        control::watch_manifests(
+            args.manifests.clone(),
+            opts,
+            Duration::from_millis(args.manifest_poll_ms),
+        )?
+    };
     tracing::info!(frontends = table.borrow().len(), "table loaded");
     let settings = serde_json::to_value(&args).unwrap_or_default();
     let mut ops = crate::admin::Operator::start(&args.operator, table.clone(), settings)?;
