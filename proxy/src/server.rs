@@ -230,7 +230,9 @@ impl Server {
             return;
         }
         l4::set_keepalive(&sock);
-        let balancer = self.balancers.for_service(&frontend.service);
+        let balancer = self
+            .balancers
+            .for_service_at(&frontend.service, table.version);
         // Opened and active until this function returns.
         let conn = balancer.metrics().tcp_open();
         let scope = Scope::of(frontend);

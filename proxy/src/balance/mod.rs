@@ -126,6 +126,9 @@ pub enum EjectError {
 #[derive(Debug)]
 struct State {
     service: Arc<ServicePort>,
+    /// Version of the table `service` came from (0 when unknown), so an
+    /// update from an older snapshot never replaces a newer one.
+    version: u64,
     cluster: Box<[Arc<Backend>]>,
     local: Box<[Arc<Backend>]>,
 }
@@ -157,7 +160,7 @@ pub struct Balancer {
 impl Balancer {
     /// A balancer for `service`'s current endpoints.
     pub fn new(service: &Arc<ServicePort>, cfg: BalanceConfig) -> Self {
-        let state = build_state(service, &HashMap::new(), &cfg);
+        let state = build_state(service, 0, &HashMap::new(), &cfg);
         Balancer {
             name: service.name.clone(),
             cfg,
@@ -191,17 +194,48 @@ impl Balancer {
     /// Applies a new snapshot of the service port: backends that stay keep
     /// their statistics, new ones start at the default RTT, removed ones are
     /// simply no longer picked (connections holding them are untouched).
+    ///
+    /// Unversioned: applies `service` whenever it differs from the current
+    /// one. Prefer [`Balancer::apply`] when the table version is known.
     pub fn update(&self, service: &Arc<ServicePort>) {
-        let old = self.state.load_full();
-        if Arc::ptr_eq(&old.service, service) {
-            return;
-        }
-        let mut known: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
-        for b in old.cluster.iter().chain(old.local.iter()) {
-            known.insert(b.addr(), b.clone());
-        }
-        self.state
-            .store(Arc::new(build_state(service, &known, &self.cfg)));
+        self.apply_inner(service, None);
+    }
+
+    /// Like [`Balancer::update`], but ignores `service` when it comes from an
+    /// older table than the one already applied: a connection task still
+    /// holding an older snapshot cannot roll the endpoint set back.
+    /// Returns whether the endpoint set is now `service`'s.
+    pub fn apply(&self, service: &Arc<ServicePort>, table_version: u64) -> bool {
+        self.apply_inner(service, Some(table_version))
+    }
+
+    fn apply_inner(&self, service: &Arc<ServicePort>, version: Option<u64>) -> bool {
+        let mut applied = true;
+        self.state.rcu(|old| {
+            applied = true;
+            let v = version.unwrap_or(old.version);
+            if v < old.version {
+                applied = false;
+                return old.clone();
+            }
+            if Arc::ptr_eq(&old.service, service) {
+                if v == old.version {
+                    return old.clone();
+                }
+                return Arc::new(State {
+                    service: old.service.clone(),
+                    version: v,
+                    cluster: old.cluster.clone(),
+                    local: old.local.clone(),
+                });
+            }
+            let mut known: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
+            for b in old.cluster.iter().chain(old.local.iter()) {
+                known.insert(b.addr(), b.clone());
+            }
+            Arc::new(build_state(service, v, &known, &self.cfg))
+        });
+        applied
     }
 
     /// The backends currently in `scope`'s set.
@@ -262,7 +296,11 @@ impl Balancer {
     pub fn pick_endpoint(&self, scope: Scope, addr: SocketAddr) -> Option<Pick> {
         let st = self.state.load();
         let b = st.set(scope).iter().find(|b| b.addr() == addr)?;
-        Some(Pick::new(b.clone(), Instant::now(), self.cfg.failure_penalty))
+        Some(Pick::new(
+            b.clone(),
+            Instant::now(),
+            self.cfg.failure_penalty,
+        ))
     }
 
     /// Marks `addr` not-ready so p2c skips it, unless that would put more
@@ -329,6 +367,7 @@ impl Balancer {
 
 fn build_state(
     service: &Arc<ServicePort>,
+    version: u64,
     known: &HashMap<SocketAddr, Arc<Backend>>,
     cfg: &BalanceConfig,
 ) -> State {
@@ -345,6 +384,7 @@ fn build_state(
     let local: Box<[Arc<Backend>]> = service.local_endpoints.iter().map(&mut get).collect();
     State {
         service: service.clone(),
+        version,
         cluster,
         local,
     }

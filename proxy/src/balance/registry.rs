@@ -49,7 +49,21 @@ impl Balancers {
     /// usual case); creation or update under the writer lock otherwise, so a
     /// connection never balances over an older endpoint set than the table
     /// it looked its frontend up in.
+    ///
+    /// Unversioned (see [`Balancer::update`]); the accept path uses
+    /// [`Balancers::for_service_at`].
     pub fn for_service(&self, service: &Arc<ServicePort>) -> Arc<Balancer> {
+        self.lookup_or_apply(service, None)
+    }
+
+    /// [`Balancers::for_service`] for a service port taken from the table
+    /// with version `table_version`: never rolls a balancer back to an older
+    /// snapshot than one it already applied.
+    pub fn for_service_at(&self, service: &Arc<ServicePort>, table_version: u64) -> Arc<Balancer> {
+        self.lookup_or_apply(service, Some(table_version))
+    }
+
+    fn lookup_or_apply(&self, service: &Arc<ServicePort>, version: Option<u64>) -> Arc<Balancer> {
         if let Some(b) = self.map.load().get(&service.name) {
             if b.is_current(service) {
                 return b.clone();
@@ -58,10 +72,18 @@ impl Balancers {
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let map = self.map.load_full();
         if let Some(b) = map.get(&service.name) {
-            b.update(service);
+            match version {
+                Some(v) => {
+                    b.apply(service, v);
+                }
+                None => b.update(service),
+            }
             return b.clone();
         }
         let b = Arc::new(Balancer::new(service, self.cfg.clone()));
+        if let Some(v) = version {
+            b.apply(service, v);
+        }
         let mut next = (*map).clone();
         next.insert(service.name.clone(), b.clone());
         self.map.store(Arc::new(next));
@@ -82,10 +104,14 @@ impl Balancers {
             }
             let b = match old.get(&svc.name) {
                 Some(b) => {
-                    b.update(svc);
+                    b.apply(svc, table.version);
                     b.clone()
                 }
-                None => Arc::new(Balancer::new(svc, self.cfg.clone())),
+                None => {
+                    let b = Arc::new(Balancer::new(svc, self.cfg.clone()));
+                    b.apply(svc, table.version);
+                    b
+                }
             };
             next.insert(svc.name.clone(), b);
         }

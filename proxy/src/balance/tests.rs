@@ -347,3 +347,20 @@ async fn scope_of_frontend_follows_traffic_policy() {
     assert_eq!(p.addr(), addr(1));
     assert_eq!(f.endpoints()[0].addr, addr(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn older_snapshot_never_rolls_the_set_back() {
+    let old = service("a", &[addr(0), addr(1)], Affinity::None);
+    let new = service("a", &[addr(0)], Affinity::None);
+    let reg = Balancers::new(BalanceConfig::default());
+    let b = reg.for_service_at(&old, 4);
+    reg.for_service_at(&new, 5);
+    assert_eq!(b.backends(Scope::Cluster).len(), 1);
+    // A connection task that looked its frontend up in table 4 arrives late.
+    let late = reg.for_service_at(&old, 4);
+    assert!(Arc::ptr_eq(&b, &late));
+    assert_eq!(b.backends(Scope::Cluster).len(), 1, "not rolled back");
+    assert!(!b.apply(&old, 4));
+    assert!(b.apply(&old, 6), "a newer table may bring it back");
+    assert_eq!(b.backends(Scope::Cluster).len(), 2);
+}
