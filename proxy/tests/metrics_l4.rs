@@ -262,6 +262,37 @@ async fn counters_match_the_traffic_sent() {
     assert_eq!(v[0]["cluster_endpoints"].as_array().unwrap().len(), 2);
     assert_eq!(v[0]["balancer"].as_array().unwrap().len(), 2);
 
+    // Ejection (as outlier detection does it) shows as a gauge, a counter
+    // and in /config_dump; readmission undoes the gauge and counts too.
+    let balancer = server.balancers().get(&name).expect("echo balancer");
+    balancer.eject(b1).expect("eject one of two");
+    let s = scrape(admin).await;
+    assert_eq!(
+        sample(&s, "lightpath_endpoints", &[("state", "ejected")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&s, "lightpath_endpoint_ejections_total", &labels),
+        Some(1.0)
+    );
+    let dump = get(admin, "/config_dump").await.json();
+    assert_eq!(
+        dump["ejections"][0]["addr"],
+        b1.to_string(),
+        "{}",
+        dump["ejections"]
+    );
+    assert!(balancer.readmit(b1));
+    let s = scrape(admin).await;
+    assert_eq!(
+        sample(&s, "lightpath_endpoints", &[("state", "ejected")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&s, "lightpath_endpoint_readmissions_total", &labels),
+        Some(1.0)
+    );
+
     drain_signal.drain(Duration::from_secs(2)).await;
     tokio::time::timeout(DEADLINE, serving)
         .await

@@ -52,7 +52,8 @@ pub mod names {
     pub const READMISSIONS: &str = "lightpath_endpoint_readmissions_total";
 
     // Per node.
-    /// Label `state`: ready, serving_terminating.
+    /// Label `state`: ready, serving_terminating (in the table), ejected
+    /// (skipped by the balancers right now).
     pub const ENDPOINTS: &str = "lightpath_endpoints";
     pub const TABLE_FRONTENDS: &str = "lightpath_table_frontends";
     pub const TABLE_SERVICE_PORTS: &str = "lightpath_table_service_ports";

@@ -20,6 +20,7 @@ use super::names;
 pub struct NodeMetrics {
     endpoints_ready: Gauge,
     endpoints_terminating: Gauge,
+    endpoints_ejected: Gauge,
     frontends: Gauge,
     service_ports: Gauge,
     version: Gauge,
@@ -97,6 +98,7 @@ impl NodeMetrics {
         NodeMetrics {
             endpoints_ready: gauge!(names::ENDPOINTS, "state" => "ready"),
             endpoints_terminating: gauge!(names::ENDPOINTS, "state" => "serving_terminating"),
+            endpoints_ejected: gauge!(names::ENDPOINTS, "state" => "ejected"),
             frontends: gauge!(names::TABLE_FRONTENDS),
             service_ports: gauge!(names::TABLE_SERVICE_PORTS),
             version: gauge!(names::CONFIG_VERSION),
@@ -128,6 +130,11 @@ impl NodeMetrics {
             .unwrap_or_default();
         self.table_updated.set(now.as_secs_f64());
         stats
+    }
+
+    /// Endpoints the balancers currently skip (outlier ejection, breakers).
+    pub fn set_ejected(&self, n: usize) {
+        self.endpoints_ejected.set(n as f64);
     }
 
     /// The data plane applied the current table (kube-proxy's "Updated").
