@@ -134,6 +134,12 @@ impl Server {
             self.balancers.clone(),
             drain.clone(),
         ));
+        loops.spawn(crate::l7::sync_task(
+            self.table.clone(),
+            self.l7.clone(),
+            self.balancers.clone(),
+            drain.clone(),
+        ));
         for l in listeners {
             loops.spawn(self.clone().accept_loop(l, drain.clone()));
         }

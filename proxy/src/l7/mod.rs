@@ -22,6 +22,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod health;
 pub mod proxy;
 pub mod rescue;
 pub mod ring;
@@ -29,15 +30,16 @@ pub mod settings;
 pub mod upgrade;
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use control::{Mode, ServicePort, ServicePortName};
+use control::{Mode, ServicePort, ServicePortName, Table, TableRx};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -45,7 +47,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tower::retry::budget::TpsBudget;
 
-use crate::balance::{Balancer, OutlierConfig, Scope};
+use crate::balance::{Balancer, Balancers, OutlierConfig, Scope};
 use crate::drain;
 use crate::metrics::ServiceMetrics;
 
@@ -101,6 +103,8 @@ pub struct Shared {
     pub outlier: OutlierConfig,
     pub connect: ConnectSettings,
     mode: Mode,
+    /// Whether this state's health-check task was started.
+    health_started: AtomicBool,
 }
 
 impl Shared {
@@ -185,6 +189,7 @@ impl L7 {
                         max_pending: settings.max_pending,
                     },
                     mode: port.mode,
+                    health_started: AtomicBool::new(false),
                 };
                 (Arc::new(settings), Arc::new(shared))
             }
@@ -204,6 +209,42 @@ impl L7 {
             shared,
             ring,
         }
+    }
+
+    /// Brings the L7 state in line with `table`: builds the state of every
+    /// HTTP service port (so annotation errors are reported when the
+    /// service changes, not at its first request), starts health-check
+    /// tasks, and drops the state of service ports that left.
+    pub fn sync(&self, table: &Table, balancers: &Balancers) {
+        let mut seen: HashSet<&ServicePortName> = HashSet::new();
+        for fe in table.frontends.values() {
+            if !fe.service.mode.is_l7() || !seen.insert(&fe.service.name) {
+                continue;
+            }
+            let svc = self.service(&fe.service);
+            if let Some(hc) = &svc.settings.health_check {
+                if !svc.shared.health_started.swap(true, Ordering::AcqRel) {
+                    let bal = balancers.for_service(&fe.service);
+                    health::spawn(
+                        &bal,
+                        &svc.shared,
+                        hc.clone(),
+                        svc.settings.max_ejection_percent,
+                    );
+                }
+            }
+        }
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.services.load_full();
+        if cur.keys().all(|k| seen.contains(k)) {
+            return;
+        }
+        let next: HashMap<ServicePortName, Arc<Service>> = cur
+            .iter()
+            .filter(|(k, _)| seen.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.services.store(Arc::new(next));
     }
 
     /// Serves HTTP on one redirected connection until the client closes it
@@ -249,6 +290,30 @@ impl L7 {
         };
         if let Err(e) = result {
             tracing::debug!(%peer, service = %port.name, error = %e, "http connection ended with error");
+        }
+    }
+}
+
+/// Keeps `l7` in step with the table until the drain signal.
+pub async fn sync_task(
+    mut table: TableRx,
+    l7: Arc<L7>,
+    balancers: Arc<Balancers>,
+    drain: drain::Watch,
+) {
+    let t = table.borrow_and_update().clone();
+    l7.sync(&t, &balancers);
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.signaled() => return,
+            r = table.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let t = table.borrow_and_update().clone();
+                l7.sync(&t, &balancers);
+            }
         }
     }
 }

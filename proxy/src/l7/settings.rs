@@ -34,6 +34,8 @@ pub mod keys {
     pub const IDLE_TIMEOUT: &str = "lightpath.io/upstream-idle-timeout";
     pub const BALANCE: &str = "lightpath.io/balance";
     pub const HASH_ON: &str = "lightpath.io/hash-on";
+    pub const HEALTH_CHECK: &str = "lightpath.io/health-check";
+    pub const HEALTH_CHECK_INTERVAL: &str = "lightpath.io/health-check-interval";
 }
 
 /// Which failures are retried (`lightpath.io/retry-on`, a comma list of
@@ -120,6 +122,22 @@ pub enum Balance {
     RingHash(HashOn),
 }
 
+/// What an active health check probes (`lightpath.io/health-check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET <path>`; healthy on 200.
+    Http { path: String },
+}
+
+/// Opt-in active health checking of every endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub interval: Duration,
+}
+
 /// Every per-service L7 setting. See [`Settings::default`] for the defaults
 /// and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,7 +169,12 @@ pub struct Settings {
     /// How long an idle pooled upstream HTTP/1.1 connection is kept.
     pub idle_timeout: Duration,
     pub balance: Balance,
+    /// Active health checks; off unless annotated.
+    pub health_check: Option<HealthCheck>,
 }
+
+/// Health-check interval when only the kind is annotated.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -190,6 +213,7 @@ impl Default for Settings {
             // does instead of racing it.
             idle_timeout: Duration::from_secs(4),
             balance: Balance::P2cEwma,
+            health_check: None,
         }
     }
 }
@@ -319,6 +343,35 @@ impl Settings {
             };
             Ok(())
         });
+        let mut interval = DEFAULT_HEALTH_CHECK_INTERVAL;
+        field(keys::HEALTH_CHECK_INTERVAL, &mut |v| {
+            let d = positive_duration(v)?;
+            if d < Duration::from_millis(50) {
+                return Err("must be at least 50ms".into());
+            }
+            interval = d;
+            Ok(())
+        });
+        field(keys::HEALTH_CHECK, &mut |v| {
+            let kind = match v.to_ascii_lowercase().as_str() {
+                "none" | "" => {
+                    s.health_check = None;
+                    return Ok(());
+                }
+                "tcp" => HealthKind::Tcp,
+                "http" => HealthKind::Http { path: "/".into() },
+                _ => match v.strip_prefix("http:") {
+                    Some(p) if p.starts_with('/') && !p.contains(char::is_whitespace) => {
+                        HealthKind::Http {
+                            path: p.to_string(),
+                        }
+                    }
+                    _ => return Err("expected tcp, http or http:/path".into()),
+                },
+            };
+            s.health_check = Some(HealthCheck { kind, interval });
+            Ok(())
+        });
         if s.eject_max_time < s.eject_base_time {
             s.eject_max_time = s.eject_base_time;
         }
@@ -393,6 +446,8 @@ mod tests {
             (keys::MAX_REQUESTS, "7"),
             (keys::BALANCE, "ring-hash"),
             (keys::HASH_ON, "header:X-User"),
+            (keys::HEALTH_CHECK, "http:/healthz"),
+            (keys::HEALTH_CHECK_INTERVAL, "250ms"),
         ]);
         assert!(e.is_empty(), "{e:?}");
         assert_eq!(s.per_try_timeout, Some(Duration::from_millis(250)));
@@ -404,6 +459,15 @@ mod tests {
         assert_eq!(
             s.balance,
             Balance::RingHash(HashOn::Header(HeaderName::from_static("x-user")))
+        );
+        assert_eq!(
+            s.health_check,
+            Some(HealthCheck {
+                kind: HealthKind::Http {
+                    path: "/healthz".into()
+                },
+                interval: Duration::from_millis(250),
+            })
         );
     }
 
