@@ -1196,7 +1196,7 @@ def main(argv: list[str]) -> int:
                 bench.close_topology()
         if args.profile and "keepalive" in cases:
             for spec in specs:
-                if not (spec.name.startswith("lightpath") or spec.name.startswith("haproxy")):
+                if spec.name.endswith("@scale") or not spec.name.startswith(("lightpath", "haproxy")):
                     continue
                 log(f"profile: {spec.label}")
                 try:
