@@ -166,12 +166,23 @@ fn removed_backend_gets_no_new_connections_while_established_ones_finish() {
         "p2c put no echo connection on pod-2; nothing to check"
     );
 
+    // The edit also adds a marker Service without endpoints: once its reject
+    // element is in the kernel, lightpath has published the edited table.
     let only_one = format!(
-        "{}{}",
+        "{}{}{}",
         node_yaml(),
-        service_yaml("web", &[vip], &[1], "node-a", "")
+        service_yaml("web", &[vip], &[1], "node-a", ""),
+        empty_service("marker", "10.96.0.99"),
     );
     sb.write_manifest("svc.yaml", &only_one);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sb.nft_table().contains("10.96.0.99") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "edit not applied within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Wait (bounded) until the edit is in effect: ten answers in a row from
     // pod-1 (with two endpoints, p2c would have sent some to pod-2).
     let settled = sb.client.run(move || async move {
