@@ -106,8 +106,7 @@ fn https_round_trip(c: &mut Criterion) {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let name =
-            rustls_pki_types::ServerName::try_from(target.dns_names()[0].clone()).expect("name");
+        let name = rustls_pki_types::ServerName::try_from(target.service_dns_name()).expect("name");
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await

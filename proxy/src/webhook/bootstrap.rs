@@ -87,12 +87,18 @@ pub struct Target {
 }
 
 impl Target {
-    /// The names the API server may dial: `<svc>.<ns>.svc` is what it uses
-    /// for a service reference; the others cover in-cluster clients.
+    /// The name the API server dials (and verifies) for a service
+    /// reference: `<svc>.<ns>.svc`.
+    pub fn service_dns_name(&self) -> String {
+        format!("{}.{}.svc", self.service, self.namespace)
+    }
+
+    /// Every name in the serving certificate: the API server's, and the
+    /// longer and shorter forms in-cluster clients use.
     pub fn dns_names(&self) -> Vec<String> {
         let (s, n) = (&self.service, &self.namespace);
         vec![
-            format!("{s}.{n}.svc"),
+            self.service_dns_name(),
             format!("{s}.{n}.svc.cluster.local"),
             format!("{s}.{n}"),
             s.clone(),
@@ -180,8 +186,7 @@ impl Material {
         .map_err(|e| e.to_string())?;
         let leaf =
             CertificateDer::from_pem_slice(self.cert.as_bytes()).map_err(|e| e.to_string())?;
-        let name =
-            ServerName::try_from(target.dns_names()[0].clone()).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(target.service_dns_name()).map_err(|e| e.to_string())?;
         let at = UnixTime::since_unix_epoch(
             at.duration_since(SystemTime::UNIX_EPOCH)
                 .map_err(|e| e.to_string())?,
@@ -265,7 +270,7 @@ fn issue_leaf(
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(target.dns_names())?;
     p.distinguished_name
-        .push(DnType::CommonName, target.dns_names()[0].clone());
+        .push(DnType::CommonName, target.service_dns_name());
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.use_authority_key_identifier_extension = true;
