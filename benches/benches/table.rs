@@ -1,0 +1,74 @@
+//! Table build cost: the full build of a 10,000-service × 10-endpoint
+//! cluster from Kubernetes objects, and one incremental EndpointSlice update
+//! against that built state (must not rebuild the table: targets < 1 s and
+//! < 1 ms).
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+
+use control::{synth, ClusterState, Options};
+
+const SERVICES: u32 = 10_000;
+const ENDPOINTS: u32 = 10;
+
+fn opts() -> Options {
+    Options {
+        node_name: "node-1".into(),
+        ..Options::default()
+    }
+}
+
+fn full_build(c: &mut Criterion) {
+    let mut g = c.benchmark_group("table");
+    g.sample_size(10);
+    g.bench_function("full_build_10k_services_x10", |b| {
+        b.iter_batched(
+            || synth::cluster(SERVICES, ENDPOINTS),
+            |(svcs, slices)| {
+                let mut st = ClusterState::new(opts());
+                for s in svcs {
+                    st.upsert_service(s).unwrap();
+                }
+                for s in slices {
+                    st.upsert_slice(s).unwrap();
+                }
+                // Returned, so dropping the store is not timed.
+                let table = st.snapshot();
+                (st, table)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+fn one_slice_update(c: &mut Criterion) {
+    let (svcs, slices) = synth::cluster(SERVICES, ENDPOINTS);
+    let mut st = ClusterState::new(opts());
+    for s in svcs {
+        st.upsert_service(s).unwrap();
+    }
+    for s in slices {
+        st.upsert_slice(s).unwrap();
+    }
+    let base = st.snapshot();
+    assert_eq!(base.len(), SERVICES as usize);
+    let mut g = c.benchmark_group("table");
+    let mut generation = 0u32;
+    g.bench_function("one_slice_update_in_10k", |b| {
+        b.iter_batched(
+            || {
+                generation += 1;
+                synth::slice(generation % SERVICES, ENDPOINTS, generation)
+            },
+            |slice| {
+                st.upsert_slice(slice).unwrap();
+                st.snapshot()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, full_build, one_slice_update);
+criterion_main!(benches);
