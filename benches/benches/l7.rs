@@ -1,0 +1,158 @@
+//! The L7 hot path: per-request header rewriting, and one HTTP/1.1
+//! keep-alive round trip through the in-process L7 proxy against the same
+//! round trip straight to the backend (both on loopback, same client).
+//!
+//! Run: `cargo bench -p lightpath-benches --bench l7`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use control::{
+    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
+    ServicePort, ServicePortName, Table,
+};
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lightpath::drain;
+use lightpath::l7::headers;
+use lightpath::server::{Server, ServerConfig};
+use tokio::net::TcpListener;
+
+fn typical_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "web.shop.svc.cluster.local"),
+        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) bench"),
+        ("accept", "text/html,application/xhtml+xml"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("accept-language", "en-US,en;q=0.9"),
+        ("cookie", "session=0123456789abcdef; theme=dark"),
+        ("connection", "keep-alive"),
+        ("x-forwarded-for", "192.0.2.10"),
+    ] {
+        h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    h
+}
+
+fn service(backend: SocketAddr) -> Arc<ServicePort> {
+    Arc::new(ServicePort {
+        name: ServicePortName {
+            namespace: "bench".into(),
+            name: "l7".into(),
+            port: "http".into(),
+        },
+        protocol: Protocol::Tcp,
+        mode: Mode::Http,
+        affinity: Affinity::None,
+        cluster_endpoints: Arc::from(vec![Endpoint {
+            addr: backend,
+            state: EndpointState::Ready,
+            node_name: None,
+            zone: None,
+        }]),
+        local_endpoints: Arc::from(Vec::new()),
+        internal_local: false,
+        external_local: false,
+        health_check_node_port: None,
+        annotations: BTreeMap::new(),
+    })
+}
+
+async fn backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn proxy(backend: SocketAddr) -> (SocketAddr, drain::Signal) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let key = FrontendKey::new(addr, Protocol::Tcp);
+    let mut t = Table {
+        version: 1,
+        ..Table::default()
+    };
+    t.frontends.insert(
+        key,
+        Frontend {
+            key,
+            kind: FrontendKind::ClusterIp,
+            service: service(backend),
+        },
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(t));
+    let server = Server::new(rx, ServerConfig::default());
+    let (signal, watch) = drain::channel();
+    tokio::spawn(async move {
+        let _keep = _tx;
+        let _ = server.run(vec![l], watch).await;
+    });
+    (addr, signal)
+}
+
+fn bench(c: &mut Criterion) {
+    let client_ip = IpAddr::from([10, 0, 0, 7]);
+    let base = typical_headers();
+    c.bench_function("l7/headers/prepare_request", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            headers::prepare_request(&mut h, client_ip, false);
+            black_box(h)
+        })
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (backend, front, _signal) = rt.block_on(async {
+        let b = backend().await;
+        let (f, s) = proxy(b).await;
+        (b, f, s)
+    });
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut g = c.benchmark_group("l7/roundtrip");
+    for (name, addr) in [("direct", backend), ("lightpath", front)] {
+        let uri: http::Uri = format!("http://{addr}/").parse().expect("uri");
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let req = Request::get(uri.clone())
+                        .body(Empty::<Bytes>::new())
+                        .expect("req");
+                    let resp = client.request(req).await.expect("response");
+                    assert_eq!(resp.status(), 200);
+                    black_box(resp.into_body().collect().await.expect("body").to_bytes())
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
