@@ -137,9 +137,17 @@ mod tests {
         assert!(b.is_ready(), "readmitted after the base time");
         assert_eq!(b.consecutive_failures(), 0);
         fail(&bal);
-        assert_eq!(fail(&bal), Some(Duration::from_secs(20)), "second ejection is longer");
+        assert_eq!(
+            fail(&bal),
+            Some(Duration::from_secs(20)),
+            "second ejection is longer"
+        );
         tokio::time::sleep(Duration::from_secs(21)).await;
         fail(&bal);
-        assert_eq!(fail(&bal), Some(Duration::from_secs(25)), "capped at max_time");
+        assert_eq!(
+            fail(&bal),
+            Some(Duration::from_secs(25)),
+            "capped at max_time"
+        );
     }
 }
