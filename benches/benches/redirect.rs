@@ -26,7 +26,11 @@ fn frontends(n: u32) -> Frontends {
     (0..n)
         .map(|i| {
             let ip: IpAddr = Ipv4Addr::from(0x0a60_0000 + i).into();
-            let action = if i % 10 == 5 { Action::Reject } else { Action::Proxy };
+            let action = if i % 10 == 5 {
+                Action::Reject
+            } else {
+                Action::Proxy
+            };
             (Frontend::tcp(ip, 80), action)
         })
         .collect()
@@ -48,9 +52,18 @@ fn diff(c: &mut Criterion) {
     let cfg = config();
     let old = frontends(10_000);
     let mut new = old.clone();
-    new.insert(Frontend::tcp(Ipv4Addr::new(10, 96, 0, 5).into(), 80), Action::Proxy);
-    new.insert(Frontend::tcp(Ipv4Addr::new(10, 96, 0, 1).into(), 80), Action::Reject);
-    new.insert(Frontend::tcp(Ipv4Addr::new(10, 97, 0, 1).into(), 443), Action::Proxy);
+    new.insert(
+        Frontend::tcp(Ipv4Addr::new(10, 96, 0, 5).into(), 80),
+        Action::Proxy,
+    );
+    new.insert(
+        Frontend::tcp(Ipv4Addr::new(10, 96, 0, 1).into(), 80),
+        Action::Reject,
+    );
+    new.insert(
+        Frontend::tcp(Ipv4Addr::new(10, 97, 0, 1).into(), 443),
+        Action::Proxy,
+    );
     c.bench_function("redirect/diff_script_3_of_10000", |b| {
         b.iter(|| diff_script(&cfg, black_box(&old), black_box(&new)))
     });
