@@ -47,6 +47,9 @@ pub struct ClusterState {
     frontends: imbl::HashMap<FrontendKey, Frontend>,
     changed: bool,
     published: Arc<Table>,
+    /// One shared copy of each node, zone and hint name: 100,000 endpoints
+    /// name a few hundred nodes, so per-endpoint strings would be waste.
+    names: HashSet<Arc<str>>,
 }
 
 impl ClusterState {
@@ -66,6 +69,7 @@ impl ClusterState {
             frontends: imbl::HashMap::new(),
             changed: false,
             published: Arc::new(Table::default()),
+            names: HashSet::new(),
         }
     }
 
@@ -108,7 +112,9 @@ impl ClusterState {
 
     /// Adds or replaces an EndpointSlice. On error the previous version stays.
     pub fn upsert_slice(&mut self, slice: EndpointSlice) -> Result<(), ObjectError> {
-        let info = parse_slice(&slice)?;
+        let mut info = parse_slice(&slice)?;
+        drop(slice);
+        self.intern(&mut info);
         if self.slices.get(&info.key) == Some(&info) {
             return Ok(());
         }
@@ -129,6 +135,22 @@ impl ClusterState {
         let key = ObjKey::new(namespace, name);
         self.unindex_slice(&key);
         self.slices.remove(&key);
+    }
+
+    fn intern(&mut self, info: &mut SliceInfo) {
+        let names = &mut self.names;
+        let mut one = |s: &mut Arc<str>| match names.get(&**s) {
+            Some(shared) => *s = shared.clone(),
+            None => {
+                names.insert(s.clone());
+            }
+        };
+        for ep in &mut info.endpoints {
+            ep.node_name.iter_mut().for_each(&mut one);
+            ep.zone.iter_mut().for_each(&mut one);
+            ep.zone_hints.iter_mut().for_each(&mut one);
+            ep.node_hints.iter_mut().for_each(&mut one);
+        }
     }
 
     fn unindex_slice(&mut self, key: &ObjKey) {
@@ -185,22 +207,29 @@ impl ClusterState {
         // Recomputing one service can hand a contested frontend to another,
         // which then becomes dirty itself; that chain is bounded by the
         // number of claimants.
-        while let Some(key) = self.dirty.iter().next().cloned() {
-            self.dirty.remove(&key);
-            let rows = match self.services.get(&key) {
-                Some(info) => {
-                    let slices: Vec<&SliceInfo> = self
-                        .slices_by_service
-                        .get(&key)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|n| self.slices.get(&ObjKey::new(&key.namespace, n)))
-                        .collect();
-                    translate(info, &slices, &self.node_ctx)
-                }
-                None => Vec::new(),
-            };
-            self.apply(&key, rows);
+        // Taken in batches: picking one key at a time out of a large HashSet
+        // rescans its emptied buckets and goes quadratic on a full build.
+        loop {
+            let batch: Vec<ObjKey> = self.dirty.drain().collect();
+            if batch.is_empty() {
+                break;
+            }
+            for key in batch {
+                let rows = match self.services.get(&key) {
+                    Some(info) => {
+                        let slices: Vec<&SliceInfo> = self
+                            .slices_by_service
+                            .get(&key)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|n| self.slices.get(&ObjKey::new(&key.namespace, n)))
+                            .collect();
+                        translate(info, &slices, &self.node_ctx)
+                    }
+                    None => Vec::new(),
+                };
+                self.apply(&key, rows);
+            }
         }
         if self.changed {
             self.changed = false;
