@@ -18,3 +18,4 @@ pub mod health;
 pub mod lifecycle;
 pub mod metrics;
 pub mod telemetry;
+pub mod udp;

@@ -4,8 +4,8 @@
 //! Why one module: each option here changes what the kernel routes to or from
 //! a socket, and getting one wrong fails silently (a listener that never sees
 //! TPROXY'd connections, an upstream connection the rules capture again).
-//! Everything goes through `socket2`'s safe wrappers, so the crate needs no
-//! `unsafe` at all.
+//! Everything goes through `socket2`'s and `nix`'s safe wrappers, so the
+//! crate needs no `unsafe` at all.
 //!
 //! * [`transparent_listener`]: IP_TRANSPARENT / IPV6_TRANSPARENT (so TPROXY
 //!   may deliver connections for non-local addresses), SO_REUSEADDR (restart
@@ -15,11 +15,16 @@
 //!   the original destination; under a REDIRECT/DNAT setup it is the
 //!   listener's own address, and conntrack's SO_ORIGINAL_DST has the truth
 //!   (so that is asked first; without a conntrack entry it fails at once).
+//! * UDP under TPROXY: [`transparent_udp`] (a transparent socket that asks
+//!   for each datagram's original destination), [`recv_orig_dst`] (recvmsg
+//!   with the IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message: UDP has no
+//!   accepted socket whose local address would tell) and [`reply_socket`]
+//!   (bound to the non-local service address, so replies carry it as source).
 //! * [`upstream_socket`]: SO_MARK on lightpath's own connections, so the
 //!   `output` rule never sends them back to lightpath.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -64,9 +69,7 @@ pub fn original_dst<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an inet socket"))?;
     let conntrack = match local {
         SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock
-            .original_dst_v6()
-            .or_else(|_| sock.original_dst_v4()),
+        SocketAddr::V6(_) => sock.original_dst_v6().or_else(|_| sock.original_dst_v4()),
     };
     let addr = conntrack.ok().and_then(|a| a.as_socket()).unwrap_or(local);
     Ok(canonical(addr))
@@ -94,6 +97,135 @@ pub fn upstream_socket(dest: SocketAddr, mark: u32) -> io::Result<tokio::net::Tc
 /// Sets SO_MARK on any socket. Needs CAP_NET_ADMIN.
 pub fn set_mark<S: AsFd>(sock: &S, mark: u32) -> io::Result<()> {
     SockRef::from(sock).set_mark(mark)
+}
+
+/// Creates a non-blocking transparent UDP socket on `addr` that reports each
+/// datagram's original destination (IP_RECVORIGDSTADDR /
+/// IPV6_RECVORIGDSTADDR): the UDP counterpart of [`transparent_listener`].
+/// Read it with [`recv_orig_dst`]. Needs CAP_NET_ADMIN. IPv6 is v6-only.
+pub fn transparent_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = udp_socket(addr, true)?;
+    set_recv_orig_dst(&sock, addr)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// A non-blocking UDP socket bound to `from`, which need not be a local
+/// address (IP_TRANSPARENT): replies to a TPROXY'd client are sent from it,
+/// so they carry the service address the client sent to. SO_REUSEADDR lets
+/// a restarted process bind the same address at once. Needs CAP_NET_ADMIN.
+pub fn reply_socket(from: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = udp_socket(from, true)?;
+    sock.bind(&from.into())?;
+    Ok(sock.into())
+}
+
+fn udp_socket(addr: SocketAddr, transparent: bool) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    match addr {
+        SocketAddr::V4(_) => {
+            if transparent {
+                sock.set_ip_transparent_v4(true)?;
+            }
+        }
+        SocketAddr::V6(_) => {
+            sock.set_only_v6(true)?;
+            if transparent {
+                sock.set_ip_transparent_v6(true)?;
+            }
+        }
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
+/// Asks the kernel to attach each datagram's original destination to
+/// `recvmsg` (IP_RECVORIGDSTADDR for an IPv4 `family`, IPV6_RECVORIGDSTADDR
+/// for IPv6). Needs no privilege.
+pub fn set_recv_orig_dst<S: AsFd>(sock: &S, family: SocketAddr) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    match family {
+        SocketAddr::V4(_) => setsockopt(sock, sockopt::Ipv4OrigDstAddr, &true),
+        SocketAddr::V6(_) => setsockopt(sock, sockopt::Ipv6OrigDstAddr, &true),
+    }
+    .map_err(io::Error::from)
+}
+
+/// One datagram read by [`recv_orig_dst`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    /// Bytes written into the buffer.
+    pub len: usize,
+    /// The datagram was longer than the buffer and was cut.
+    pub truncated: bool,
+    /// The sender.
+    pub from: SocketAddr,
+    /// The address the sender sent to (under TPROXY: the service address).
+    /// `None` when the socket did not ask for it.
+    pub orig_dst: Option<SocketAddr>,
+}
+
+/// Reads one datagram with its original destination (see
+/// [`set_recv_orig_dst`]). Non-blocking sockets return `WouldBlock` as usual,
+/// so this fits `tokio::net::UdpSocket::try_io`. v4-mapped addresses are
+/// returned as IPv4.
+pub fn recv_orig_dst<S: AsFd>(sock: &S, buf: &mut [u8]) -> io::Result<Datagram> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    use std::io::IoSliceMut;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    use std::os::fd::AsRawFd;
+
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(cmsg.as_mut_slice()),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let from = msg
+        .address
+        .and_then(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(SocketAddr::V4(SocketAddrV4::from(*v4)))
+            } else {
+                a.as_sockaddr_in6()
+                    .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+            }
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "datagram without an inet sender",
+            )
+        })?;
+    let mut orig_dst = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
+                orig_dst = Some(SocketAddr::new(
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into(),
+                    u16::from_be(sin.sin_port),
+                ));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
+                orig_dst = Some(SocketAddr::new(
+                    Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
+                    u16::from_be(sin6.sin6_port),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(Datagram {
+        len: msg.bytes,
+        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        from: canonical(from),
+        orig_dst: orig_dst.map(canonical),
+    })
 }
 
 #[cfg(test)]
@@ -141,5 +273,88 @@ mod tests {
         let s = upstream_socket(addr, 0).unwrap();
         let _c = s.connect(addr).await.unwrap();
         let _ = l.accept().await.unwrap();
+    }
+
+    fn orig_dst_roundtrip(bind: &str) {
+        let r = UdpSocket::bind(bind).unwrap();
+        let addr = r.local_addr().unwrap();
+        set_recv_orig_dst(&r, addr).unwrap();
+        let c = UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).unwrap();
+        c.send_to(b"hello", addr).unwrap();
+        r.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 3];
+        let d = recv_orig_dst(&r, &mut buf).unwrap();
+        assert_eq!(d.from, c.local_addr().unwrap());
+        assert_eq!(d.orig_dst, Some(addr));
+        assert_eq!(d.len, 3);
+        assert!(d.truncated);
+        assert_eq!(&buf, b"hel");
+    }
+
+    #[test]
+    fn udp_orig_dst_v4() {
+        orig_dst_roundtrip("127.0.0.1:0");
+    }
+
+    #[test]
+    fn udp_orig_dst_v6() {
+        orig_dst_roundtrip("[::1]:0");
+    }
+
+    #[test]
+    fn udp_without_option_has_no_orig_dst() {
+        let r = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.send_to(b"x", r.local_addr().unwrap()).unwrap();
+        r.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let d = recv_orig_dst(&r, &mut buf).unwrap();
+        assert_eq!((d.len, d.truncated, d.orig_dst), (1, false, None));
+    }
+
+    #[test]
+    fn nonblocking_udp_would_block() {
+        let r = UdpSocket::bind("127.0.0.1:0").unwrap();
+        r.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        let e = recv_orig_dst(&r, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn transparent_udp_and_non_local_reply_socket() {
+        // As root: a transparent UDP socket reports original destinations,
+        // and a reply socket binds an address this host does not own
+        // (TEST-NET-1; nothing is sent to it). Without CAP_NET_ADMIN: EPERM.
+        match transparent_udp("127.0.0.1:0".parse().unwrap()) {
+            Ok(r) => {
+                assert!(SockRef::from(&r).ip_transparent_v4().unwrap());
+                let addr = r.local_addr().unwrap();
+                let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.send_to(b"q", addr).unwrap();
+                let mut buf = [0u8; 8];
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                let d = loop {
+                    match recv_orig_dst(&r, &mut buf) {
+                        Ok(d) => break d,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            assert!(std::time::Instant::now() < deadline, "no datagram");
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                assert_eq!(d.orig_dst, Some(addr));
+                let from: SocketAddr = "192.0.2.53:53".parse().unwrap();
+                let s = reply_socket(from).unwrap();
+                assert_eq!(s.local_addr().unwrap(), from);
+                let from6: SocketAddr = "[2001:db8::53]:53".parse().unwrap();
+                let s6 = reply_socket(from6).unwrap();
+                assert_eq!(s6.local_addr().unwrap(), from6);
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
     }
 }

@@ -1,0 +1,239 @@
+//! Flow-table tests over loopback: the "frontend" is a plain UDP socket whose
+//! local address is the frontend key, endpoints are UDP echo sockets.
+
+use super::*;
+use std::collections::{BTreeMap, HashSet};
+
+use control::{Affinity, Endpoint, EndpointState, Mode, Protocol, ServicePort, ServicePortName};
+
+use crate::balance::{BalanceConfig, Balancers};
+
+fn service(eps: &[SocketAddr]) -> Arc<ServicePort> {
+    let eps: Arc<[Endpoint]> = eps
+        .iter()
+        .map(|a| Endpoint {
+            addr: *a,
+            state: EndpointState::Ready,
+            node_name: None,
+            zone: None,
+        })
+        .collect();
+    Arc::new(ServicePort {
+        name: ServicePortName {
+            namespace: "default".into(),
+            name: "dns".into(),
+            port: "dns".into(),
+        },
+        protocol: Protocol::Udp,
+        mode: Mode::L4,
+        affinity: Affinity::None,
+        cluster_endpoints: eps,
+        local_endpoints: Arc::from(Vec::new()),
+        internal_local: false,
+        external_local: false,
+        health_check_node_port: None,
+        annotations: BTreeMap::new(),
+    })
+}
+
+/// A UDP echo endpoint that prefixes replies with its own port, so the
+/// client can tell which endpoint answered. Returns its address.
+async fn echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let mut out = addr.port().to_be_bytes().to_vec();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from).await;
+        }
+    });
+    addr
+}
+
+fn cfg(max_flows: usize, idle: Duration) -> FlowConfig {
+    FlowConfig {
+        max_flows,
+        unreplied_timeout: idle,
+        stream_timeout: idle,
+        upstream_mark: 0,
+    }
+}
+
+async fn recv_within(sock: &UdpSocket) -> Vec<u8> {
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("no reply within 5 s")
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test]
+async fn replies_come_from_the_frontend_and_flows_stick() {
+    let (e1, e2) = (echo().await, echo().await);
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[e1, e2]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let front_addr = front.local_addr().unwrap();
+    let table = FlowTable::new(cfg(1024, Duration::from_secs(30)));
+
+    let mut used = HashSet::new();
+    for _ in 0..8 {
+        // A connect()ed client accepts only datagrams from the frontend.
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(front_addr).await.unwrap();
+        let key = FlowKey {
+            client: client.local_addr().unwrap(),
+            orig_dst: front_addr,
+        };
+        let first = table
+            .forward(key, &b, Scope::Cluster, b"q0", &front)
+            .await
+            .unwrap();
+        let r = recv_within(&client).await;
+        assert_eq!(&r[2..], b"q0");
+        assert_eq!(u16::from_be_bytes([r[0], r[1]]), first.port());
+        for i in 1..5u8 {
+            let ep = table
+                .forward(key, &b, Scope::Cluster, &[b'q', i], &front)
+                .await
+                .unwrap();
+            assert_eq!(ep, first, "a flow keeps its endpoint");
+            let r = recv_within(&client).await;
+            assert_eq!(u16::from_be_bytes([r[0], r[1]]), first.port());
+            assert_eq!(&r[2..], &[b'q', i]);
+        }
+        used.insert(first);
+    }
+    assert_eq!(table.len(), 8);
+    assert_eq!(used.len(), 2, "flows are balanced over both endpoints");
+    assert_eq!(table.stats().datagrams_up.load(Ordering::Relaxed), 40);
+    assert_eq!(table.stats().datagrams_down.load(Ordering::Relaxed), 40);
+}
+
+#[tokio::test]
+async fn flows_expire_after_idle_timeout() {
+    let e = echo().await;
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[e]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let front_addr = front.local_addr().unwrap();
+    let table = FlowTable::new(cfg(1024, Duration::from_millis(200)));
+    for port in 1..=50u16 {
+        let key = FlowKey {
+            client: SocketAddr::from(([127, 0, 0, 1], 40_000 + port)),
+            orig_dst: front_addr,
+        };
+        table
+            .forward(key, &b, Scope::Cluster, b"x", &front)
+            .await
+            .unwrap();
+    }
+    assert_eq!(table.len(), 50);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !table.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} flows left",
+            table.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(table.stats().expired.load(Ordering::Relaxed), 50);
+}
+
+#[tokio::test]
+async fn hundred_thousand_flows_stay_under_the_cap() {
+    let e = echo().await;
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[e]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let front_addr = front.local_addr().unwrap();
+    const CAP: usize = 512;
+    let table = FlowTable::new(cfg(CAP, Duration::from_secs(60)));
+    for i in 0..100_000u32 {
+        let [_, a, b2, c] = i.to_be_bytes();
+        let key = FlowKey {
+            client: SocketAddr::from(([127, a, b2, c.max(1)], 1000 + (i % 50_000) as u16)),
+            orig_dst: front_addr,
+        };
+        table
+            .forward(key, &b, Scope::Cluster, b"x", &front)
+            .await
+            .unwrap();
+        assert!(table.len() <= CAP);
+        if i % 100 == 0 {
+            // Let aborted reply tasks run their drop, closing their sockets.
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(table.len(), CAP);
+    let st = table.stats();
+    assert_eq!(st.created.load(Ordering::Relaxed), 100_000);
+    assert_eq!(st.evicted_cap.load(Ordering::Relaxed), 100_000 - CAP as u64);
+}
+
+#[tokio::test]
+async fn flows_of_a_removed_endpoint_are_evicted() {
+    let (e1, e2) = (echo().await, echo().await);
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[e1, e2]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let front_addr = front.local_addr().unwrap();
+    let table = FlowTable::new(cfg(1024, Duration::from_secs(30)));
+    let mut keys = Vec::new();
+    for port in 1..=40u16 {
+        let key = FlowKey {
+            client: SocketAddr::from(([127, 0, 0, 1], 41_000 + port)),
+            orig_dst: front_addr,
+        };
+        table
+            .forward(key, &b, Scope::Cluster, b"x", &front)
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    let on_e2 = keys
+        .iter()
+        .filter(|k| table.endpoint(k) == Some(e2))
+        .count();
+    assert!(on_e2 > 0 && on_e2 < 40, "{on_e2} of 40 flows on e2");
+    assert_eq!(table.evict_missing(), 0, "nothing left the set yet");
+
+    b.update(&service(&[e1]));
+    assert_eq!(table.evict_missing(), on_e2);
+    assert_eq!(table.len(), 40 - on_e2);
+    for k in &keys {
+        // Survivors keep e1; evicted flows re-pick, and only e1 is left.
+        let ep = table
+            .forward(*k, &b, Scope::Cluster, b"y", &front)
+            .await
+            .unwrap();
+        assert_eq!(ep, e1);
+    }
+    assert_eq!(
+        table.stats().evicted_endpoint.load(Ordering::Relaxed),
+        on_e2 as u64
+    );
+}
+
+#[tokio::test]
+async fn no_endpoint_is_an_error_naming_the_service() {
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let table = FlowTable::new(FlowConfig::default());
+    let key = FlowKey {
+        client: "127.0.0.1:5000".parse().unwrap(),
+        orig_dst: front.local_addr().unwrap(),
+    };
+    let e = table
+        .forward(key, &b, Scope::Cluster, b"x", &front)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("default/dns:dns"), "{e}");
+    assert!(table.is_empty());
+}
