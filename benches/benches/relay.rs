@@ -1,0 +1,148 @@
+//! The L4 relay on loopback, against the same workload without it:
+//! * `connect`: a new connection to an echo backend and a 1-byte round trip
+//!   (accept, frontend lookup, p2c pick, upstream connect, first bytes);
+//! * `bulk`: 64 MiB pushed one way and the echo read back (copy throughput,
+//!   with the relay's bounded buffers).
+//!
+//! Run: `cargo bench -p lightpath-benches --bench relay`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::{
+    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
+    ServicePort, ServicePortName, Table,
+};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lightpath::drain;
+use lightpath::server::{Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BULK: usize = 64 * 1024 * 1024;
+
+async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn proxy_to(backend: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let key = FrontendKey::new(addr, Protocol::Tcp);
+    let svc = Arc::new(ServicePort {
+        name: ServicePortName {
+            namespace: "bench".into(),
+            name: "echo".into(),
+            port: String::new(),
+        },
+        protocol: Protocol::Tcp,
+        mode: Mode::L4,
+        affinity: Affinity::None,
+        cluster_endpoints: Arc::from(vec![Endpoint {
+            addr: backend,
+            state: EndpointState::Ready,
+            node_name: None,
+            zone: None,
+        }]),
+        local_endpoints: Arc::from(Vec::new()),
+        internal_local: false,
+        external_local: false,
+        health_check_node_port: None,
+        annotations: BTreeMap::new(),
+    });
+    let mut t = Table::default();
+    t.frontends.insert(
+        key,
+        Frontend {
+            key,
+            kind: FrontendKind::ClusterIp,
+            service: svc,
+        },
+    );
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(t));
+    let (signal, watch) = drain::channel();
+    tokio::spawn(async move {
+        let _keep = (tx, signal);
+        let server = Server::new(rx, ServerConfig::default());
+        let _ = server.run(vec![l], watch).await;
+    });
+    addr
+}
+
+async fn connect_roundtrip(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s.write_all(b"x").await.expect("write");
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.expect("read");
+}
+
+async fn bulk(addr: SocketAddr) {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let buf = vec![0x5au8; 256 * 1024];
+        for _ in 0..BULK / buf.len() {
+            w.write_all(&buf).await.expect("write");
+        }
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, BULK);
+    writer.await.expect("writer");
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (direct, proxied) = rt.block_on(async {
+        let backend = echo_backend().await;
+        (backend, proxy_to(backend).await)
+    });
+
+    let mut g = c.benchmark_group("relay/connect");
+    for (name, addr) in [("direct", direct), ("lightpath-l4", proxied)] {
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| rt.block_on(connect_roundtrip(addr)))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("relay/bulk-64MiB-echo");
+    g.throughput(Throughput::Bytes(BULK as u64));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(10));
+    for (name, addr) in [("direct", direct), ("lightpath-l4", proxied)] {
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| rt.block_on(bulk(addr)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
