@@ -59,7 +59,9 @@ fn bench(c: &mut Criterion) {
             .collect();
         g.bench_with_input(BenchmarkId::new("p2c", n), &n, |bench, _| {
             bench.iter(|| {
-                let mut p = b.pick(Scope::Cluster, black_box(client), &[]).expect("pick");
+                let mut p = b
+                    .pick(Scope::Cluster, black_box(client), &[])
+                    .expect("pick");
                 p.record_success();
                 black_box(p.addr())
             })
@@ -76,7 +78,9 @@ fn bench(c: &mut Criterion) {
         );
         g.bench_with_input(BenchmarkId::new("p2c+affinity", n), &n, |bench, _| {
             bench.iter(|| {
-                let p = aff.pick(Scope::Cluster, black_box(client), &[]).expect("pick");
+                let p = aff
+                    .pick(Scope::Cluster, black_box(client), &[])
+                    .expect("pick");
                 black_box(p.addr())
             })
         });
@@ -90,12 +94,16 @@ fn bench(c: &mut Criterion) {
         let bsvc = service(n, Affinity::None, 1); // one endpoint out, one in
         let bal = Balancer::new(&a, BalanceConfig::default());
         let mut flip = false;
-        g.bench_with_input(BenchmarkId::new("one-endpoint-change", n), &n, |bench, _| {
-            bench.iter(|| {
-                flip = !flip;
-                bal.update(if flip { &bsvc } else { &a });
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("one-endpoint-change", n),
+            &n,
+            |bench, _| {
+                bench.iter(|| {
+                    flip = !flip;
+                    bal.update(if flip { &bsvc } else { &a });
+                })
+            },
+        );
     }
     g.finish();
 }
