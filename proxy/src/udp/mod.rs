@@ -11,5 +11,7 @@
 //! endpoint left the set are evicted as soon as the new snapshot is applied.
 
 mod flows;
+mod listener;
 
 pub use flows::{FlowConfig, FlowKey, FlowStats, FlowTable, UdpError};
+pub use listener::{evict_on_update, serve, ReplySockets};
