@@ -424,10 +424,16 @@ async fn forced_410_relists_without_duplicate_or_lost_endpoints() {
         eps(t, "10.96.2.1", 80).is_some_and(|e| e.len() >= 4) && eps(t, "10.96.2.3", 80).is_some()
     })
     .await;
+    // Each watch relists on its own schedule (the Node's may come after the
+    // table already converged, since nothing changed there): wait, bounded.
     for (k, before) in [Kind::Service, Kind::EndpointSlice, Kind::Node]
         .into_iter()
         .zip(lists)
     {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while api.list_requests(k) <= before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         assert!(
             api.list_requests(k) > before,
             "{k:?} was not relisted after 410"

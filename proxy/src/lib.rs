@@ -1,21 +1,21 @@
 //! The lightpath data plane and its commands. `main.rs` only parses flags and
 //! dispatches here, so integration tests can drive the same code.
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cleanup;
 pub mod defaults;
 pub mod demo;
 pub mod drain;
+pub mod health;
 pub mod l4;
 pub mod l7;
+pub mod lifecycle;
+pub mod metrics;
 pub mod run;
 pub mod server;
 pub mod table_cmd;
-pub mod webhook;
-pub mod admin;
-pub mod health;
-pub mod lifecycle;
-pub mod metrics;
 pub mod telemetry;
 pub mod udp;
+pub mod webhook;

@@ -240,7 +240,14 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     let (drain_signal, drain_watch) = drain::channel();
     let (stop_rules_tx, stop_rules_rx) = tokio::sync::watch::channel(false);
-    let rules_task = rules.map(|r| tokio::spawn(follow_table(r, table.clone(), stop_rules_rx, ops.health.clone())));
+    let rules_task = rules.map(|r| {
+        tokio::spawn(follow_table(
+            r,
+            table.clone(),
+            stop_rules_rx,
+            ops.health.clone(),
+        ))
+    });
     let server = server::Server::new(table.clone(), server_cfg);
     ops.serving(server.balancers().clone());
     let mut serve_task = tokio::spawn(async move { server.run(listeners, drain_watch).await });
