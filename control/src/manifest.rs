@@ -14,10 +14,10 @@
 //! symlink swaps defeat most inotify setups) and costs one read per poll.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::{Hash, Hasher};
-use std::io;
+use std::hash::Hasher;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,9 @@ use tokio::sync::watch;
 
 use crate::error::ObjectError;
 use crate::model::Table;
-use crate::objects::{parse_node, parse_service, parse_slice};
+use crate::objects::{
+    parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, Skip, SliceInfo,
+};
 use crate::options::Options;
 use crate::state::ClusterState;
 use crate::TableRx;
@@ -126,31 +128,34 @@ impl Object {
         }
     }
 
-    /// `(kind, namespace, name)`: the identity used for duplicate detection
+    /// `(kind, namespace/name)`: the identity used for duplicate detection
     /// and diffing. Namespace is "" for Nodes, "default" when omitted.
-    pub fn id(&self) -> (&'static str, String, String) {
+    pub fn id(&self) -> (&'static str, ObjKey) {
         let meta = match self {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
         };
         let ns = match self {
-            Object::Node(_) => String::new(),
+            Object::Node(_) => "",
             _ => meta
                 .namespace
-                .clone()
+                .as_deref()
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".to_string()),
+                .unwrap_or("default"),
         };
-        (self.kind(), ns, meta.name.clone().unwrap_or_default())
+        (
+            self.kind(),
+            ObjKey::new(ns, meta.name.as_deref().unwrap_or_default()),
+        )
     }
 
     fn describe(&self) -> String {
-        let (kind, ns, name) = self.id();
-        if ns.is_empty() {
-            format!("{kind} {name}")
+        let (kind, key) = self.id();
+        if key.namespace.is_empty() {
+            format!("{kind} {}", key.name)
         } else {
-            format!("{kind} {ns}/{name}")
+            format!("{kind} {key}")
         }
     }
 
@@ -267,11 +272,14 @@ fn object_from_value(
     obj.map_err(|m| doc_err(describe, m))
 }
 
-/// Parses every document of one file: the objects that parsed, and every
-/// problem (not just the first).
-pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>) {
-    let mut docs = Vec::new();
-    let mut errs = Vec::new();
+/// Walks every document of one file in order, handing each object (or the
+/// problem that kept it from being one) to `f` as soon as it is read: one
+/// document's `serde_yaml::Value` tree is alive at a time, never the file's.
+fn each_object(
+    path: &Path,
+    text: &str,
+    mut f: impl FnMut(Location, Result<Object, ManifestError>),
+) {
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let at = Location {
             path: path.to_path_buf(),
@@ -281,11 +289,18 @@ pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                errs.push(ManifestError::Document {
+                f(
                     at,
-                    object: None,
-                    message: format!("syntax: {e}"),
-                });
+                    Err(ManifestError::Document {
+                        at: Location {
+                            path: path.to_path_buf(),
+                            document: i + 1,
+                            item: None,
+                        },
+                        object: None,
+                        message: format!("syntax: {e}"),
+                    }),
+                );
                 // serde_yaml cannot resume after a syntax error.
                 break;
             }
@@ -309,11 +324,12 @@ pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>
                     Some(serde_yaml::Value::Sequence(items)) => items,
                     Some(serde_yaml::Value::Null) | None => Vec::new(),
                     Some(_) => {
-                        errs.push(ManifestError::Document {
-                            at,
+                        let err = ManifestError::Document {
+                            at: at.clone(),
                             object: None,
                             message: format!("items: {k} items must be a sequence"),
-                        });
+                        };
+                        f(at, Err(err));
                         continue;
                     }
                 };
@@ -322,151 +338,234 @@ pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>
                         item: Some(j),
                         ..at.clone()
                     };
-                    match object_from_value(&at, item, item_kind) {
-                        Ok(object) => docs.push(Document { at, object }),
-                        Err(e) => errs.push(e),
-                    }
+                    let obj = object_from_value(&at, item, item_kind);
+                    f(at, obj);
                 }
             }
-            _ => match object_from_value(&at, value, None) {
-                Ok(object) => docs.push(Document { at, object }),
-                Err(e) => errs.push(e),
-            },
+            _ => {
+                let obj = object_from_value(&at, value, None);
+                f(at, obj);
+            }
         }
     }
+}
+
+/// Parses every document of one file: the objects that parsed, and every
+/// problem (not just the first).
+pub fn parse_file(path: &Path, text: &str) -> (Vec<Document>, Vec<ManifestError>) {
+    let mut docs = Vec::new();
+    let mut errs = Vec::new();
+    each_object(path, text, |at, obj| match obj {
+        Ok(object) => docs.push(Document { at, object }),
+        Err(e) => errs.push(e),
+    });
     (docs, errs)
 }
 
-/// Reads and parses `paths`, checks for duplicates and validates every
-/// object. Either every document is good, or every problem is returned.
-pub fn read_manifests(paths: &[PathBuf], opts: &Options) -> Result<Vec<Document>, ManifestError> {
+/// `(kind, namespace/name)`: an object's identity for duplicate detection
+/// and for deleting what an edit removed. Namespace is "" for Nodes.
+type Id = (&'static str, ObjKey);
+
+/// Every object of the last applied file set.
+type Index = HashSet<Id>;
+
+/// What a file set says once every document is read: what `keep` made of
+/// each object, their identities, and the hash of the content read.
+struct Scan<T> {
+    kept: Vec<T>,
+    ids: Index,
+    hash: u64,
+}
+
+/// Reads `paths` one file at a time (each text is dropped once parsed),
+/// checks every object (`keep` validates it and turns it into what the
+/// caller holds on to) and rejects duplicates. Either every document is
+/// good, or every problem is returned. After the first problem nothing
+/// more is kept: the result is an error anyway.
+fn scan<T>(
+    paths: &[PathBuf],
+    mut keep: impl FnMut(&Location, Object) -> Result<T, ObjectError>,
+) -> Result<Scan<T>, ManifestError> {
     if paths.is_empty() {
         return Err(ManifestError::NoFiles);
     }
-    let mut texts = Vec::with_capacity(paths.len());
-    for p in paths {
-        let text = std::fs::read_to_string(p).map_err(|source| ManifestError::Read {
-            path: p.clone(),
-            source,
-        })?;
-        texts.push(text);
-    }
-    parse_texts(paths, &texts, opts)
-}
-
-fn parse_texts(
-    paths: &[PathBuf],
-    texts: &[String],
-    opts: &Options,
-) -> Result<Vec<Document>, ManifestError> {
-    let mut all = Vec::new();
+    let mut hasher = DefaultHasher::new();
+    let mut kept = Vec::new();
     let mut errs = Vec::new();
-    for (p, text) in paths.iter().zip(texts) {
-        let (docs, e) = parse_file(p, text);
-        all.extend(docs);
-        errs.extend(e);
-    }
-    let mut seen: HashMap<(&'static str, String, String), Location> = HashMap::new();
-    for d in &all {
-        if let Err(source) = d.object.validate(opts) {
-            errs.push(ManifestError::Object {
-                at: d.at.clone(),
-                source: Box::new(source),
-            });
-        }
-        match seen.get(&d.object.id()) {
-            Some(first) => errs.push(ManifestError::Duplicate {
-                at: d.at.clone(),
-                object: d.object.describe(),
-                first: first.clone(),
-            }),
-            None => {
-                seen.insert(d.object.id(), d.at.clone());
+    let mut seen: HashMap<Id, Location> = HashMap::new();
+    for p in paths {
+        let text = read_file(p)?;
+        hash_chunk(&mut hasher, text.as_bytes());
+        hash_end_of_file(&mut hasher);
+        each_object(p, &text, |at, obj| {
+            let obj = match obj {
+                Ok(o) => o,
+                Err(e) => return errs.push(e),
+            };
+            let id = obj.id();
+            let dup = match seen.get(&id) {
+                Some(first) => Some(ManifestError::Duplicate {
+                    at: at.clone(),
+                    object: obj.describe(),
+                    first: first.clone(),
+                }),
+                None => {
+                    seen.insert(id, at.clone());
+                    None
+                }
+            };
+            match keep(&at, obj) {
+                Ok(t) if errs.is_empty() && dup.is_none() => kept.push(t),
+                Ok(_) => {}
+                Err(source) => errs.push(ManifestError::Object {
+                    at,
+                    source: Box::new(source),
+                }),
             }
-        }
+            if let Some(d) = dup {
+                errs.push(d);
+            }
+            if !errs.is_empty() {
+                kept = Vec::new();
+            }
+        });
     }
     if errs.is_empty() {
-        Ok(all)
+        Ok(Scan {
+            kept,
+            ids: seen.into_keys().collect(),
+            hash: hasher.finish(),
+        })
     } else {
         Err(ManifestError::from_list(errs))
     }
 }
 
-/// Identity → content hash of every object last applied. Hashes, not the
-/// objects, so a long-running `run` does not hold a second copy of the
-/// cluster next to the store.
-type Index = HashMap<(&'static str, String, String), Option<u64>>;
-
-fn object_hash(o: &Object) -> Option<u64> {
-    let bytes = match o {
-        Object::Service(s) => serde_json::to_vec(s),
-        Object::EndpointSlice(s) => serde_json::to_vec(s),
-        Object::Node(n) => serde_json::to_vec(n),
-    }
-    .ok()?;
-    let mut h = DefaultHasher::new();
-    bytes.hash(&mut h);
-    Some(h.finish())
+/// Reads and parses `paths`, checks for duplicates and validates every
+/// object. Either every document is good, or every problem is returned.
+/// Keeps every typed object; `run` uses the leaner path of
+/// [`watch_manifests`], which keeps only the validated facts.
+pub fn read_manifests(paths: &[PathBuf], opts: &Options) -> Result<Vec<Document>, ManifestError> {
+    let scan = scan(paths, |at, object| {
+        object.validate(opts)?;
+        Ok(Document {
+            at: at.clone(),
+            object,
+        })
+    })?;
+    Ok(scan.kept)
 }
 
-/// Applies a validated document set to `state`: upserts every new or changed
-/// object, deletes objects of `previous` that are gone, and returns the new
-/// index.
-fn apply(state: &mut ClusterState, previous: &Index, docs: Vec<Document>) -> Index {
-    let mut current = Index::with_capacity(docs.len());
-    for d in docs {
-        let id = d.object.id();
-        let hash = object_hash(&d.object);
-        // An unhashable object (never expected) is always re-applied.
-        if hash.is_none() || previous.get(&id) != Some(&hash) {
-            // Already validated, so these cannot fail; log defensively anyway.
-            let res = match d.object {
-                Object::Service(s) => state.upsert_service(*s),
-                Object::EndpointSlice(s) => state.upsert_slice(*s),
-                Object::Node(n) => state.upsert_node(*n),
-            };
-            if let Err(e) = res {
-                tracing::warn!(at = %d.at, error = %e, "object rejected");
+/// A validated object reduced to the facts the store keeps. The typed
+/// k8s-openapi object (a few KB per Service or EndpointSlice, most of it
+/// fields lightpath never reads) is dropped as soon as it is validated, so a
+/// 10,000-service manifest never holds 20,000 of them at once.
+enum Fact {
+    Service(ObjKey, Result<ServiceInfo, Skip>),
+    Slice(SliceInfo),
+    Node(NodeInfo),
+    /// Another node's Node: valid, ignored.
+    OtherNode,
+}
+
+impl Object {
+    /// Validates the object into the facts the store keeps, consuming it.
+    fn into_fact(self, opts: &Options) -> Result<Fact, ObjectError> {
+        match self {
+            Object::Service(s) => {
+                let parsed = parse_service(&s, opts)?;
+                let key = match &parsed {
+                    Ok(info) => info.key.clone(),
+                    Err(_) => Object::Service(s).id().1,
+                };
+                Ok(Fact::Service(key, parsed))
             }
+            Object::EndpointSlice(s) => parse_slice(&s).map(Fact::Slice),
+            Object::Node(n) if n.metadata.name.as_deref() == Some(opts.node_name.as_str()) => {
+                parse_node(&n).map(Fact::Node)
+            }
+            Object::Node(_) => Ok(Fact::OtherNode),
         }
-        current.insert(id, hash);
     }
-    for id @ (kind, ns, name) in previous.keys() {
-        if !current.contains_key(id) {
+}
+
+/// Reads, validates and reduces `paths` to facts.
+fn scan_facts(paths: &[PathBuf], opts: &Options) -> Result<Scan<Fact>, ManifestError> {
+    scan(paths, |_, object| object.into_fact(opts))
+}
+
+/// Applies a validated file set to `state`: upserts every object (the store
+/// ignores unchanged ones), deletes objects of `previous` that are gone, and
+/// returns the new index.
+fn apply(state: &mut ClusterState, previous: &Index, scan: Scan<Fact>) -> Index {
+    for fact in scan.kept {
+        match fact {
+            Fact::Service(key, parsed) => state.upsert_service_info(key, parsed),
+            Fact::Slice(info) => state.upsert_slice_info(info),
+            Fact::Node(info) => state.upsert_node_info(info),
+            Fact::OtherNode => {}
+        }
+    }
+    for id @ (kind, key) in previous {
+        if !scan.ids.contains(id) {
             match *kind {
-                "Service" => state.delete_service(ns, name),
-                "EndpointSlice" => state.delete_slice(ns, name),
-                _ => state.delete_node(name),
+                "Service" => state.delete_service(&key.namespace, &key.name),
+                "EndpointSlice" => state.delete_slice(&key.namespace, &key.name),
+                _ => state.delete_node(&key.name),
             }
         }
     }
-    current
+    scan.ids
 }
 
 /// Builds the table from manifest files once.
 pub fn load_manifests(paths: &[PathBuf], opts: &Options) -> Result<Arc<Table>, ManifestError> {
-    let docs = read_manifests(paths, opts)?;
+    let scan = scan_facts(paths, opts)?;
     let mut state = ClusterState::new(opts.clone());
-    apply(&mut state, &Index::new(), docs);
+    apply(&mut state, &Index::new(), scan);
     Ok(state.snapshot())
 }
 
-fn content_hash(texts: &[String]) -> u64 {
-    let mut h = DefaultHasher::new();
-    texts.hash(&mut h);
-    h.finish()
+fn read_file(path: &Path) -> Result<String, ManifestError> {
+    std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-fn read_all(paths: &[PathBuf]) -> Result<Vec<String>, ManifestError> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::read_to_string(p).map_err(|source| ManifestError::Read {
-                path: p.clone(),
-                source,
-            })
-        })
-        .collect()
+/// Content hashing is streaming (SipHash consumes its input in 8-byte words
+/// whatever the chunking), so a poll can hash the files through a small
+/// buffer and compare with the hash [`scan`] computed from whole texts.
+fn hash_chunk(h: &mut DefaultHasher, bytes: &[u8]) {
+    h.write(bytes);
+}
+
+/// Separates files: 0xFF never occurs in UTF-8 text.
+fn hash_end_of_file(h: &mut DefaultHasher) {
+    h.write(&[0xff]);
+}
+
+/// The content hash of `paths` without holding a whole file in memory.
+fn content_hash(paths: &[PathBuf]) -> Result<u64, ManifestError> {
+    let mut h = DefaultHasher::new();
+    let mut buf = vec![0u8; 64 << 10];
+    for p in paths {
+        let read_err = |source| ManifestError::Read {
+            path: p.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(p).map_err(read_err)?;
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hash_chunk(&mut h, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+        hash_end_of_file(&mut h);
+    }
+    Ok(h.finish())
 }
 
 /// Loads the manifests (failing if they are invalid now), then spawns a task
@@ -479,15 +578,11 @@ pub fn watch_manifests(
     opts: Options,
     poll: Duration,
 ) -> Result<(TableRx, tokio::task::JoinHandle<()>), ManifestError> {
-    if paths.is_empty() {
-        return Err(ManifestError::NoFiles);
-    }
-    let texts = read_all(&paths)?;
-    let docs = parse_texts(&paths, &texts, &opts)?;
+    let scan = scan_facts(&paths, &opts)?;
+    let mut last_hash = scan.hash;
     let mut state = ClusterState::new(opts.clone());
-    let mut objects = apply(&mut state, &Index::new(), docs);
+    let mut objects = apply(&mut state, &Index::new(), scan);
     let (tx, rx) = watch::channel(state.snapshot());
-    let mut last_hash = content_hash(&texts);
     let poll = poll.max(Duration::from_millis(10));
 
     let task = tokio::spawn(async move {
@@ -500,23 +595,22 @@ pub fn watch_manifests(
                 _ = tick.tick() => {}
                 _ = tx.closed() => return,
             }
-            let texts = match read_all(&paths) {
-                Ok(t) => t,
+            let hash = match content_hash(&paths) {
+                Ok(h) => h,
                 Err(e) => {
                     // Often transient (an editor's rename-into-place); keep serving.
                     tracing::warn!(error = %e, "manifest unreadable; keeping the previous table");
                     continue;
                 }
             };
-            let hash = content_hash(&texts);
-            if hash == last_hash {
+            if hash == last_hash || last_error == Some(hash) {
                 continue;
             }
-            match parse_texts(&paths, &texts, &opts) {
-                Ok(docs) => {
-                    objects = apply(&mut state, &objects, docs);
-                    last_hash = hash;
+            match scan_facts(&paths, &opts) {
+                Ok(scan) => {
+                    last_hash = scan.hash;
                     last_error = None;
+                    objects = apply(&mut state, &objects, scan);
                     let table = state.snapshot();
                     if table.version != tx.borrow().version {
                         tracing::info!(
@@ -527,17 +621,49 @@ pub fn watch_manifests(
                         tx.send_replace(table);
                     }
                 }
+                Err(e @ ManifestError::Read { .. }) => {
+                    tracing::warn!(error = %e, "manifest unreadable; keeping the previous table");
+                }
                 Err(e) => {
                     // Report a given bad content once, not every poll.
-                    if last_error != Some(hash) {
-                        for p in e.problems() {
-                            tracing::warn!(problem = %p, "invalid manifest edit; keeping the previous table");
-                        }
-                        last_error = Some(hash);
+                    for p in e.problems() {
+                        tracing::warn!(problem = %p, "invalid manifest edit; keeping the previous table");
                     }
+                    last_error = Some(hash);
                 }
             }
         }
     });
     Ok((rx, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The poll compares a hash streamed through a 64 KB buffer with the
+    /// one [`scan`] took from whole texts: they must agree, or every poll
+    /// would re-parse (and a bad edit would be reported on every poll).
+    #[test]
+    fn streamed_hash_equals_the_scan_hash() {
+        let dir = std::env::temp_dir().join(format!("lp-manifest-hash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\n\
+                   spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        // Larger than the buffer, and not a multiple of 8 bytes.
+        let big = format!("{svc}{}", "# filler comment line\n".repeat(7_000));
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.yaml");
+        std::fs::write(&a, &big).unwrap();
+        std::fs::write(&b, svc.replace("name: s,", "name: t,")).unwrap();
+        let paths = vec![a.clone(), b.clone()];
+        let scanned = scan(&paths, |_, o| Ok(o.kind())).unwrap();
+        assert_eq!(scanned.kept, ["Service", "Service"]);
+        assert_eq!(content_hash(&paths).unwrap(), scanned.hash);
+        // Moving bytes from one file to the next changes the hash.
+        std::fs::write(&a, &big[..big.len() - 1]).unwrap();
+        std::fs::write(&b, format!("\n{}", svc.replace("name: s,", "name: t,"))).unwrap();
+        assert_ne!(content_hash(&paths).unwrap(), scanned.hash);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -23,7 +23,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::error::ObjectError;
 use crate::model::{Frontend, FrontendKey, Table};
 use crate::objects::{
-    parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, SliceInfo,
+    parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, Skip, SliceInfo,
 };
 use crate::options::Options;
 use crate::translate::{translate, NodeCtx};
@@ -81,7 +81,28 @@ impl ClusterState {
     /// Skipped services (headless, ExternalName, another proxy's) are valid
     /// and simply have no rows.
     pub fn upsert_service(&mut self, svc: Service) -> Result<(), ObjectError> {
-        match parse_service(&svc, &self.opts)? {
+        let parsed = parse_service(&svc, &self.opts)?;
+        let key = match &parsed {
+            Ok(info) => info.key.clone(),
+            Err(_) => ObjKey::new(
+                svc.metadata
+                    .namespace
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("default"),
+                svc.metadata.name.as_deref().unwrap_or_default(),
+            ),
+        };
+        drop(svc);
+        self.upsert_service_info(key, parsed);
+        Ok(())
+    }
+
+    /// [`Self::upsert_service`] for a Service already validated by
+    /// [`parse_service`]: `Err(skip)` removes `key`'s rows. Lets a source
+    /// drop the (large) k8s-openapi object as soon as it is validated.
+    pub fn upsert_service_info(&mut self, key: ObjKey, parsed: Result<ServiceInfo, Skip>) {
+        match parsed {
             Ok(info) => {
                 if self.services.get(&info.key) != Some(&info) {
                     self.dirty.insert(info.key.clone());
@@ -89,18 +110,10 @@ impl ClusterState {
                 }
             }
             Err(skip) => {
-                let ns = svc
-                    .metadata
-                    .namespace
-                    .as_deref()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or("default");
-                let name = svc.metadata.name.as_deref().unwrap_or_default();
-                tracing::debug!(service = %format!("{ns}/{name}"), reason = %skip, "service skipped");
-                self.delete_service(ns, name);
+                tracing::debug!(service = %key, reason = %skip, "service skipped");
+                self.delete_service(&key.namespace, &key.name);
             }
         }
-        Ok(())
     }
 
     pub fn delete_service(&mut self, namespace: &str, name: &str) {
@@ -112,11 +125,17 @@ impl ClusterState {
 
     /// Adds or replaces an EndpointSlice. On error the previous version stays.
     pub fn upsert_slice(&mut self, slice: EndpointSlice) -> Result<(), ObjectError> {
-        let mut info = parse_slice(&slice)?;
+        let info = parse_slice(&slice)?;
         drop(slice);
+        self.upsert_slice_info(info);
+        Ok(())
+    }
+
+    /// [`Self::upsert_slice`] for a slice already validated by [`parse_slice`].
+    pub fn upsert_slice_info(&mut self, mut info: SliceInfo) {
         self.intern(&mut info);
         if self.slices.get(&info.key) == Some(&info) {
-            return Ok(());
+            return;
         }
         let key = info.key.clone();
         self.unindex_slice(&key);
@@ -128,7 +147,6 @@ impl ClusterState {
             self.dirty.insert(svc);
         }
         self.slices.insert(key, info);
-        Ok(())
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
@@ -172,12 +190,20 @@ impl ClusterState {
         if node.metadata.name.as_deref() != Some(self.opts.node_name.as_str()) {
             return Ok(());
         }
-        let info = parse_node(&node)?;
+        self.upsert_node_info(parse_node(&node)?);
+        Ok(())
+    }
+
+    /// [`Self::upsert_node`] for a Node already validated by [`parse_node`];
+    /// ignored unless it is our own node.
+    pub fn upsert_node_info(&mut self, info: NodeInfo) {
+        if info.name != self.opts.node_name {
+            return;
+        }
         if self.node.as_ref() != Some(&info) {
             self.node = Some(info);
             self.node_dirty = true;
         }
-        Ok(())
     }
 
     pub fn delete_node(&mut self, name: &str) {
