@@ -14,6 +14,7 @@ pub mod l7;
 pub mod lifecycle;
 pub mod metrics;
 pub mod run;
+pub mod sandbox;
 pub mod server;
 pub mod table_cmd;
 pub mod telemetry;

@@ -1,34 +1,27 @@
-//! Network-namespace harness for end-to-end tests: a throwaway "node" with
-//! a client and backend "pods" wired to it by veth pairs, the real
-//! `lightpath` binary inside, and clients that run inside the namespaces.
+//! The network-namespace sandbox for end-to-end tests: the library's
+//! [`lightpath::sandbox`] (shared with `lightpath demo`), plus what only
+//! tests want: the root check with its skip switch, panicking shorthands
+//! (a failed setup step fails the test with the step's error), manifests
+//! for the sandbox's addresses, and bounded client probes.
 //!
-//! Why this shape: TPROXY, nftables and policy routing only mean something
-//! on real packets crossing real interfaces, and a test must never touch the
-//! machine's own namespace. Every namespace name carries a per-process,
-//! per-sandbox suffix so tests run in parallel, and everything (processes,
-//! namespaces, hence their veths, rules and routes) is removed on `Drop`,
-//! also when a test fails.
-//!
-//! Topology (IPv4 / IPv6):
-//! ```text
-//!  client 10.0.1.2 fd00:1::2 ──c0── node 10.0.1.1 fd00:1::1
-//!  pod i  10.244.i.2 fd00:244:i::2 ──p<i>── node 10.244.i.1 fd00:244:i::1
-//! ```
-//! The client's default route points at the node; the node's default route
-//! points at the client (a node always has an uplink, and locally originated
-//! service traffic needs a route to exist before the `output` mark applies).
+//! The shorthands are extension traits named after the library's fallible
+//! methods without `try_` (`Sandbox::new`, `sb.start_backend(1)`, `ns.run(..)`),
+//! so a test imports them all with `use support::netns::*`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use lightpath::sandbox;
+// Re-exported for the tests, each of which uses some of them.
+#[allow(unused_imports)]
+pub use lightpath::sandbox::{pod_v4, pod_v6, Lines, Netns, Proc, Sandbox, CLIENT_V4};
 
 pub const SKIP_ENV: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
 
@@ -40,420 +33,129 @@ pub fn require_root(test: &str) -> bool {
         return false;
     }
     assert!(
-        nix::unistd::geteuid().is_root(),
+        sandbox::is_root(),
         "{test} needs root (network namespaces, nftables). Run as root, or set {SKIP_ENV}=1 to skip it."
     );
     true
 }
 
-fn cmd(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Runs a command and panics with its stderr on failure (setup only).
 pub fn must(program: &str, args: &[&str]) -> String {
-    cmd(program, args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(name: String) -> Self {
-        must("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        must("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n NS args...`
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        must("ip", &a)
-    }
-
-    /// Runs a command inside the namespace and returns stdout.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, String> {
-        let mut a = vec!["netns", "exec", self.name.as_str(), program];
-        a.extend_from_slice(args);
-        cmd("ip", &a)
-    }
-
-    /// Runs `f` on a thread that has joined this namespace, with its own
-    /// single-threaded Tokio runtime; every socket it opens lives in here.
-    pub fn run<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        self.spawn(f)
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-
-    /// Like [`Netns::run`], in the background.
-    pub fn spawn<F, Fut, T>(&self, f: F) -> std::thread::JoinHandle<T>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f())
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = cmd("ip", &["netns", "del", &self.name]);
-    }
-}
-
-/// Output lines of a child, shared with the test for waiting on them.
-#[derive(Clone, Default)]
-pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
-
-impl Lines {
-    fn push(&self, l: String) {
-        let (m, c) = &*self.0;
-        m.lock().unwrap_or_else(|e| e.into_inner()).push(l);
-        c.notify_all();
-    }
-
-    /// Waits until a line containing `needle` appears after line `from`;
-    /// returns the index after it.
-    pub fn wait_for(&self, needle: &str, from: usize, timeout: Duration) -> Result<usize, String> {
-        let (m, c) = &*self.0;
-        let deadline = Instant::now() + timeout;
-        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(i) = g.iter().skip(from).position(|l| l.contains(needle)) {
-                return Ok(from + i + 1);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(format!(
-                    "no line containing {needle:?} within {timeout:?}; output:\n{}",
-                    g.join("\n")
-                ));
-            }
-            g = c
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn text(&self) -> String {
-        self.0
-             .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-    }
-}
-
-/// A process started inside a namespace; killed on drop.
-pub struct Proc {
-    pub child: Child,
-    /// stdout and stderr lines, interleaved.
-    pub lines: Lines,
-}
-
-impl Proc {
-    pub fn spawn(ns: &Netns, program: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        let lines = Lines::default();
-        for r in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(r).lines().map_while(Result::ok) {
-                    lines.push(l);
-                }
-            });
-        }
-        Proc { child, lines }
-    }
-
-    /// Sends a signal (SIGTERM for a graceful stop).
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, sig);
-    }
-
-    /// Waits for exit up to `timeout`; returns the exit code.
-    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    sandbox::command(program, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn lightpath_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lightpath"))
 }
 
-pub fn pod_v4(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, i as u8, 2)
+fn ok<T>(r: Result<T, sandbox::Error>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
 }
 
-pub fn pod_v6(i: usize) -> Ipv6Addr {
-    format!("fd00:244:{i}::2").parse().expect("literal")
+/// Panicking shorthands for [`Netns`].
+pub trait NetnsExt {
+    fn new(name: String) -> Self;
+    /// `ip -n NS args...`
+    fn ip(&self, args: &[&str]) -> String;
+    /// Runs `f` on a thread that has joined this namespace, with its own
+    /// single-threaded Tokio runtime; a panic in `f` fails the test.
+    fn run<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static;
+    /// Like [`NetnsExt::run`], in the background.
+    fn spawn<F, Fut, T>(&self, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static;
 }
 
-pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-
-/// A node, a client and `pods` backend namespaces. Processes are dropped
-/// before namespaces (field order).
-pub struct Sandbox {
-    pub procs: Vec<Proc>,
-    pub backends: Vec<Option<Proc>>,
-    pub dir: PathBuf,
-    pub node: Netns,
-    pub client: Netns,
-    pub pods: Vec<Netns>,
-}
-
-impl Sandbox {
-    pub fn new(tag: &str, pods: usize) -> Sandbox {
-        let id = format!(
-            "lp-{tag}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let node = Netns::new(format!("{id}-node"));
-        let client = Netns::new(format!("{id}-cl"));
-        let mut sb = Sandbox {
-            procs: Vec::new(),
-            backends: Vec::new(),
-            dir,
-            node,
-            client,
-            pods: Vec::new(),
-        };
-        for i in 1..=pods {
-            let ns = Netns::new(format!("{id}-p{i}"));
-            sb.pods.push(ns);
-            sb.backends.push(None);
-        }
-        sb.wire();
-        sb
+impl NetnsExt for Netns {
+    fn new(name: String) -> Self {
+        ok(Netns::try_new(name))
     }
 
-    fn wire(&self) {
-        let n = &self.node;
-        must(
-            "ip",
-            &[
-                "link",
-                "add",
-                "c0",
-                "netns",
-                &n.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &self.client.name,
-            ],
-        );
-        n.ip(&["addr", "add", "10.0.1.1/24", "dev", "c0"]);
-        n.ip(&["addr", "add", "fd00:1::1/64", "dev", "c0", "nodad"]);
-        n.ip(&["link", "set", "c0", "up"]);
-        let c = &self.client;
-        c.ip(&["addr", "add", "10.0.1.2/24", "dev", "eth0"]);
-        c.ip(&["addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad"]);
-        c.ip(&["link", "set", "eth0", "up"]);
-        c.ip(&["route", "add", "default", "via", "10.0.1.1"]);
-        c.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"]);
-        n.ip(&["route", "add", "default", "via", "10.0.1.2"]);
-        n.ip(&["-6", "route", "add", "default", "via", "fd00:1::2"]);
-        for (k, p) in self.pods.iter().enumerate() {
-            let i = k + 1;
-            let dev = format!("p{i}");
-            must(
-                "ip",
-                &[
-                    "link", "add", &dev, "netns", &n.name, "type", "veth", "peer", "name", "eth0",
-                    "netns", &p.name,
-                ],
-            );
-            n.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &dev]);
-            n.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:244:{i}::1/64"),
-                "dev",
-                &dev,
-                "nodad",
-            ]);
-            n.ip(&["link", "set", &dev, "up"]);
-            p.ip(&["addr", "add", &format!("{}/24", pod_v4(i)), "dev", "eth0"]);
-            p.ip(&[
-                "addr",
-                "add",
-                &format!("{}/64", pod_v6(i)),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            p.ip(&["link", "set", "eth0", "up"]);
-            p.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")]);
-            p.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:244:{i}::1"),
-            ]);
+    fn ip(&self, args: &[&str]) -> String {
+        ok(self.try_ip(args))
+    }
+
+    fn run<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static,
+    {
+        match ok(self.try_spawn(f)).join() {
+            Ok(r) => ok(r),
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     }
 
-    /// Starts `lightpath backend --name pod-i` in pod `i` (1-based) and waits
-    /// until it listens.
-    pub fn start_backend(&mut self, i: usize) {
-        let name = format!("pod-{i}");
-        let p = Proc::spawn(
-            &self.pods[i - 1],
-            &lightpath_bin(),
-            &["backend", "--name", &name],
-        );
-        p.lines
-            .wait_for("ready", 0, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("backend {name}: {e}"));
-        self.backends[i - 1] = Some(p);
+    fn spawn<F, Fut, T>(&self, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static,
+    {
+        let thread = ok(self.try_spawn(f));
+        // Joins to the test's own panic when `f` panics.
+        std::thread::spawn(move || match thread.join() {
+            Ok(r) => ok(r),
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+}
+
+/// Panicking shorthand for [`Proc`].
+pub trait ProcExt {
+    fn spawn(ns: &Netns, program: &Path, args: &[&str]) -> Self;
+}
+
+impl ProcExt for Proc {
+    fn spawn(ns: &Netns, program: &Path, args: &[&str]) -> Self {
+        ok(Proc::try_spawn(ns, program, args))
+    }
+}
+
+/// Panicking shorthands for [`Sandbox`], running the test's `lightpath`.
+pub trait SandboxExt {
+    /// A sandbox with `pods` backend namespaces; `tag` names its namespaces.
+    fn new(tag: &str, pods: usize) -> Self;
+    /// Starts `lightpath backend --name pod-i` in pod `i` (1-based).
+    fn start_backend(&mut self, i: usize);
+    fn write_manifest(&self, name: &str, text: &str) -> PathBuf;
+    /// Starts `lightpath run` in the node; the index into `procs`.
+    fn start_lightpath(&mut self, manifest: &Path, extra: &[&str]) -> usize;
+    fn lightpath(&self, idx: usize) -> &Proc;
+    /// `nft list table inet lightpath` in the node namespace.
+    fn nft_table(&self) -> String;
+}
+
+impl SandboxExt for Sandbox {
+    fn new(tag: &str, pods: usize) -> Self {
+        ok(Sandbox::try_new(tag, pods, lightpath_bin()))
     }
 
-    pub fn stop_backend(&mut self, i: usize) {
-        self.backends[i - 1] = None;
+    fn start_backend(&mut self, i: usize) {
+        ok(self.try_start_backend(i))
     }
 
-    /// Writes a manifest file into the sandbox's directory (atomically, so a
-    /// polling reader never sees half a file).
-    pub fn write_manifest(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).expect("write manifest");
-        std::fs::rename(&tmp, &path).expect("rename manifest");
-        path
+    fn write_manifest(&self, name: &str, text: &str) -> PathBuf {
+        ok(self.try_write_manifest(name, text))
     }
 
-    /// Starts `lightpath run` in the node namespace on `manifest` and waits
-    /// until it serves. Returns the index into `procs`.
-    pub fn start_lightpath(&mut self, manifest: &Path, extra: &[&str]) -> usize {
-        let m = manifest.to_string_lossy().to_string();
-        let mut args = vec![
-            "run",
-            "--manifests",
-            &m,
-            "--node-name",
-            "node-a",
-            "--manifest-poll-ms",
-            "100",
-            "--drain-timeout",
-            "5",
-        ];
-        args.extend_from_slice(extra);
-        let p = Proc::spawn(&self.node, &lightpath_bin(), &args);
-        p.lines
-            .wait_for("serving", 0, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("lightpath run: {e}"));
-        self.procs.push(p);
-        self.procs.len() - 1
+    fn start_lightpath(&mut self, manifest: &Path, extra: &[&str]) -> usize {
+        ok(self.try_start_lightpath(manifest, extra))
     }
 
-    pub fn lightpath(&self, idx: usize) -> &Proc {
+    fn lightpath(&self, idx: usize) -> &Proc {
         &self.procs[idx]
     }
 
-    /// `nft list table inet lightpath` in the node namespace.
-    pub fn nft_table(&self) -> String {
-        self.node
-            .exec("nft", &["list", "table", "inet", "lightpath"])
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        self.procs.clear();
-        self.backends.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    fn nft_table(&self) -> String {
+        ok(self.try_nft_table())
     }
 }
 
@@ -516,34 +218,10 @@ pub fn node_yaml() -> String {
 /// Bound on every client operation.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn timed<T>(
-    what: &str,
-    f: impl std::future::Future<Output = std::io::Result<T>>,
-) -> std::io::Result<T> {
-    tokio::time::timeout(IO_TIMEOUT, f).await.map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what}: timed out"))
-    })?
-}
-
 /// One HTTP/1.1 request on a fresh connection; returns the body (the
 /// backend's name). Run inside a namespace.
 pub async fn http_name(addr: SocketAddr) -> std::io::Result<String> {
-    timed("http", async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.trim().to_string())
-            .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
-        Ok(body)
-    })
-    .await
+    sandbox::http_name(addr, IO_TIMEOUT).await
 }
 
 /// How a connect attempt ended, and how fast.
