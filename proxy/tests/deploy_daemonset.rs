@@ -9,17 +9,17 @@
 //! Needs root (see `support::netns::require_root`).
 
 mod support {
+    pub mod kube_api;
     pub mod netns;
 }
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fakeapi::FakeApi;
 use serde::Deserialize;
 use serde_yaml::Value;
+use support::kube_api::*;
 use support::netns::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -112,45 +112,6 @@ fn probe_targets(docs: &[Value]) -> Vec<(u16, String)> {
         ann["prometheus.io/path"].as_str().expect("path").into(),
     ));
     out
-}
-
-/// The fake API server, served from a thread inside the node namespace.
-struct NodeApi {
-    api: Arc<FakeApi>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NodeApi {
-    fn start(node: &Netns) -> NodeApi {
-        let (api_tx, api_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = node.spawn(move || async move {
-            let api = Arc::new(FakeApi::start().await.expect("start fakeapi"));
-            let _ = api_tx.send(api.clone());
-            let _ = stopped.await;
-            api.stop().await;
-        });
-        let api = api_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("fakeapi did not start in the node namespace");
-        NodeApi {
-            api,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for NodeApi {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 struct TempFile(PathBuf);

@@ -5,16 +5,16 @@
 //! `support::netns::require_root`).
 
 mod support {
+    pub mod kube_api;
     pub mod netns;
 }
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fakeapi::{FakeApi, Kind};
-use serde::Deserialize;
+use fakeapi::Kind;
+use support::kube_api::*;
 use support::netns::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,57 +27,6 @@ const WAIT: Duration = Duration::from_secs(90);
 
 fn vip() -> IpAddr {
     "10.96.0.10".parse().expect("literal")
-}
-
-/// Applies every document of a multi-document YAML string.
-fn apply_yaml(api: &FakeApi, yaml: &str) {
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = serde_json::Value::deserialize(doc).expect("yaml document");
-        if v.is_null() {
-            continue;
-        }
-        let kind = Kind::from_kind(v["kind"].as_str().unwrap_or("")).expect("known kind");
-        api.apply_json(kind, v).expect("apply");
-    }
-}
-
-/// The fake API server, served from a thread inside the node namespace.
-struct NodeApi {
-    api: Arc<FakeApi>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NodeApi {
-    fn start(node: &Netns) -> NodeApi {
-        let (api_tx, api_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = node.spawn(move || async move {
-            let api = Arc::new(FakeApi::start().await.expect("start fakeapi"));
-            let _ = api_tx.send(api.clone());
-            let _ = stopped.await;
-            api.stop().await;
-        });
-        let api = api_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("fakeapi did not start in the node namespace");
-        NodeApi {
-            api,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for NodeApi {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 async fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
