@@ -1,6 +1,6 @@
-//! Loopback fixtures for the L4 tests: a table whose frontend is a plain
-//! 127.0.0.1 listener (its local address is exactly what TPROXY would report),
-//! backends with observable behaviour, and a server harness.
+//! Loopback fixtures for the L4 tests: L4 service ports, backends with
+//! observable behaviour, and the server harness (`support/loopback.rs`,
+//! shared with the L7 tests).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -10,119 +10,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
-};
-use lightpath::drain;
-use lightpath::server::{Server, ServerConfig};
+use control::{Affinity, Mode, ServicePort, ServicePortName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+#[path = "../support/loopback.rs"]
+mod loopback;
+
+use loopback::service_port;
+/// A running server with its loopback frontends (`Harness::start(n, cfg,
+/// rows)`), table sender and drain signal.
+pub use loopback::Served as Harness;
 
 /// Upper bound for any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn service(name: &str, eps: &[SocketAddr], affinity: Affinity) -> Arc<ServicePort> {
-    let eps: Arc<[Endpoint]> = eps
-        .iter()
-        .map(|a| Endpoint {
-            addr: *a,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        })
-        .collect();
-    Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "test".into(),
-            name: name.into(),
-            port: String::new(),
-        },
-        protocol: Protocol::Tcp,
-        mode: Mode::L4,
-        affinity,
-        cluster_endpoints: eps,
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
-    })
-}
-
-/// A table mapping each `(frontend address, service)` pair.
-pub fn table(version: u64, rows: &[(SocketAddr, Arc<ServicePort>)]) -> Arc<Table> {
-    let mut t = Table {
-        version,
-        ..Table::default()
+    let name = ServicePortName {
+        namespace: "test".into(),
+        name: name.into(),
+        port: String::new(),
     };
-    for (addr, svc) in rows {
-        let key = FrontendKey::new(*addr, Protocol::Tcp);
-        t.frontends.insert(
-            key,
-            Frontend {
-                key,
-                kind: FrontendKind::ClusterIp,
-                service: svc.clone(),
-            },
-        );
-    }
-    Arc::new(t)
-}
-
-/// A running server with its listeners, table sender and drain signal.
-pub struct Harness {
-    pub addrs: Vec<SocketAddr>,
-    pub table: watch::Sender<Arc<Table>>,
-    pub server: Server,
-    pub signal: Option<drain::Signal>,
-    pub task: JoinHandle<()>,
-}
-
-impl Harness {
-    /// Binds `n` loopback listeners (the frontends) and serves `rows(addrs)`.
-    pub async fn start(
-        n: usize,
-        cfg: ServerConfig,
-        rows: impl FnOnce(&[SocketAddr]) -> Vec<(SocketAddr, Arc<ServicePort>)>,
-    ) -> Harness {
-        let mut listeners = Vec::new();
-        let mut addrs = Vec::new();
-        for _ in 0..n {
-            let l = TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind frontend");
-            addrs.push(l.local_addr().expect("addr"));
-            listeners.push(l);
-        }
-        let (tx, rx) = watch::channel(table(1, &rows(&addrs)));
-        let server = Server::new(rx, cfg);
-        let (signal, watch) = drain::channel();
-        let s = server.clone();
-        let task = tokio::spawn(async move {
-            s.run(listeners, watch).await.expect("serve");
-        });
-        Harness {
-            addrs,
-            table: tx,
-            server,
-            signal: Some(signal),
-            task,
-        }
-    }
-
-    pub fn publish(&self, rows: Vec<(SocketAddr, Arc<ServicePort>)>) {
-        let v = self.table.borrow().version + 1;
-        self.table.send_replace(table(v, &rows));
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    service_port(name, Mode::L4, affinity, eps, BTreeMap::new())
 }
 
 /// How a backend connection ended, as the backend saw it.

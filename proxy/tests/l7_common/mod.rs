@@ -1,6 +1,6 @@
-//! Loopback fixtures for the L7 tests: HTTP frontends on plain 127.0.0.1
-//! listeners (their local address is what TPROXY would report), in-process
-//! hyper backends with scriptable behaviour, and hyper clients.
+//! Loopback fixtures for the L7 tests: HTTP service ports served on plain
+//! 127.0.0.1 frontends (`support/loopback.rs`, shared with the L4 tests),
+//! in-process hyper backends with scriptable behaviour, and hyper clients.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -13,21 +13,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
-};
+use control::{Affinity, Mode, ServicePort, ServicePortName};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lightpath::drain;
-use lightpath::server::{Server, ServerConfig};
+use lightpath::server::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+#[path = "../support/loopback.rs"]
+mod loopback;
+
+use loopback::service_port;
+pub use loopback::Served;
 
 /// Upper bound for any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -44,62 +46,23 @@ pub fn service(
     mode: Mode,
     annotations: &[(&str, &str)],
 ) -> Arc<ServicePort> {
-    let eps: Arc<[Endpoint]> = eps
-        .iter()
-        .map(|a| Endpoint {
-            addr: *a,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        })
-        .collect();
-    Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "l7".into(),
-            name: name.into(),
-            port: "http".into(),
-        },
-        protocol: Protocol::Tcp,
-        mode,
-        affinity: Affinity::None,
-        cluster_endpoints: eps,
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-    })
-}
-
-pub fn table(version: u64, rows: &[(SocketAddr, Arc<ServicePort>)]) -> Arc<Table> {
-    let mut t = Table {
-        version,
-        ..Table::default()
+    let name = ServicePortName {
+        namespace: "l7".into(),
+        name: name.into(),
+        port: "http".into(),
     };
-    for (addr, svc) in rows {
-        let key = FrontendKey::new(*addr, Protocol::Tcp);
-        t.frontends.insert(
-            key,
-            Frontend {
-                key,
-                kind: FrontendKind::ClusterIp,
-                service: svc.clone(),
-            },
-        );
-    }
-    Arc::new(t)
+    let annotations = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<BTreeMap<_, _>>();
+    service_port(name, mode, Affinity::None, eps, annotations)
 }
 
-/// A running lightpath server with one loopback frontend.
+/// A running lightpath server with one loopback frontend; the server, its
+/// table sender and drain signal are the [`Served`] it derefs to.
 pub struct Proxy {
     pub addr: SocketAddr,
-    pub table: watch::Sender<Arc<Table>>,
-    pub server: Server,
-    pub signal: Option<drain::Signal>,
-    task: JoinHandle<()>,
+    served: Served,
 }
 
 impl Proxy {
@@ -108,29 +71,15 @@ impl Proxy {
     }
 
     pub async fn start_with(svc: Arc<ServicePort>, cfg: ServerConfig) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind frontend");
-        let addr = l.local_addr().expect("addr");
-        let (tx, rx) = watch::channel(table(1, &[(addr, svc)]));
-        let server = Server::new(rx, cfg);
-        let (signal, watch) = drain::channel();
-        let s = server.clone();
-        let task = tokio::spawn(async move {
-            s.run(vec![l], watch).await.expect("serve");
-        });
+        let served = Served::start(1, cfg, |a| vec![(a[0], svc)]).await;
         Proxy {
-            addr,
-            table: tx,
-            server,
-            signal: Some(signal),
-            task,
+            addr: served.addrs[0],
+            served,
         }
     }
 
     pub fn publish(&self, svc: Arc<ServicePort>) {
-        let v = self.table.borrow().version + 1;
-        self.table.send_replace(table(v, &[(self.addr, svc)]));
+        self.served.publish(vec![(self.addr, svc)]);
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -138,9 +87,16 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
+impl std::ops::Deref for Proxy {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.served
+    }
+}
+
+impl std::ops::DerefMut for Proxy {
+    fn deref_mut(&mut self) -> &mut Served {
+        &mut self.served
     }
 }
 
