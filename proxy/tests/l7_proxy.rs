@@ -1,6 +1,7 @@
 //! L7 proxying end to end through real loopback sockets: headers, keep-alive,
 //! chunked and 100 MB streamed bodies, h2c multiplexing with trailers,
-//! WebSocket-style upgrades, malformed and oversized requests.
+//! WebSocket-style upgrades, CONNECT tunnels, malformed and oversized
+//! requests.
 
 mod l7_common;
 
@@ -357,6 +358,74 @@ async fn websocket_upgrade_echo() {
             .expect("read");
         assert_eq!(got, msg);
     }
+}
+
+#[tokio::test]
+async fn connect_tunnel_relays_bytes_after_200() {
+    // A raw backend: answers CONNECT with 200, then echoes bytes until EOF,
+    // then sends its own FIN.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen2 = seen.clone();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        let head = read_head(&mut s).await;
+        *seen2.lock().expect("seen") = head;
+        s.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => s.write_all(&buf[..n]).await.expect("echo"),
+            }
+        }
+        let _ = s.shutdown().await;
+    });
+    let p = Proxy::start(service("connect", &[addr], Mode::Http, &[])).await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nhost: db.internal:5432\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let upstream_head = seen.lock().expect("seen").clone();
+    assert!(
+        upstream_head.starts_with("CONNECT db.internal:5432 HTTP/1.1"),
+        "{upstream_head}"
+    );
+    // Not HTTP any more: arbitrary bytes both ways, including ones that
+    // look like an HTTP request.
+    for msg in [
+        &b"\x00\x01binary\xff"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[7u8; 10_000][..],
+    ] {
+        s.write_all(msg).await.expect("write");
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(got, msg);
+    }
+    // Half-close travels through: our FIN reaches the backend, its FIN
+    // comes back.
+    s.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("EOF in time")
+        .expect("read");
+    assert!(rest.is_empty());
+    tokio::time::timeout(WAIT, backend)
+        .await
+        .expect("backend done")
+        .expect("backend task");
 }
 
 async fn read_head(s: &mut TcpStream) -> String {

@@ -505,3 +505,142 @@ async fn active_health_check_takes_a_failing_endpoint_out_before_requests() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An h2c endpoint that refuses every stream with RST_STREAM(REFUSED_STREAM)
+/// (what a server at its stream limit or shutting down does); counts them.
+async fn refusing_h2_backend(refused: Arc<AtomicU64>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let refused = refused.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn h2_refused_stream_is_retried_on_another_endpoint_even_for_post() {
+    let refused = Arc::new(AtomicU64::new(0));
+    let (refuser, task) = refusing_h2_backend(refused.clone()).await;
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    let ok = Backend::start(move |_, req: Request<hyper::body::Incoming>| {
+        let s2 = s2.clone();
+        async move {
+            // The POST body arrives whole at the endpoint that processes it.
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"order-42");
+            s2.fetch_add(1, Ordering::SeqCst);
+            status(200, "ok")
+        }
+    })
+    .await;
+    let c = client();
+    let mut trials = 0u64;
+    let mut saw_two = 0;
+    // A fresh proxy per trial: the first pick is a coin flip between the two
+    // (equal default RTT); after a refusal p2c avoids the refuser.
+    while refused.load(Ordering::SeqCst) < 3 && trials < 40 {
+        trials += 1;
+        let p = Proxy::start(service("refused", &[refuser, ok.addr], Mode::H2c, &[])).await;
+        let req = Request::post(p.url("/order"))
+            .body(full("order-42"))
+            .expect("req");
+        let (code, h, body) = send(&c, req).await;
+        assert_eq!(code, 200, "{body:?}");
+        if h["x-lightpath-attempts"] == "2" {
+            saw_two += 1;
+        }
+    }
+    let refused = refused.load(Ordering::SeqCst);
+    assert!(refused >= 3, "the refuser got only {refused} streams");
+    assert_eq!(saw_two, refused, "every refused POST was retried once");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        trials,
+        "each POST processed once"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn empty_endpoint_set_queues_requests_until_the_deadline() {
+    let a = ok_backend("a").await;
+    let ann = [
+        ("lightpath.io/queue-capacity", "2"),
+        ("lightpath.io/queue-timeout", "3s"),
+    ];
+    let p = Proxy::start(service("queue", &[a.addr], Mode::Http, &ann)).await;
+    // One HTTP/2 connection, opened while the service had an endpoint (a
+    // new connection to a service without endpoints is refused at L4).
+    let c = h2_client();
+    let (code, _, _) = get(&c, &p.url("/")).await;
+    assert_eq!(code, 200);
+
+    // The set empties: 5 concurrent requests; 2 wait, 3 overflow at once.
+    p.publish(service("queue", &[], Mode::Http, &ann));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let (c, url) = (c.clone(), p.url("/"));
+        tasks.push(tokio::spawn(async move {
+            let r = send(&c, Request::get(url).body(full("")).expect("req")).await;
+            (r, started.elapsed())
+        }));
+    }
+    // The overflowed ones are answered before any endpoint appears.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = ok_backend("b").await;
+    let published = started.elapsed();
+    p.publish(service("queue", &[b.addr], Mode::Http, &ann));
+    let (mut ok, mut overflow) = (0, 0);
+    for t in tasks {
+        let ((code, h, body), took) = t.await.expect("task");
+        match code {
+            200 => {
+                assert_eq!(&body[..], b"b");
+                assert!(took >= published, "served after the update");
+                ok += 1;
+            }
+            503 => {
+                assert_eq!(h["x-lightpath-overflow"], "true", "{body:?}");
+                assert!(took < published, "overflow at once: {took:?}");
+                overflow += 1;
+            }
+            other => panic!("unexpected {other}: {body:?}"),
+        }
+    }
+    assert_eq!((ok, overflow), (2, 3));
+
+    // Nobody shows up: 503 after the queue timeout, saying why.
+    let short = [("lightpath.io/queue-timeout", "300ms")];
+    p.publish(service("queue", &[], Mode::Http, &short));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = tokio::time::Instant::now();
+    let (code, h, body) = get(&c, &p.url("/")).await;
+    let took = t0.elapsed();
+    assert_eq!(code, 503);
+    assert_eq!(h["x-lightpath-error"], "no-endpoints");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("within 300ms (fail-fast)"), "{text}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}

@@ -102,6 +102,11 @@ impl Backend {
         Duration::from_nanos(self.ewma.estimate_ns(Instant::now()) as u64)
     }
 
+    /// The current estimate in nanoseconds (no rounding).
+    pub(crate) fn estimate_ns(&self, now: Instant) -> f64 {
+        self.ewma.estimate_ns(now)
+    }
+
     /// p2c cost: latency estimate × (in-flight + 1). The `+ 1` makes an idle
     /// backend's cost its latency rather than zero.
     pub(crate) fn cost(&self, now: Instant) -> f64 {

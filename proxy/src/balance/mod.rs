@@ -20,9 +20,11 @@
 //!   not-ready (outlier ejection, breakers, health checks), bounded by a
 //!   maximum ejected share so a bad signal cannot empty the set.
 //!
-//! Defaults follow linkerd2-proxy: a new endpoint starts at 30 ms (never
-//! zero, or it would look free and take every new connection), and the
-//! estimate decays over 10 s.
+//! Defaults follow linkerd2-proxy: the first endpoints of a service start at
+//! 30 ms (never zero, or they would look free and take every new
+//! connection), and the estimate decays over 10 s. An endpoint added to a
+//! running set starts at its ready peers' mean estimate instead (Finagle's
+//! Aperture), so it is neither flooded nor starved (see `initial_rtt`).
 
 mod affinity;
 mod backend;
@@ -155,6 +157,9 @@ pub struct Balancer {
     eject_lock: Mutex<()>,
     /// This service port's metric handles, registered once.
     metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// Woken whenever a new endpoint set is published, for requests waiting
+    /// for an endpoint (see [`Balancer::wait_for_endpoints`]).
+    changed: tokio::sync::Notify,
 }
 
 impl Balancer {
@@ -168,6 +173,7 @@ impl Balancer {
             affinity: [AffinityMap::new(), AffinityMap::new()],
             eject_lock: Mutex::new(()),
             metrics: crate::metrics::service(&service.name),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -211,8 +217,10 @@ impl Balancer {
 
     fn apply_inner(&self, service: &Arc<ServicePort>, version: Option<u64>) -> bool {
         let mut applied = true;
+        let mut replaced = false;
         self.state.rcu(|old| {
             applied = true;
+            replaced = false;
             let v = version.unwrap_or(old.version);
             if v < old.version {
                 applied = false;
@@ -233,9 +241,35 @@ impl Balancer {
             for b in old.cluster.iter().chain(old.local.iter()) {
                 known.insert(b.addr(), b.clone());
             }
+            replaced = true;
             Arc::new(build_state(service, v, &known, &self.cfg))
         });
+        if replaced {
+            self.changed.notify_waiters();
+        }
         applied
+    }
+
+    /// Whether `scope`'s set has any endpoint (O(1)).
+    pub fn has_endpoints(&self, scope: Scope) -> bool {
+        !self.state.load().set(scope).is_empty()
+    }
+
+    /// Resolves once `scope`'s set has an endpoint (at once if it has one).
+    /// Woken by every published update, so it never polls; the caller
+    /// bounds the wait (the L7 fail-fast queue).
+    pub async fn wait_for_endpoints(&self, scope: Scope) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an update between the check
+            // and the await still wakes us.
+            notified.as_mut().enable();
+            if self.has_endpoints(scope) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The backends currently in `scope`'s set.
@@ -371,12 +405,13 @@ fn build_state(
     known: &HashMap<SocketAddr, Arc<Backend>>,
     cfg: &BalanceConfig,
 ) -> State {
+    let seed = initial_rtt(service, known, cfg.default_rtt);
     let mut fresh: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
     let mut get = |ep: &Endpoint| -> Arc<Backend> {
         if let Some(b) = known.get(&ep.addr).or_else(|| fresh.get(&ep.addr)) {
             return b.clone();
         }
-        let b = Arc::new(Backend::new(ep.addr, cfg.default_rtt, cfg.decay));
+        let b = Arc::new(Backend::new(ep.addr, seed, cfg.decay));
         fresh.insert(ep.addr, b.clone());
         b
     };
@@ -388,6 +423,50 @@ fn build_state(
         cluster,
         local,
     }
+}
+
+/// The latency estimate a new endpoint starts with: the mean current
+/// estimate of the ready endpoints that stay in the set (Finagle's Aperture
+/// seeds newcomers from their peers), or `default_rtt` when there are none
+/// (a brand-new service).
+///
+/// Why not always the default: the estimate of a backend nobody picks only
+/// decays (10 s window), so a newcomer at 30 ms among 1 ms peers loses every
+/// p2c comparison under light sequential load for tens of seconds. Starting
+/// at its peers' mean it is compared on equal terms at once, and in-flight
+/// counts keep it from being flooded. Never below 1 µs, so it cannot look
+/// free.
+fn initial_rtt(
+    service: &ServicePort,
+    known: &HashMap<SocketAddr, Arc<Backend>>,
+    default_rtt: Duration,
+) -> Duration {
+    let now = Instant::now();
+    let mut seen: Vec<SocketAddr> = Vec::new();
+    let (mut sum, mut n) = (0.0f64, 0u32);
+    let eps = service
+        .cluster_endpoints
+        .iter()
+        .chain(service.local_endpoints.iter());
+    for ep in eps {
+        let Some(b) = known.get(&ep.addr) else {
+            continue;
+        };
+        if !b.is_ready() || seen.contains(&ep.addr) {
+            continue;
+        }
+        seen.push(ep.addr);
+        sum += b.estimate_ns(now);
+        n += 1;
+    }
+    if n == 0 {
+        return default_rtt;
+    }
+    let mean = sum / f64::from(n);
+    if !mean.is_finite() {
+        return default_rtt;
+    }
+    Duration::from_nanos(mean.max(1_000.0) as u64)
 }
 
 /// Random draws before the pick falls back to scanning for usable backends.

@@ -13,6 +13,8 @@
 //!   attempts on distinct endpoints with timeouts, a tower `TpsBudget` retry
 //!   budget and outlier reporting into the shared balancer;
 //! * [`upstream`]: per-endpoint pooled HTTP/1.1 or HTTP/2 connections;
+//! * [`queue`]: where a request waits (bounded, fail-fast) while its
+//!   service has no endpoint;
 //! * [`rescue`]: every proxy-generated status in one function;
 //! * [`upgrade`]: WebSocket / CONNECT tunnels after 101 / 2xx.
 //!
@@ -24,6 +26,7 @@ pub mod body;
 pub mod headers;
 pub mod health;
 pub mod proxy;
+pub mod queue;
 pub mod rescue;
 pub mod ring;
 pub mod settings;

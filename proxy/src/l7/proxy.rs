@@ -11,8 +11,9 @@
 //! ejection.
 //!
 //! Order per request: `max-requests` slot (else 503 overflow) → budget
-//! deposit → header rewrite → body: buffered up to the cap when the method
-//! is idempotent, otherwise streamed → attempts: pick an endpoint not tried
+//! deposit → header rewrite → body: buffered when its length is known and
+//! within the cap (any method: a refused stream may be replayed), otherwise
+//! streamed → attempts: pick an endpoint not tried
 //! yet, send within the per-try timeout; retry on another endpoint when the
 //! failure is retryable, attempts remain, a `max-retries` slot is free and
 //! the budget allows; never wait for a slot. The whole loop runs within the
@@ -59,8 +60,36 @@ pub struct Conn {
 /// Serves one request; never fails (errors become responses via rescue).
 pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    let mut svc = conn.l7.service(&conn.balancer.service());
+    if !conn.balancer.has_endpoints(conn.scope) {
+        // The set is empty: wait (bounded) for an update, then use the
+        // service state that came with it.
+        let s = &svc.settings;
+        let queued = &svc.shared.limits.queued;
+        let waited = super::queue::wait_for_endpoint(
+            &conn.balancer,
+            conn.scope,
+            queued,
+            s.queue_capacity,
+            s.queue_timeout,
+        )
+        .await;
+        if let Err(e) = waited {
+            tracing::debug!(service = %svc.port.name, peer = %conn.peer, error = %e, "request failed");
+            if matches!(e, ProxyError::Overflow(_)) {
+                svc.shared.metrics.breaker_overflows.increment(1);
+            }
+            let mut resp = e.to_response();
+            headers::set_attempts(resp.headers_mut(), 0);
+            svc.shared
+                .metrics
+                .http_response(resp.status().as_u16(), started.elapsed());
+            return resp;
+        }
+        svc = conn.l7.service(&conn.balancer.service());
+    }
     let ctx = Conn {
-        svc: conn.l7.service(&conn.balancer.service()),
+        svc,
         balancer: conn.balancer.clone(),
         scope: conn.scope,
         peer: conn.peer,
@@ -237,8 +266,12 @@ async fn forward(
     let http2 = shared.http2();
     let (mut parts, body) = req.into_parts();
     headers::prepare_request(&mut parts.headers, ctx.peer.ip(), false);
+    // Buffered when it fits: then a request that was refused unprocessed
+    // (HTTP/2 REFUSED_STREAM) can go again whatever its method. Which
+    // failures a buffered request retries after it *was* processed depends
+    // on the method (`idempotent`).
+    let idempotent = is_idempotent(&parts.method);
     let replayable = s.max_attempts > 1
-        && is_idempotent(&parts.method)
         && (body.is_end_stream()
             || body
                 .size_hint()
@@ -309,7 +342,8 @@ async fn forward(
             Err(_) => {
                 failed(ctx, &mut pick);
                 last = Some(ProxyError::Timeout(Timeout::PerTry));
-                if matches!(replay, Replay::Buffered(_)) && s.retry_on.per_try_timeout {
+                if idempotent && matches!(replay, Replay::Buffered(_)) && s.retry_on.per_try_timeout
+                {
                     continue;
                 }
                 break;
@@ -323,6 +357,7 @@ async fn forward(
                 }
                 headers::prepare_response(resp.headers_mut(), false);
                 let retry = s.retry_on.status(status.as_u16())
+                    && idempotent
                     && matches!(replay, Replay::Buffered(_))
                     && attempts < s.max_attempts;
                 let done = Done { pick, checkin };
@@ -356,9 +391,13 @@ async fn forward(
                     FailKind::Http(e) => {
                         failed(ctx, &mut pick);
                         let buffered = matches!(replay, Replay::Buffered(_));
+                        // Unsent: the body (streamed or not) is still ours.
+                        // Refused: the endpoint did not process it. Reset
+                        // before any response byte: it may have, so only an
+                        // idempotent request goes again.
                         let retry = unsent
-                            || (is_refused_stream(&e) && s.retry_on.refused_stream)
-                            || (buffered && s.retry_on.reset);
+                            || (buffered && is_refused_stream(&e) && s.retry_on.refused_stream)
+                            || (buffered && idempotent && s.retry_on.reset);
                         last = Some(ProxyError::Upstream(e));
                         if retry {
                             continue;

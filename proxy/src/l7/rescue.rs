@@ -25,6 +25,8 @@ pub enum Limit {
     Requests,
     Pending,
     Connections,
+    /// The wait-for-an-endpoint queue is full.
+    Queue,
 }
 
 impl Limit {
@@ -33,6 +35,7 @@ impl Limit {
             Limit::Requests => "max-requests",
             Limit::Pending => "max-pending-requests",
             Limit::Connections => "max-connections",
+            Limit::Queue => "queue-capacity",
         }
     }
 }
@@ -50,6 +53,9 @@ pub enum Timeout {
 pub enum ProxyError {
     #[error("no endpoints")]
     NoEndpoints,
+    /// Waited in the queue for the whole queue timeout; none appeared.
+    #[error("no endpoints: none became available within {}ms (fail-fast)", .0.as_millis())]
+    FailFast(std::time::Duration),
     #[error("circuit breaker overflow ({})", .0.as_str())]
     Overflow(Limit),
     #[error("connect to endpoint failed: {0}")]
@@ -68,7 +74,9 @@ impl ProxyError {
     /// The one mapping from failure to status code.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoEndpoints | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints | ProxyError::FailFast(_) | ProxyError::Overflow(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect(e) if e.kind() == io::ErrorKind::TimedOut => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -82,7 +90,7 @@ impl ProxyError {
     /// Short machine-readable name, for the `x-lightpath-error` header.
     pub fn kind(&self) -> &'static str {
         match self {
-            ProxyError::NoEndpoints => "no-endpoints",
+            ProxyError::NoEndpoints | ProxyError::FailFast(_) => "no-endpoints",
             ProxyError::Overflow(_) => "overflow",
             ProxyError::Connect(e) if e.kind() == io::ErrorKind::TimedOut => "connect-timeout",
             ProxyError::Connect(_) => "connect-failed",
@@ -128,6 +136,12 @@ mod tests {
         let cases: Vec<(ProxyError, u16, &str)> = vec![
             (ProxyError::NoEndpoints, 503, "no-endpoints"),
             (ProxyError::Overflow(Limit::Requests), 503, "overflow"),
+            (ProxyError::Overflow(Limit::Queue), 503, "overflow"),
+            (
+                ProxyError::FailFast(std::time::Duration::from_secs(1)),
+                503,
+                "no-endpoints",
+            ),
             (ProxyError::Connect(refused), 502, "connect-failed"),
             (ProxyError::Connect(timed_out), 504, "connect-timeout"),
             (ProxyError::Timeout(Timeout::PerTry), 504, "per-try-timeout"),

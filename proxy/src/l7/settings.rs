@@ -27,6 +27,8 @@ pub mod keys {
     pub const MAX_PENDING: &str = "lightpath.io/max-pending-requests";
     pub const MAX_REQUESTS: &str = "lightpath.io/max-requests";
     pub const MAX_RETRIES: &str = "lightpath.io/max-retries";
+    pub const QUEUE_CAPACITY: &str = "lightpath.io/queue-capacity";
+    pub const QUEUE_TIMEOUT: &str = "lightpath.io/queue-timeout";
     pub const EJECT_CONSECUTIVE: &str = "lightpath.io/ejection-consecutive-failures";
     pub const EJECT_BASE_TIME: &str = "lightpath.io/ejection-base-time";
     pub const EJECT_MAX_TIME: &str = "lightpath.io/ejection-max-time";
@@ -162,6 +164,11 @@ pub struct Settings {
     pub max_pending: usize,
     pub max_requests: usize,
     pub max_retries: usize,
+    /// Requests that may wait for an endpoint while the set is empty; more
+    /// get 503 overflow at once (0 = never wait).
+    pub queue_capacity: usize,
+    /// How long a request waits for an endpoint before its 503 (fail-fast).
+    pub queue_timeout: Duration,
     pub eject_consecutive: u32,
     pub eject_base_time: Duration,
     pub eject_max_time: Duration,
@@ -200,7 +207,19 @@ impl Default for Settings {
             max_connections: 1024,
             max_pending: 1024,
             max_requests: 1024,
-            max_retries: 3,
+            // Envoy's default is 3 concurrent retries per cluster, which an
+            // endpoint dying under keep-alive load exceeds at once (every
+            // request in flight on it fails together), so GETs that a retry
+            // would save fail. Istio leaves it unbounded; here it is the
+            // max-requests default, since every retry belongs to an admitted
+            // request. The retry budget is what stops retry storms.
+            max_retries: 1024,
+            // Waiting for an endpoint when the set is empty (an update in
+            // flight, a scale-up from zero): linkerd2-proxy's inbound
+            // fail-fast timeout is 1 s. Capacity as Envoy's pending-request
+            // limit; a queued request costs a parked task and its head.
+            queue_capacity: 1024,
+            queue_timeout: Duration::from_secs(1),
             // Envoy's outlier detection: 5 consecutive 5xx, 30 s base,
             // 300 s max ejection time.
             eject_consecutive: 5,
@@ -299,6 +318,14 @@ impl Settings {
         });
         field(keys::MAX_RETRIES, &mut |v| {
             s.max_retries = int_in(v, 0, 1_000_000)? as usize;
+            Ok(())
+        });
+        field(keys::QUEUE_CAPACITY, &mut |v| {
+            s.queue_capacity = int_in(v, 0, 1_000_000)? as usize;
+            Ok(())
+        });
+        field(keys::QUEUE_TIMEOUT, &mut |v| {
+            s.queue_timeout = positive_duration(v)?;
             Ok(())
         });
         field(keys::EJECT_CONSECUTIVE, &mut |v| {
@@ -444,6 +471,8 @@ mod tests {
             (keys::MAX_ATTEMPTS, "2"),
             (keys::RETRY_ON, "connect-failure, 503"),
             (keys::MAX_REQUESTS, "7"),
+            (keys::QUEUE_CAPACITY, "0"),
+            (keys::QUEUE_TIMEOUT, "300ms"),
             (keys::BALANCE, "ring-hash"),
             (keys::HASH_ON, "header:X-User"),
             (keys::HEALTH_CHECK, "http:/healthz"),
@@ -456,6 +485,8 @@ mod tests {
         assert!(s.retry_on.connect_failure && s.retry_on.status_503);
         assert!(!s.retry_on.status_502 && !s.retry_on.reset);
         assert_eq!(s.max_requests, 7);
+        assert_eq!(s.queue_capacity, 0);
+        assert_eq!(s.queue_timeout, Duration::from_millis(300));
         assert_eq!(
             s.balance,
             Balance::RingHash(HashOn::Header(HeaderName::from_static("x-user")))

@@ -399,6 +399,8 @@ pub struct Limits {
     pub pending: Arc<Gauge>,
     pub connections: Arc<Gauge>,
     pub retries: Arc<Gauge>,
+    /// Requests waiting in the fail-fast queue (see `super::queue`).
+    pub queued: Arc<Gauge>,
 }
 
 /// The endpoint pools of one service port. Lookups are lock-free; a pool
