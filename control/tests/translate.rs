@@ -22,6 +22,11 @@ fn web() -> serde_json::Value {
     )
 }
 
+/// An IPv4 slice `name` of `web` with its `http` port resolved to 8080.
+fn web_slice(name: &str, endpoints: Vec<serde_json::Value>) -> serde_json::Value {
+    v4_slice("default", name, "web", &[("http", 8080)], endpoints)
+}
+
 // ---------- endpointslicecache: join, union, dedupe ----------
 
 #[test]
@@ -29,13 +34,7 @@ fn slice_joins_by_port_name_using_the_slices_port_number() {
     // targetPort is named ("http-alt"); the slice carries the resolved 8080.
     let mut st = state_with(vec![
         web(),
-        v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.5", None)],
-        ),
+        web_slice("web-1", vec![ep("10.244.1.5", None)]),
     ]);
     let t = st.snapshot();
     assert_eq!(used(&t, "10.96.0.10:80"), vec!["10.244.1.5:8080"]);
@@ -62,10 +61,7 @@ fn slice_port_with_other_name_or_protocol_does_not_join() {
     ]);
     let t = st.snapshot();
     assert!(used(&t, "10.96.0.10:80").is_empty());
-    assert_eq!(
-        t.lookup(&key("10.96.0.10:80")).unwrap().verdict(),
-        Some(Verdict::Reject)
-    );
+    assert_eq!(verdict(&t, "10.96.0.10:80"), Some(Verdict::Reject));
 }
 
 #[test]
@@ -112,18 +108,9 @@ fn same_endpoint_in_two_slices_is_deduplicated() {
     // An endpoint moving between slices is briefly in both.
     let mut st = state_with(vec![
         web(),
-        v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.5", None)],
-        ),
-        v4_slice(
-            "default",
+        web_slice("web-1", vec![ep("10.244.1.5", None)]),
+        web_slice(
             "web-2",
-            "web",
-            &[("http", 8080)],
             vec![ep("10.244.1.5", None), ep("10.244.1.6", None)],
         ),
     ]);
@@ -140,8 +127,8 @@ fn dedupe_prefers_the_non_terminating_copy_in_either_order() {
     for (a, b) in [(term.clone(), running.clone()), (running, term)] {
         let mut st = state_with(vec![
             web(),
-            v4_slice("default", "web-a", "web", &[("http", 8080)], vec![a]),
-            v4_slice("default", "web-b", "web", &[("http", 8080)], vec![b]),
+            web_slice("web-a", vec![a]),
+            web_slice("web-b", vec![b]),
         ]);
         let t = st.snapshot();
         let f = t.lookup(&key("10.96.0.10:80")).unwrap();
@@ -153,11 +140,8 @@ fn dedupe_prefers_the_non_terminating_copy_in_either_order() {
 fn nil_conditions_mean_ready_serving_not_terminating() {
     let mut st = state_with(vec![
         web(),
-        v4_slice(
-            "default",
+        web_slice(
             "web-1",
-            "web",
-            &[("http", 8080)],
             vec![
                 json!({"addresses": ["10.244.1.1"]}),
                 json!({"addresses": ["10.244.1.2"], "conditions": {}}),
@@ -177,13 +161,7 @@ fn terminating_pod_is_used_only_when_nothing_is_ready() {
     let term = ep_cond("10.244.1.9", None, json!(false), json!(true), json!(true));
     let mut st = state_with(vec![
         web(),
-        v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![term, ep("10.244.1.1", None)],
-        ),
+        web_slice("web-1", vec![term, ep("10.244.1.1", None)]),
     ]);
     assert_eq!(
         used(&st.snapshot(), "10.96.0.10:80"),
@@ -191,16 +169,7 @@ fn terminating_pod_is_used_only_when_nothing_is_ready() {
     );
     // The ready pod goes away: the serving-terminating one takes over.
     let term = ep_cond("10.244.1.9", None, json!(false), json!(true), json!(true));
-    apply(
-        &mut st,
-        vec![v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![term],
-        )],
-    );
+    apply(&mut st, vec![web_slice("web-1", vec![term])]);
     let t = st.snapshot();
     let f = t.lookup(&key("10.96.0.10:80")).unwrap();
     assert_eq!(
@@ -212,38 +181,20 @@ fn terminating_pod_is_used_only_when_nothing_is_ready() {
 
 #[test]
 fn slice_without_service_name_label_is_ignored() {
-    let mut s = v4_slice(
-        "default",
-        "web-1",
-        "web",
-        &[("http", 8080)],
-        vec![ep("10.244.1.5", None)],
-    );
+    let mut s = web_slice("web-1", vec![ep("10.244.1.5", None)]);
     s["metadata"]["labels"] = json!({});
     let mut st = state_with(vec![web(), s]);
     assert!(used(&st.snapshot(), "10.96.0.10:80").is_empty());
     // ...and a slice that loses its label stops contributing.
     apply(
         &mut st,
-        vec![v4_slice(
-            "default",
-            "web-2",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.6", None)],
-        )],
+        vec![web_slice("web-2", vec![ep("10.244.1.6", None)])],
     );
     assert_eq!(
         used(&st.snapshot(), "10.96.0.10:80"),
         vec!["10.244.1.6:8080"]
     );
-    let mut unlabelled = v4_slice(
-        "default",
-        "web-2",
-        "web",
-        &[("http", 8080)],
-        vec![ep("10.244.1.6", None)],
-    );
+    let mut unlabelled = web_slice("web-2", vec![ep("10.244.1.6", None)]);
     unlabelled["metadata"]["labels"] = json!({});
     apply(&mut st, vec![unlabelled]);
     assert!(used(&st.snapshot(), "10.96.0.10:80").is_empty());
@@ -260,13 +211,7 @@ fn slice_moving_to_another_service_leaves_the_first() {
     let mut st = state_with(vec![
         web(),
         other,
-        v4_slice(
-            "default",
-            "s1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.5", None)],
-        ),
+        web_slice("s1", vec![ep("10.244.1.5", None)]),
     ]);
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 1);
     apply(
@@ -324,13 +269,7 @@ fn unnamed_single_port_joins_the_empty_name() {
 
 #[test]
 fn slice_arriving_before_its_service_is_applied_when_the_service_comes() {
-    let mut st = state_with(vec![v4_slice(
-        "default",
-        "web-1",
-        "web",
-        &[("http", 8080)],
-        vec![ep("10.244.1.5", None)],
-    )]);
+    let mut st = state_with(vec![web_slice("web-1", vec![ep("10.244.1.5", None)])]);
     assert!(st.snapshot().is_empty());
     apply(&mut st, vec![web()]);
     assert_eq!(
@@ -343,22 +282,13 @@ fn slice_arriving_before_its_service_is_applied_when_the_service_comes() {
 fn deleting_slice_and_service() {
     let mut st = state_with(vec![
         web(),
-        v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.5", None)],
-        ),
+        web_slice("web-1", vec![ep("10.244.1.5", None)]),
     ]);
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 1);
     st.delete_slice("default", "web-1");
     let t = st.snapshot();
     assert!(used(&t, "10.96.0.10:80").is_empty());
-    assert_eq!(
-        t.lookup(&key("10.96.0.10:80")).unwrap().verdict(),
-        Some(Verdict::Reject)
-    );
+    assert_eq!(verdict(&t, "10.96.0.10:80"), Some(Verdict::Reject));
     st.delete_service("default", "web");
     assert!(st.snapshot().is_empty());
     // Deleting unknown objects is a no-op.
@@ -547,6 +477,11 @@ fn lb_service() -> serde_json::Value {
     })
 }
 
+/// The slice of [`lb_service`], `http` resolved to 8080.
+fn gw_slice(endpoints: Vec<serde_json::Value>) -> serde_json::Value {
+    v4_slice("edge", "gw-1", "gw", &[("http", 8080)], endpoints)
+}
+
 #[test]
 fn loadbalancer_frontends_nodeports_and_health_check() {
     let mut st = ClusterState::new(Options {
@@ -559,16 +494,10 @@ fn loadbalancer_frontends_nodeports_and_health_check() {
         &mut st,
         vec![
             lb_service(),
-            v4_slice(
-                "edge",
-                "gw-1",
-                "gw",
-                &[("http", 8080)],
-                vec![
-                    ep("10.244.0.5", Some(NODE)),
-                    ep("10.244.9.5", Some("node-z")),
-                ],
-            ),
+            gw_slice(vec![
+                ep("10.244.0.5", Some(NODE)),
+                ep("10.244.9.5", Some("node-z")),
+            ]),
         ],
     );
     let t = st.snapshot();
@@ -614,25 +543,13 @@ fn loadbalancer_frontends_nodeports_and_health_check() {
 fn etp_local_with_only_remote_endpoints_drops_external_but_serves_cluster_ip() {
     let mut st = state_with(vec![
         lb_service(),
-        v4_slice(
-            "edge",
-            "gw-1",
-            "gw",
-            &[("http", 8080)],
-            vec![ep("10.244.9.5", Some("node-z"))],
-        ),
+        gw_slice(vec![ep("10.244.9.5", Some("node-z"))]),
     ]);
     st.upsert_node(our_node(None, "10.244.0.1")).unwrap();
     let t = st.snapshot();
-    assert_eq!(
-        t.lookup(&key("10.244.0.1:30080")).unwrap().verdict(),
-        Some(Verdict::Drop)
-    );
-    assert_eq!(
-        t.lookup(&key("203.0.113.7:80")).unwrap().verdict(),
-        Some(Verdict::Drop)
-    );
-    assert_eq!(t.lookup(&key("10.96.2.2:80")).unwrap().verdict(), None);
+    assert_eq!(verdict(&t, "10.244.0.1:30080"), Some(Verdict::Drop));
+    assert_eq!(verdict(&t, "203.0.113.7:80"), Some(Verdict::Drop));
+    assert_eq!(verdict(&t, "10.96.2.2:80"), None);
     // No endpoints at all: REJECT everywhere.
     st.delete_slice("edge", "gw-1");
     let t = st.snapshot();
@@ -647,26 +564,14 @@ fn itp_local_remote_only_is_drop_and_local_ready_is_used() {
     svc["spec"]["internalTrafficPolicy"] = json!("Local");
     let mut st = state_with(vec![
         svc,
-        v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.9.1", Some("node-z"))],
-        ),
+        web_slice("web-1", vec![ep("10.244.9.1", Some("node-z"))]),
     ]);
     let t = st.snapshot();
-    assert_eq!(
-        t.lookup(&key("10.96.0.10:80")).unwrap().verdict(),
-        Some(Verdict::Drop)
-    );
+    assert_eq!(verdict(&t, "10.96.0.10:80"), Some(Verdict::Drop));
     apply(
         &mut st,
-        vec![v4_slice(
-            "default",
+        vec![web_slice(
             "web-1",
-            "web",
-            &[("http", 8080)],
             vec![
                 ep("10.244.9.1", Some("node-z")),
                 ep("10.244.0.7", Some(NODE)),
@@ -797,7 +702,7 @@ fn hinted_slice(zones: &[(&str, &str)]) -> serde_json::Value {
         .iter()
         .map(|(addr, z)| json!({"addresses": [addr], "zone": z, "hints": {"forZones": [{"name": z}]}}))
         .collect();
-    v4_slice("default", "web-1", "web", &[("http", 8080)], eps)
+    web_slice("web-1", eps)
 }
 
 #[test]
@@ -857,13 +762,7 @@ fn snapshot_is_the_same_arc_when_nothing_changed() {
     // A real change bumps the version by one.
     apply(
         &mut st,
-        vec![v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.5", None)],
-        )],
+        vec![web_slice("web-1", vec![ep("10.244.1.5", None)])],
     );
     let d = st.snapshot();
     assert_eq!(d.version, a.version + 1);
@@ -919,13 +818,7 @@ fn one_slice_change_touches_only_its_service() {
 fn invalid_update_keeps_the_previous_object() {
     let mut st = state_with(vec![
         web(),
-        v4_slice(
-            "default",
-            "web-1",
-            "web",
-            &[("http", 8080)],
-            vec![ep("10.244.1.5", None)],
-        ),
+        web_slice("web-1", vec![ep("10.244.1.5", None)]),
     ]);
     let good = st.snapshot();
     let mut bad_svc = web();
@@ -935,11 +828,8 @@ fn invalid_update_keeps_the_previous_object() {
         e.to_string(),
         "Service default/web: spec.ports[0].port: port 70000 out of range 1-65535"
     );
-    let bad_slice = v4_slice(
-        "default",
+    let bad_slice = web_slice(
         "web-1",
-        "web",
-        &[("http", 8080)],
         vec![ep("10.244.1.6", None), ep("10.0.0.300", None)],
     );
     let e = st.upsert_slice(slice(bad_slice)).unwrap_err();

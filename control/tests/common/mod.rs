@@ -158,3 +158,11 @@ pub fn apply(st: &mut ClusterState, objs: Vec<Value>) {
         }
     }
 }
+
+/// The kernel verdict of the frontend at `addr` (`None`: proxied).
+pub fn verdict(table: &Table, addr: &str) -> Option<control::Verdict> {
+    table
+        .lookup(&key(addr))
+        .unwrap_or_else(|| panic!("no frontend {addr} in table"))
+        .verdict()
+}
