@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// Admin API, metrics, health server and logs.
     #[command(flatten)]
     pub operator: crate::admin::OperatorArgs,
+    /// UDP flow table.
+    #[command(flatten)]
+    pub udp: crate::udp::UdpArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,20 +160,24 @@ pub fn redirect_config(
     })
 }
 
-/// What the kernel must do for each TCP frontend of `table`. UDP and SCTP are
-/// not carried yet and are left to the node's own routing.
+/// What the kernel must do for each TCP and UDP frontend of `table`. SCTP is
+/// not carried yet and is left to the node's own routing.
 pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
     table
         .frontends
         .values()
-        .filter(|f| f.key.protocol == Protocol::Tcp)
-        .map(|f| {
+        .filter_map(|f| {
+            let fe = match f.key.protocol {
+                Protocol::Tcp => Frontend::tcp(f.key.ip, f.key.port),
+                Protocol::Udp => Frontend::udp(f.key.ip, f.key.port),
+                Protocol::Sctp => return None,
+            };
             let action = match f.verdict() {
                 None => Action::Proxy,
                 Some(Verdict::Reject) => Action::Reject,
                 Some(Verdict::Drop) => Action::Drop,
             };
-            (Frontend::tcp(f.key.ip, f.key.port), action)
+            Some((fe, action))
         })
         .collect()
 }
@@ -216,6 +223,9 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut ops = crate::admin::Operator::start(&args.operator, table.clone(), settings)?;
 
     let (listeners, v6) = bind_listeners(&args)?;
+    let udp_addrs: Vec<SocketAddr> = std::iter::once(args.listen).chain(v6).collect();
+    let udp = crate::udp::bind(&udp_addrs, args.no_redirect)
+        .map_err(|(addr, source)| RunError::Listen { addr, source })?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
 
@@ -250,6 +260,8 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     let server = server::Server::new(table.clone(), server_cfg);
     ops.serving(server.balancers().clone());
+    let udp_cfg = args.udp.flow_config(defaults::UPSTREAM_MARK);
+    let mut udp = udp.start(udp_cfg, table.clone(), server.balancers().clone());
     let mut serve_task = tokio::spawn(async move { server.run(listeners, drain_watch).await });
 
     let why = tokio::select! {
@@ -265,6 +277,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     };
     ops.draining();
+    udp.stop_receiving();
     let deadline = Duration::from_secs(args.drain_timeout);
     tracing::info!(
         signal = why,

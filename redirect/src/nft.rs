@@ -11,14 +11,19 @@
 //! * `prerouting` (filter, priority mangle):
 //!   1. `noep_v4` verdict map: frontends without usable endpoints get the
 //!      model's verdict in the kernel: `goto reject_fe` or `drop`.
-//!   2. `proxy_v4` set → `tproxy` to lightpath's listener, mark, accept.
+//!   2. `proxy_v4` set → `tproxy` to lightpath's listener, mark, accept; one
+//!      rule for TCP and one for UDP (the same set holds both: the protocol
+//!      is part of the key). UDP datagrams land on a transparent UDP socket
+//!      at the same address as the TCP listener.
 //!      There is deliberately no `socket transparent` fast path before it:
 //!      one that also matches SYNs stalls new connections for 1 s behind the
 //!      proxy's TIME_WAIT sockets, and `tproxy` already finds established
 //!      sockets itself.
 //!   3. `proxy_v4` again → `goto reject_fe`: reached only when tproxy found no
-//!      listener (lightpath down or restarting). Clients get a RST at once
-//!      instead of waiting on rate-limited ICMP.
+//!      listener (lightpath down or restarting). TCP clients get a RST at
+//!      once instead of waiting on rate-limited ICMP; UDP clients get ICMP
+//!      port unreachable, which is what kube-proxy answers for a UDP service
+//!      without endpoints.
 //! * `output` (route, priority mangle): locally originated packets (node
 //!   processes, host-network pods) to a frontend get the mark, so policy
 //!   routing sends them through `lo` back into `prerouting`. lightpath's own
@@ -36,19 +41,25 @@ use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
 /// load is a few hundred readable lines rather than one enormous one.
 const ELEMENTS_PER_STATEMENT: usize = 500;
 
-/// Transport protocol of a redirected frontend. The sets are already keyed by
-/// `inet_proto`, so carrying UDP later is one more variant plus one tproxy
-/// rule per family.
+/// Transport protocol of a redirected frontend. The sets are keyed by
+/// `inet_proto`, so TCP and UDP frontends share them; each protocol has one
+/// tproxy rule per family (the `tproxy` statement needs its protocol fixed).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum L4Proto {
     Tcp,
+    Udp,
+}
+
+impl L4Proto {
+    const ALL: [L4Proto; 2] = [L4Proto::Tcp, L4Proto::Udp];
 }
 
 impl fmt::Display for L4Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             L4Proto::Tcp => "tcp",
+            L4Proto::Udp => "udp",
         })
     }
 }
@@ -66,6 +77,14 @@ impl Frontend {
         Frontend {
             ip,
             proto: L4Proto::Tcp,
+            port,
+        }
+    }
+
+    pub fn udp(ip: IpAddr, port: u16) -> Self {
+        Frontend {
+            ip,
+            proto: L4Proto::Udp,
             port,
         }
     }
@@ -104,7 +123,8 @@ pub type Frontends = BTreeMap<Frontend, Action>;
 pub struct Config {
     /// Table name in the `inet` family.
     pub table: String,
-    /// IPv4 transparent listener.
+    /// IPv4 transparent listener (a TCP listener and a UDP socket share the
+    /// address).
     pub listener_v4: SocketAddrV4,
     /// IPv6 transparent listener; without one, IPv6 frontends are refused.
     pub listener_v6: Option<SocketAddrV6>,
@@ -219,23 +239,25 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     for f in Family::BOTH {
         let _ = writeln!(s, "\t\t{} vmap @{}", key_expr(f), noep_map(f));
     }
-    let _ = writeln!(
-        s,
-        "\t\tmeta l4proto tcp {} @{} tproxy ip to {} meta mark set {:#x} accept",
-        key_expr(Family::V4),
-        proxy_set(Family::V4),
-        cfg.listener_v4,
-        cfg.mark
-    );
-    if let Some(l6) = cfg.listener_v6 {
+    for proto in L4Proto::ALL {
         let _ = writeln!(
             s,
-            "\t\tmeta l4proto tcp {} @{} tproxy ip6 to {} meta mark set {:#x} accept",
-            key_expr(Family::V6),
-            proxy_set(Family::V6),
-            l6,
+            "\t\tmeta l4proto {proto} {} @{} tproxy ip to {} meta mark set {:#x} accept",
+            key_expr(Family::V4),
+            proxy_set(Family::V4),
+            cfg.listener_v4,
             cfg.mark
         );
+        if let Some(l6) = cfg.listener_v6 {
+            let _ = writeln!(
+                s,
+                "\t\tmeta l4proto {proto} {} @{} tproxy ip6 to {} meta mark set {:#x} accept",
+                key_expr(Family::V6),
+                proxy_set(Family::V6),
+                l6,
+                cfg.mark
+            );
+        }
     }
     for f in Family::BOTH {
         let _ = writeln!(
@@ -426,6 +448,66 @@ mod tests {
         // 10,000 elements in statements of at most ELEMENTS_PER_STATEMENT.
         let stmts = b.lines().filter(|l| l.starts_with("add element")).count();
         assert_eq!(stmts, 10_000 / ELEMENTS_PER_STATEMENT);
+    }
+
+    #[test]
+    fn udp_frontends_share_the_sets_and_have_their_own_tproxy_rules() {
+        let mut f = Frontends::new();
+        f.insert(
+            Frontend::udp("10.96.0.10".parse().unwrap(), 53),
+            Action::Proxy,
+        );
+        f.insert(
+            Frontend::tcp("10.96.0.10".parse().unwrap(), 53),
+            Action::Proxy,
+        );
+        f.insert(
+            Frontend::udp("10.96.0.11".parse().unwrap(), 53),
+            Action::Reject,
+        );
+        f.insert(Frontend::udp("fd00::12".parse().unwrap(), 53), Action::Drop);
+        let s = full_script(&cfg(), &f);
+        assert!(s.contains(
+            "meta l4proto udp ip daddr . meta l4proto . th dport @proxy_v4 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept"
+        ));
+        assert!(s.contains(
+            "meta l4proto udp ip6 daddr . meta l4proto . th dport @proxy_v6 tproxy ip6 to [::1]:15001 meta mark set 0x1 accept"
+        ));
+        assert!(s.contains(
+            "add element inet lightpath proxy_v4 { 10.96.0.10 . tcp . 53, 10.96.0.10 . udp . 53 }"
+        ));
+        assert!(s.contains(
+            "add element inet lightpath noep_v4 { 10.96.0.11 . udp . 53 : goto reject_fe }"
+        ));
+        assert!(s.contains("add element inet lightpath noep_v6 { fd00::12 . udp . 53 : drop }"));
+        // Both tproxy rules come before the fallback reject of their family.
+        let rules = rule_lines(&s);
+        let last_tproxy = rules.iter().rposition(|r| r.contains("tproxy")).unwrap();
+        let first_fallback = rules
+            .iter()
+            .position(|r| r.contains("@proxy_v4 goto reject_fe"))
+            .unwrap();
+        assert!(last_tproxy < first_fallback, "{rules:?}");
+        // UDP gets the kernel's ICMP port unreachable, TCP a reset.
+        assert!(s.contains(
+            "chain reject_fe {\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n"
+        ));
+    }
+
+    #[test]
+    fn udp_diff_moves_between_set_and_map() {
+        let ip = "10.96.0.10".parse().unwrap();
+        let mut old = Frontends::new();
+        old.insert(Frontend::udp(ip, 53), Action::Proxy);
+        old.insert(Frontend::tcp(ip, 53), Action::Proxy);
+        let mut new = old.clone();
+        new.insert(Frontend::udp(ip, 53), Action::Reject);
+        let d = diff_script(&cfg(), &old, &new).unwrap();
+        assert_eq!(
+            d,
+            "delete element inet lightpath proxy_v4 { 10.96.0.10 . udp . 53 }\n\
+             add element inet lightpath noep_v4 { 10.96.0.10 . udp . 53 : goto reject_fe }\n"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 mod node;
 mod service;
+pub mod udp;
 
 pub use node::{node, NodeMetrics};
 pub use service::{service, ServiceMetrics, StatusClass, TcpConnection};

@@ -8,18 +8,22 @@
 //!
 //! The lock is per table and held only for map operations (never across an
 //! await or a send); an existing flow's datagrams cost one hash lookup.
+//! Every flow carries its service port's UDP metric handles, taken once when
+//! the flow is created.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use control::{FrontendKey, Protocol, Table};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-use crate::balance::{Balancer, Pick, Scope};
+use crate::balance::{Balancer, Balancers, Pick, Scope};
+use crate::metrics::udp::{Eviction, UdpMetrics};
 
 /// Flow-table settings.
 #[derive(Debug, Clone)]
@@ -84,28 +88,31 @@ pub enum UdpError {
     },
 }
 
+/// What the datagram path needs of a flow, shared with its reply task.
+struct Shared {
+    upstream: UdpSocket,
+    endpoint: SocketAddr,
+    metrics: Arc<UdpMetrics>,
+    /// Milliseconds since the table's epoch of the last datagram either way.
+    last_ms: AtomicU64,
+    replied: AtomicBool,
+}
+
 struct Flow {
     id: u64,
-    upstream: Arc<UdpSocket>,
+    shared: Arc<Shared>,
     balancer: Arc<Balancer>,
-    /// Holds the endpoint's in-flight slot while the flow lives, so p2c
-    /// spreads flows, not just first datagrams.
-    pick: Pick,
-    activity: Arc<Activity>,
+    scope: Scope,
     task: tokio::task::AbortHandle,
 }
 
 impl Drop for Flow {
     fn drop(&mut self) {
+        // The reply task owns the endpoint's in-flight slot; aborting it
+        // frees the slot and closes the upstream socket.
         self.task.abort();
+        self.shared.metrics.flows_active.decrement(1.0);
     }
-}
-
-/// The idle clock a flow shares with its reply task.
-struct Activity {
-    /// Milliseconds since the table's epoch of the last datagram either way.
-    last_ms: AtomicU64,
-    replied: AtomicBool,
 }
 
 #[derive(Default)]
@@ -124,7 +131,7 @@ impl Inner {
     }
 }
 
-/// Every UDP flow of one listener.
+/// Every UDP flow of one node.
 pub struct FlowTable {
     cfg: FlowConfig,
     epoch: Instant,
@@ -161,7 +168,7 @@ impl FlowTable {
 
     /// The endpoint of `key`'s flow, if it exists.
     pub fn endpoint(&self, key: &FlowKey) -> Option<SocketAddr> {
-        self.lock().flows.get(key).map(|f| f.pick.addr())
+        self.lock().flows.get(key).map(|f| f.shared.endpoint)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -173,12 +180,27 @@ impl FlowTable {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Relays one client datagram through `key`'s existing flow. `None` when
+    /// there is no such flow: the caller then looks the frontend up and calls
+    /// [`FlowTable::forward`]. The hot path: one hash lookup, no table or
+    /// balancer access.
+    pub fn relay(&self, key: &FlowKey, payload: &[u8]) -> Option<Result<SocketAddr, UdpError>> {
+        let shared = {
+            let inner = self.lock();
+            let f = inner.flows.get(key)?;
+            f.shared.last_ms.store(self.now_ms(), Ordering::Relaxed);
+            f.shared.clone()
+        };
+        Some(self.send_up(&shared, payload))
+    }
+
     /// Relays one client datagram: through the flow's upstream socket when
     /// the flow exists, else after picking an endpoint from `balancer`'s
     /// `scope` set and starting the flow, whose replies are sent to the
     /// client from `reply` (a socket bound to `key.orig_dst`). Returns the
-    /// endpoint used.
-    pub async fn forward(
+    /// endpoint used. Never waits: a datagram that does not fit the socket
+    /// buffer is dropped (and counted), as the kernel would.
+    pub fn forward(
         self: &Arc<Self>,
         key: FlowKey,
         balancer: &Arc<Balancer>,
@@ -186,26 +208,28 @@ impl FlowTable {
         payload: &[u8],
         reply: &Arc<UdpSocket>,
     ) -> Result<SocketAddr, UdpError> {
-        let existing = {
-            let inner = self.lock();
-            inner.flows.get(&key).map(|f| {
-                f.activity.last_ms.store(self.now_ms(), Ordering::Relaxed);
-                (f.upstream.clone(), f.pick.addr())
-            })
-        };
-        let (upstream, endpoint) = match existing {
-            Some(found) => found,
-            None => self.open(key, balancer, scope, reply)?,
-        };
-        match upstream.send(payload).await {
+        if let Some(r) = self.relay(&key, payload) {
+            return r;
+        }
+        let shared = self.open(key, balancer, scope, reply)?;
+        self.send_up(&shared, payload)
+    }
+
+    fn send_up(&self, shared: &Shared, payload: &[u8]) -> Result<SocketAddr, UdpError> {
+        match send_now(&shared.upstream, payload, None) {
             Ok(n) => {
                 self.stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(endpoint)
+                shared.metrics.received(n);
+                Ok(shared.endpoint)
             }
             Err(source) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                Err(UdpError::Upstream { endpoint, source })
+                shared.metrics.dropped.increment(1);
+                Err(UdpError::Upstream {
+                    endpoint: shared.endpoint,
+                    source,
+                })
             }
         }
     }
@@ -216,26 +240,36 @@ impl FlowTable {
         balancer: &Arc<Balancer>,
         scope: Scope,
         reply: &Arc<UdpSocket>,
-    ) -> Result<(Arc<UdpSocket>, SocketAddr), UdpError> {
+    ) -> Result<Arc<Shared>, UdpError> {
+        // Registered once per service port; this is a flow's only lookup.
+        let metrics = crate::metrics::udp::udp(balancer.name());
         let Some(pick) = balancer.pick(scope, key.client.ip(), &[]) else {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics.dropped.increment(1);
             return Err(UdpError::NoEndpoint {
                 service: balancer.name().to_string(),
             });
         };
         let endpoint = pick.addr();
-        let upstream = Arc::new(
-            connect_upstream(endpoint, self.cfg.upstream_mark)
-                .map_err(|source| UdpError::Upstream { endpoint, source })?,
-        );
-        let activity = Arc::new(Activity {
+        let upstream = match connect_upstream(endpoint, self.cfg.upstream_mark) {
+            Ok(u) => u,
+            Err(source) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics.dropped.increment(1);
+                return Err(UdpError::Upstream { endpoint, source });
+            }
+        };
+        let shared = Arc::new(Shared {
+            upstream,
+            endpoint,
+            metrics,
             last_ms: AtomicU64::new(self.now_ms()),
             replied: AtomicBool::new(false),
         });
         let mut inner = self.lock();
         if let Some(f) = inner.flows.get(&key) {
             // Another task opened it meanwhile: use that one.
-            return Ok((f.upstream.clone(), f.pick.addr()));
+            return Ok(f.shared.clone());
         }
         let id = inner.next_id;
         inner.next_id += 1;
@@ -243,19 +277,20 @@ impl FlowTable {
             Arc::downgrade(self),
             key,
             id,
-            upstream.clone(),
+            shared.clone(),
+            pick,
             reply.clone(),
-            activity.clone(),
         ))
         .abort_handle();
+        shared.metrics.flows_active.increment(1.0);
+        shared.metrics.flows_created.increment(1);
         inner.flows.insert(
             key,
             Flow {
                 id,
-                upstream: upstream.clone(),
+                shared: shared.clone(),
                 balancer: balancer.clone(),
-                pick,
-                activity,
+                scope,
                 task,
             },
         );
@@ -274,26 +309,104 @@ impl FlowTable {
         self.stats
             .evicted_cap
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        Ok((upstream, endpoint))
+        for f in &evicted {
+            f.shared.metrics.evicted(Eviction::Cap, 1);
+        }
+        Ok(shared)
     }
 
     /// Evicts every flow whose endpoint is no longer in its balancer's set
     /// (call after the balancers applied a new table snapshot). Returns how
-    /// many were evicted.
+    /// many were evicted. See [`FlowTable::evict_stale`] for the variant that
+    /// also follows the table.
     pub fn evict_missing(&self) -> usize {
-        let mut inner = self.lock();
-        let gone: Vec<FlowKey> = inner
-            .flows
-            .iter()
-            .filter(|(_, f)| f.balancer.backend(f.pick.addr()).is_none())
-            .map(|(k, _)| *k)
-            .collect();
-        let evicted: Vec<Flow> = gone.iter().filter_map(|k| inner.remove(k)).collect();
-        drop(inner);
+        self.evict_where(|f| {
+            f.balancer
+                .backends(f.scope)
+                .iter()
+                .all(|b| b.addr() != f.shared.endpoint)
+        })
+    }
+
+    /// Brings the flows in line with a new table snapshot: a flow whose
+    /// frontend is gone, whose frontend now belongs to another service port,
+    /// or whose endpoint left its set is evicted at once, so the client's
+    /// next datagram picks a live endpoint (kube-proxy's conntrack cleanup
+    /// for UDP). The flows' balancers are brought to `table` first.
+    /// Returns how many flows were evicted.
+    pub fn evict_stale(&self, table: &Table, balancers: &Balancers) -> usize {
+        // Decide outside the lock: the datagram path must not wait on a
+        // scan of every flow.
+        let flows: Vec<(FlowKey, u64, SocketAddr, Arc<Balancer>)> = {
+            let inner = self.lock();
+            inner
+                .flows
+                .iter()
+                .map(|(k, f)| (*k, f.id, f.shared.endpoint, f.balancer.clone()))
+                .collect()
+        };
+        if flows.is_empty() {
+            return 0;
+        }
+        // One endpoint set per (service port, scope), not per flow.
+        let mut sets: HashMap<(FrontendKey, Scope), Option<HashSet<SocketAddr>>> = HashMap::new();
+        let mut stale = Vec::new();
+        for (key, id, endpoint, balancer) in flows {
+            let fk = FrontendKey::new(key.orig_dst, Protocol::Udp);
+            let live = match table.lookup(&fk) {
+                Some(fe) if fe.service.name == *balancer.name() => {
+                    let scope = Scope::of(fe);
+                    sets.entry((fk, scope))
+                        .or_insert_with(|| {
+                            let b = balancers.for_service_at(&fe.service, table.version);
+                            Some(b.backends(scope).iter().map(|b| b.addr()).collect())
+                        })
+                        .as_ref()
+                        .is_some_and(|s| s.contains(&endpoint))
+                }
+                _ => false,
+            };
+            if !live {
+                stale.push((key, id));
+            }
+        }
+        let evicted: Vec<Flow> = {
+            let mut inner = self.lock();
+            let mut out = Vec::with_capacity(stale.len());
+            for (k, id) in &stale {
+                // The same flow, not one re-created meanwhile under its key.
+                if inner.flows.get(k).is_some_and(|f| f.id == *id) {
+                    out.extend(inner.remove(k));
+                }
+            }
+            out
+        };
+        self.count_endpoint_evictions(&evicted);
+        evicted.len()
+    }
+
+    fn evict_where(&self, gone: impl Fn(&Flow) -> bool) -> usize {
+        let evicted: Vec<Flow> = {
+            let mut inner = self.lock();
+            let keys: Vec<FlowKey> = inner
+                .flows
+                .iter()
+                .filter(|(_, f)| gone(f))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| inner.remove(k)).collect()
+        };
+        self.count_endpoint_evictions(&evicted);
+        evicted.len()
+    }
+
+    fn count_endpoint_evictions(&self, evicted: &[Flow]) {
         self.stats
             .evicted_endpoint
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        evicted.len()
+        for f in evicted {
+            f.shared.metrics.evicted(Eviction::Endpoint, 1);
+        }
     }
 
     /// Removes flow `id` at `key` if it has been idle for its timeout.
@@ -302,6 +415,9 @@ impl FlowTable {
         if inner.flows.get(key).is_some_and(|f| f.id == id) {
             let flow = inner.remove(key);
             drop(inner);
+            if let Some(f) = &flow {
+                f.shared.metrics.flows_expired.increment(1);
+            }
             drop(flow);
             self.stats.expired.fetch_add(1, Ordering::Relaxed);
             true
@@ -326,62 +442,100 @@ fn connect_upstream(endpoint: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     UdpSocket::from_std(sock.into())
 }
 
-/// Relays replies from `upstream` to the client until the flow idles out.
+/// Sends one datagram straight away, without waiting: a full socket buffer
+/// is an error (the datagram is dropped, as the kernel itself would). The
+/// syscall is made directly rather than through tokio's `try_send`, which
+/// refuses until the reactor has once reported the socket writable: the
+/// first datagram of every new flow would be lost.
+fn send_now(sock: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+    let s = socket2::SockRef::from(sock);
+    match to {
+        Some(to) => s.send_to(payload, &to.into()),
+        None => s.send(payload),
+    }
+}
+
+/// Largest UDP payload: replies are read into a buffer of this size.
+const MAX_DATAGRAM: usize = 65_536;
+
+thread_local! {
+    // One receive buffer per worker thread, not per flow: 65,536 idle flows
+    // must not hold 4 GiB of buffers, and a reply must not cost an
+    // allocation. Never borrowed across an await.
+    static REPLY_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
+
+/// Relays replies from the flow's upstream socket to the client until the
+/// flow idles out (or is evicted: the task is then aborted). Owns the
+/// endpoint's in-flight slot; the first reply's delay is the endpoint's
+/// latency sample.
 async fn relay_replies(
     table: Weak<FlowTable>,
     key: FlowKey,
     id: u64,
-    upstream: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    mut pick: Pick,
     reply: Arc<UdpSocket>,
-    activity: Arc<Activity>,
 ) {
     loop {
         let Some(t) = table.upgrade() else { return };
-        let timeout = if activity.replied.load(Ordering::Relaxed) {
+        let timeout = if shared.replied.load(Ordering::Relaxed) {
             t.cfg.stream_timeout
         } else {
             t.cfg.unreplied_timeout
         };
-        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        let last = Duration::from_millis(shared.last_ms.load(Ordering::Relaxed));
         let deadline = t.epoch + last + timeout;
         drop(t);
         tokio::select! {
-            r = upstream.readable() => {
+            r = shared.upstream.readable() => {
                 let Some(t) = table.upgrade() else { return };
                 if let Err(e) = r {
                     tracing::debug!(client = %key.client, error = %e, "udp upstream not readable");
                     return;
                 }
-                // Allocated per wake-up, not per flow: 65,536 idle flows must
-                // not hold 4 GiB of buffers.
-                let mut buf = vec![0u8; 65_536];
-                match upstream.try_recv(&mut buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Ok(n) => {
-                        activity.last_ms.store(t.now_ms(), Ordering::Relaxed);
-                        activity.replied.store(true, Ordering::Relaxed);
-                        match reply.send_to(&buf[..n], key.client).await {
-                            Ok(_) => {
-                                t.stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                                t.stats.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                t.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(client = %key.client, error = %e, "udp reply not sent");
+                // Everything queued, without yielding in between (bounded:
+                // the socket's receive buffer holds a few hundred datagrams).
+                for _ in 0..256 {
+                    let got = REPLY_BUF.with_borrow_mut(|buf| match shared.upstream.try_recv(buf) {
+                        Ok(n) => Ok(Some((n, send_now(&reply, &buf[..n], Some(key.client))))),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                        Err(e) => Err(e),
+                    });
+                    match got {
+                        Ok(None) => break,
+                        Ok(Some((n, sent))) => {
+                            shared.last_ms.store(t.now_ms(), Ordering::Relaxed);
+                            shared.replied.store(true, Ordering::Relaxed);
+                            pick.record_success();
+                            match sent {
+                                Ok(_) => {
+                                    t.stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                                    t.stats.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                                    shared.metrics.sent(n);
+                                }
+                                Err(e) => {
+                                    t.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                                    shared.metrics.dropped.increment(1);
+                                    tracing::debug!(client = %key.client, error = %e, "udp reply not sent");
+                                }
                             }
                         }
-                    }
-                    // ICMP errors (port unreachable) surface here; the flow
-                    // stays until it idles out, like conntrack's entry.
-                    Err(e) => {
-                        t.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(client = %key.client, error = %e, "udp upstream error");
+                        // ICMP errors (port unreachable) surface here; the
+                        // flow stays until it idles out, like conntrack's
+                        // entry.
+                        Err(e) => {
+                            t.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            shared.metrics.dropped.increment(1);
+                            tracing::debug!(client = %key.client, error = %e, "udp upstream error");
+                            break;
+                        }
                     }
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let Some(t) = table.upgrade() else { return };
-                let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+                let last = Duration::from_millis(shared.last_ms.load(Ordering::Relaxed));
                 if Instant::now() >= t.epoch + last + timeout && t.expire(&key, id) {
                     return;
                 }

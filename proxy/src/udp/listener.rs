@@ -12,14 +12,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use control::{FrontendKey, Protocol, TableRx};
+use control::{FrontendKey, Protocol, Table, TableRx};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::{FlowKey, FlowTable};
 use crate::balance::{Balancers, Scope};
 
-/// Reply sockets, one per frontend address, created on first use.
+/// Reply sockets, one per frontend address, created on first use and
+/// dropped when their frontend leaves the table.
 pub struct ReplySockets {
     listener: Arc<UdpSocket>,
     map: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
@@ -39,7 +40,7 @@ impl ReplySockets {
         if self.listener.local_addr().ok() == Some(from) {
             return Ok(self.listener.clone());
         }
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.lock();
         if let Some(s) = map.get(&from) {
             return Ok(s.clone());
         }
@@ -47,11 +48,36 @@ impl ReplySockets {
         map.insert(from, s.clone());
         Ok(s)
     }
+
+    /// Closes the reply sockets of frontends `table` no longer has (flows
+    /// still using one keep it open until they end).
+    pub fn retain_in(&self, table: &Table) {
+        self.lock()
+            .retain(|a, _| table.lookup(&FrontendKey::new(*a, Protocol::Udp)).is_some());
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<UdpSocket>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-/// Serves `sock` until it fails: every datagram goes to its frontend's flow.
-/// Unknown frontends, truncated datagrams and datagrams without an original
-/// destination are dropped (counted in the flow table's `dropped`).
+/// Datagrams read per wake-up before the loop yields to other tasks.
+const BATCH: usize = 256;
+/// Consecutive receive errors after which the socket is considered broken.
+const MAX_CONSECUTIVE_ERRORS: u32 = 1_000;
+
+/// Serves `sock` until it fails: every datagram goes to its flow; a
+/// datagram without a flow looks its frontend up in the current table
+/// snapshot and starts one. Datagrams for unknown frontends, without an
+/// original destination, or truncated are dropped and counted.
 pub async fn serve(
     sock: Arc<UdpSocket>,
     table: TableRx,
@@ -59,66 +85,94 @@ pub async fn serve(
     flows: Arc<FlowTable>,
 ) -> io::Result<()> {
     let replies = ReplySockets::new(sock.clone());
+    let mut pruned_at = table.borrow().version;
     let mut buf = vec![0u8; 65_536];
+    let mut errors = 0u32;
     loop {
         sock.readable().await?;
-        let d = match sock.try_io(Interest::READABLE, || {
-            redirect::sockopt::recv_orig_dst(&*sock, &mut buf)
-        }) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "udp receive failed");
+        for _ in 0..BATCH {
+            let d = match sock.try_io(Interest::READABLE, || {
+                redirect::sockopt::recv_orig_dst(&*sock, &mut buf)
+            }) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    errors += 1;
+                    if errors >= MAX_CONSECUTIVE_ERRORS {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "udp receive failed");
+                    continue;
+                }
+            };
+            errors = 0;
+            let Some(dst) = d.orig_dst else {
+                crate::metrics::udp::unmatched().increment(1);
+                continue;
+            };
+            let key = FlowKey {
+                client: d.from,
+                orig_dst: dst,
+            };
+            let payload = &buf[..d.len];
+            if !d.truncated {
+                if let Some(r) = flows.relay(&key, payload) {
+                    if let Err(e) = r {
+                        tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
+                    }
+                    continue;
+                }
+            }
+            // A new flow: the control-path lookups happen only here.
+            let snap = table.borrow().clone();
+            if snap.version != pruned_at {
+                replies.retain_in(&snap);
+                pruned_at = snap.version;
+            }
+            let Some(fe) = snap.lookup(&FrontendKey::new(dst, Protocol::Udp)) else {
+                crate::metrics::udp::unmatched().increment(1);
+                continue;
+            };
+            if d.truncated {
+                // Larger than any UDP payload: cannot happen on a sane
+                // kernel, and must not be relayed cut.
+                crate::metrics::udp::udp(&fe.service.name)
+                    .dropped
+                    .increment(1);
                 continue;
             }
-        };
-        let drop_one = || {
-            flows
-                .stats()
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        };
-        let Some(dst) = d.orig_dst.filter(|_| !d.truncated) else {
-            drop_one();
-            continue;
-        };
-        let snap = table.borrow().clone();
-        let Some(fe) = snap.lookup(&FrontendKey::new(dst, Protocol::Udp)) else {
-            drop_one();
-            continue;
-        };
-        let balancer = balancers.for_service_at(&fe.service, snap.version);
-        let scope = Scope::of(fe);
-        let reply = match replies.get(dst) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(frontend = %dst, error = %e, "cannot bind a reply socket");
-                drop_one();
-                continue;
+            let balancer = balancers.for_service_at(&fe.service, snap.version);
+            let reply = match replies.get(dst) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(frontend = %dst, error = %e, "cannot bind a reply socket");
+                    crate::metrics::udp::udp(&fe.service.name)
+                        .dropped
+                        .increment(1);
+                    continue;
+                }
+            };
+            if let Err(e) = flows.forward(key, &balancer, Scope::of(fe), payload, &reply) {
+                tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
             }
-        };
-        let key = FlowKey {
-            client: d.from,
-            orig_dst: dst,
-        };
-        if let Err(e) = flows
-            .forward(key, &balancer, scope, &buf[..d.len], &reply)
-            .await
-        {
-            tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
         }
+        tokio::task::yield_now().await;
     }
 }
 
-/// Applies every new table snapshot to the balancers, then evicts the flows
-/// whose endpoint left, until the table's sender is gone.
+/// Evicts, for every new table snapshot, the flows whose frontend or
+/// endpoint left (see [`FlowTable::evict_stale`]), until the table's sender
+/// is gone.
 pub async fn evict_on_update(mut table: TableRx, balancers: Arc<Balancers>, flows: Arc<FlowTable>) {
     while table.changed().await.is_ok() {
         let snap = table.borrow_and_update().clone();
-        balancers.sync(&snap);
-        let n = flows.evict_missing();
+        let n = flows.evict_stale(&snap, &balancers);
         if n > 0 {
-            tracing::debug!(flows = n, "udp flows evicted: endpoint left");
+            tracing::info!(
+                version = snap.version,
+                flows = n,
+                "udp flows evicted: endpoint left"
+            );
         }
     }
 }

@@ -12,6 +12,8 @@
 
 mod flows;
 mod listener;
+mod runner;
 
 pub use flows::{FlowConfig, FlowKey, FlowStats, FlowTable, UdpError};
 pub use listener::{evict_on_update, serve, ReplySockets};
+pub use runner::{bind, UdpArgs, UdpProxy, UdpSockets};

@@ -91,7 +91,6 @@ async fn replies_come_from_the_frontend_and_flows_stick() {
         };
         let first = table
             .forward(key, &b, Scope::Cluster, b"q0", &front)
-            .await
             .unwrap();
         let r = recv_within(&client).await;
         assert_eq!(&r[2..], b"q0");
@@ -99,7 +98,6 @@ async fn replies_come_from_the_frontend_and_flows_stick() {
         for i in 1..5u8 {
             let ep = table
                 .forward(key, &b, Scope::Cluster, &[b'q', i], &front)
-                .await
                 .unwrap();
             assert_eq!(ep, first, "a flow keeps its endpoint");
             let r = recv_within(&client).await;
@@ -129,7 +127,6 @@ async fn flows_expire_after_idle_timeout() {
         };
         table
             .forward(key, &b, Scope::Cluster, b"x", &front)
-            .await
             .unwrap();
     }
     assert_eq!(table.len(), 50);
@@ -162,10 +159,9 @@ async fn hundred_thousand_flows_stay_under_the_cap() {
         };
         table
             .forward(key, &b, Scope::Cluster, b"x", &front)
-            .await
             .unwrap();
         assert!(table.len() <= CAP);
-        if i % 100 == 0 {
+        if i % 10 == 0 {
             // Let aborted reply tasks run their drop, closing their sockets.
             tokio::task::yield_now().await;
         }
@@ -192,7 +188,6 @@ async fn flows_of_a_removed_endpoint_are_evicted() {
         };
         table
             .forward(key, &b, Scope::Cluster, b"x", &front)
-            .await
             .unwrap();
         keys.push(key);
     }
@@ -208,10 +203,7 @@ async fn flows_of_a_removed_endpoint_are_evicted() {
     assert_eq!(table.len(), 40 - on_e2);
     for k in &keys {
         // Survivors keep e1; evicted flows re-pick, and only e1 is left.
-        let ep = table
-            .forward(*k, &b, Scope::Cluster, b"y", &front)
-            .await
-            .unwrap();
+        let ep = table.forward(*k, &b, Scope::Cluster, b"y", &front).unwrap();
         assert_eq!(ep, e1);
     }
     assert_eq!(
@@ -232,7 +224,6 @@ async fn no_endpoint_is_an_error_naming_the_service() {
     };
     let e = table
         .forward(key, &b, Scope::Cluster, b"x", &front)
-        .await
         .unwrap_err();
     assert!(e.to_string().contains("default/dns:dns"), "{e}");
     assert!(table.is_empty());

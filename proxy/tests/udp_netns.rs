@@ -1,0 +1,392 @@
+//! UDP end to end through real TPROXY rules: a real resolver (`dnsmasq`, one
+//! per backend namespace, each answering `example.test` with its own address
+//! so the client can tell which endpoint answered) behind a dual-stack
+//! NodePort Service, the real `lightpath run` in the node namespace, and
+//! clients that are `connect()`ed UDP sockets in the client namespace: the
+//! kernel hands such a socket only datagrams from the address it connected
+//! to, so every answer proves the reply left from the service address.
+//! Needs root (see `support::netns::require_root`) and dnsmasq
+//! (`dnsmasq-base`, installed by `.ci/run`).
+
+mod support {
+    pub mod netns;
+}
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use support::netns::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+
+const VIP4: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+const NODE_IP: &str = "10.0.1.1";
+const NODE_PORT: u16 = 30053;
+
+fn vip4() -> SocketAddr {
+    SocketAddr::new(VIP4.parse().expect("literal"), 53)
+}
+
+fn vip6() -> SocketAddr {
+    SocketAddr::new(VIP6.parse().expect("literal"), 53)
+}
+
+/// The address pod `i`'s resolver gives `example.test`.
+fn answer_of(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, i as u8)
+}
+
+/// A dual-stack NodePort Service `dns` (UDP 53, nodePort 30053) whose
+/// endpoints are `pods`.
+fn dns_yaml(pods: &[usize]) -> String {
+    let mut y = format!(
+        "{}apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {VIP4}\n  clusterIPs: [{VIP4}, \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n  ports:\n  - {{name: dns, port: 53, targetPort: 53, protocol: UDP, nodePort: {NODE_PORT}}}\n",
+        node_yaml()
+    );
+    for fam in ["IPv4", "IPv6"] {
+        y.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-{}\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: {fam}\nports:\n- {{name: dns, port: 53, protocol: UDP}}\nendpoints:\n",
+            fam.to_lowercase()
+        ));
+        for &i in pods {
+            let a = if fam == "IPv4" {
+                pod_v4(i).to_string()
+            } else {
+                pod_v6(i).to_string()
+            };
+            y.push_str(&format!(
+                "- addresses: [\"{a}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n"
+            ));
+        }
+    }
+    y.push_str("---\n");
+    y
+}
+
+/// Starts dnsmasq in pod `i`, logging every query to its output.
+fn start_resolver(sb: &mut Sandbox, i: usize) {
+    let bin = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("dnsmasq not found: install dnsmasq-base (see .ci/run)"));
+    let address = format!("--address=/example.test/{}", answer_of(i));
+    let l4 = format!("--listen-address={}", pod_v4(i));
+    let l6 = format!("--listen-address={}", pod_v6(i));
+    let p = Proc::spawn(
+        &sb.pods[i - 1],
+        bin,
+        &[
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--port=53",
+            "--bind-interfaces",
+            &l4,
+            &l6,
+            &address,
+            "--user=root",
+            "--pid-file=",
+            "--log-facility=-",
+            "--log-queries",
+        ],
+    );
+    p.lines
+        .wait_for("started", 0, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("dnsmasq in pod {i}: {e}"));
+    sb.backends[i - 1] = Some(p);
+}
+
+/// Pods 1 and 2 resolving, lightpath serving `dns` over both.
+fn serving(tag: &str) -> (Sandbox, std::path::PathBuf) {
+    let mut sb = Sandbox::new(tag, 2);
+    start_resolver(&mut sb, 1);
+    start_resolver(&mut sb, 2);
+    let path = sb.write_manifest("dns.yaml", &dns_yaml(&[1, 2]));
+    sb.start_lightpath(&path, &[]);
+    (sb, path)
+}
+
+/// An `example.test IN A` query with id `id`.
+fn query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in ["example", "test"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The first A record of a response to query `id`.
+fn parse_a(resp: &[u8], id: u16) -> Result<Ipv4Addr, String> {
+    let bad = |why: &str| format!("{why}: {resp:02x?}");
+    if resp.len() < 12 || resp[..2] != id.to_be_bytes() {
+        return Err(bad("not the answer to our query"));
+    }
+    if resp[3] & 0x0f != 0 {
+        return Err(bad("error rcode"));
+    }
+    let (qd, an) = (
+        u16::from_be_bytes([resp[4], resp[5]]),
+        u16::from_be_bytes([resp[6], resp[7]]),
+    );
+    let mut at = 12;
+    let skip_name = |mut at: usize| -> Result<usize, String> {
+        loop {
+            let len = *resp.get(at).ok_or_else(|| bad("name runs off"))? as usize;
+            if len == 0 {
+                return Ok(at + 1);
+            }
+            if len & 0xc0 == 0xc0 {
+                return Ok(at + 2);
+            }
+            at += 1 + len;
+        }
+    };
+    for _ in 0..qd {
+        at = skip_name(at)? + 4;
+    }
+    for _ in 0..an {
+        at = skip_name(at)?;
+        let f = resp.get(at..at + 10).ok_or_else(|| bad("short record"))?;
+        let (rtype, rdlen) = (
+            u16::from_be_bytes([f[0], f[1]]),
+            u16::from_be_bytes([f[8], f[9]]) as usize,
+        );
+        at += 10;
+        let rdata = resp.get(at..at + rdlen).ok_or_else(|| bad("short rdata"))?;
+        if rtype == 1 && rdlen == 4 {
+            return Ok(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]));
+        }
+        at += rdlen;
+    }
+    Err(bad("no A record"))
+}
+
+/// Asks `sock` (connected to a service address) for `example.test`, up to
+/// three tries of one second; the pod that answered.
+async fn resolve(sock: &UdpSocket, id: u16) -> Result<usize, String> {
+    let mut last = String::from("no answer");
+    for _ in 0..3 {
+        sock.send(&query(id)).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                let a = parse_a(&buf[..n], id)?;
+                return (1..=2)
+                    .find(|&i| answer_of(i) == a)
+                    .ok_or_else(|| format!("answer {a} is no pod's"));
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".into(),
+        }
+    }
+    Err(format!(
+        "{}: {last}",
+        sock.peer_addr().map_err(|e| e.to_string())?
+    ))
+}
+
+/// A fresh client socket `connect()`ed to `to`: the kernel drops anything
+/// not sent from `to` itself.
+async fn client(to: SocketAddr) -> UdpSocket {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(bind).await.expect("bind");
+    s.connect(to).await.expect("connect");
+    s
+}
+
+/// `n` fresh flows to `to`; how many each pod answered.
+async fn spread(to: SocketAddr, n: u16) -> BTreeMap<usize, usize> {
+    let mut seen = BTreeMap::new();
+    for id in 0..n {
+        let s = client(to).await;
+        let pod = resolve(&s, id).await.unwrap_or_else(|e| panic!("{e}"));
+        *seen.entry(pod).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn dns_answers_through_clusterip_nodeport_and_ipv6_from_the_service_address() {
+    if !require_root("dns_answers_through_clusterip_nodeport_and_ipv6_from_the_service_address") {
+        return;
+    }
+    let (sb, _) = serving("udpdns");
+    let nft = sb.nft_table();
+    assert!(
+        nft.contains("udp dport @proxy_v4 tproxy ip to")
+            && nft.contains("udp dport @proxy_v6 tproxy ip6 to")
+            && nft.contains("10.96.0.10 . udp . 53")
+            && nft.contains("10.0.1.1 . udp . 30053"),
+        "UDP rule and element in the kernel:\n{nft}"
+    );
+    let (v4, v6, np) = sb.client.run(|| async {
+        let node_port = SocketAddr::new(NODE_IP.parse().expect("literal"), NODE_PORT);
+        (
+            spread(vip4(), 16).await,
+            spread(vip6(), 16).await,
+            spread(node_port, 4).await,
+        )
+    });
+    assert_eq!(v4.len(), 2, "IPv4 flows over both endpoints: {v4:?}");
+    assert_eq!(v6.len(), 2, "IPv6 flows over both endpoints: {v6:?}");
+    assert_eq!(np.values().sum::<usize>(), 4, "NodePort answered: {np:?}");
+}
+
+/// Reads `/metrics` from lightpath's metrics port in the node namespace.
+async fn scrape() -> String {
+    let mut s = tokio::net::TcpStream::connect("127.0.0.1:15090")
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    tokio::time::timeout(IO_TIMEOUT, s.read_to_string(&mut body))
+        .await
+        .expect("scrape timed out")
+        .expect("scrape");
+    body
+}
+
+/// The value of the `dns` service port's series `name` (with `extra` in
+/// its labels).
+fn value(metrics: &str, name: &str, extra: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && l.contains("service=\"dns\"")
+                && l.contains(extra)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}{{..{extra}..}} for dns:\n{metrics}"))
+}
+
+#[test]
+fn removed_endpoint_gets_no_new_datagrams_after_one_update_and_metrics_count_it() {
+    if !require_root("removed_endpoint_gets_no_new_datagrams_after_one_update_and_metrics_count_it")
+    {
+        return;
+    }
+    let (sb, _) = serving("udpdrop");
+    // Sockets created in the client namespace outlive the thread that made
+    // them, so one namespace thread holds them across the manifest edit.
+    let (to_client, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, from_client) = std::sync::mpsc::channel::<Vec<usize>>();
+    let handle = sb.client.spawn(move || async move {
+        let mut socks = Vec::new();
+        let mut first = Vec::new();
+        for id in 100..116u16 {
+            let s = client(vip4()).await;
+            first.push(resolve(&s, id).await.unwrap_or_else(|e| panic!("{e}")));
+            socks.push(s);
+        }
+        to_test.send(first.clone()).expect("test waiting");
+        // Wait for the test to remove pod 2, then ask again on every flow
+        // and on fresh ones.
+        from_test
+            .recv_timeout(Duration::from_secs(30))
+            .expect("test never signalled");
+        let mut again = Vec::new();
+        for (k, s) in socks.iter().enumerate() {
+            again.push(
+                resolve(s, 200 + k as u16)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        let fresh = spread(vip4(), 16).await;
+        (first, again, fresh)
+    });
+    let first = from_client
+        .recv_timeout(Duration::from_secs(60))
+        .expect("client flows");
+    assert!(
+        first.contains(&1) && first.contains(&2),
+        "flows on both pods before the edit: {first:?}"
+    );
+    let p2_queries_before = sb.backends[1]
+        .as_ref()
+        .expect("pod 2 resolver")
+        .lines
+        .text()
+        .matches("query[A]")
+        .count();
+
+    // Pod 2 leaves the endpoints (its resolver keeps running: it would
+    // answer, so any datagram reaching it would show in its log).
+    let lp_lines = sb.lightpath(0).lines.len();
+    sb.write_manifest("dns.yaml", &dns_yaml(&[1]));
+    sb.lightpath(0)
+        .lines
+        .wait_for("udp flows evicted", lp_lines, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    to_client.send(()).expect("client waiting");
+    let (first, again, fresh) = handle
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(
+        again.iter().all(|&p| p == 1),
+        "every flow answered by pod 1 after the update (before: {first:?}, after: {again:?})"
+    );
+    assert_eq!(
+        fresh.get(&1),
+        Some(&16),
+        "new flows only on pod 1: {fresh:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let p2_queries_after = sb.backends[1]
+        .as_ref()
+        .expect("pod 2 resolver")
+        .lines
+        .text()
+        .matches("query[A]")
+        .count();
+    assert_eq!(
+        p2_queries_after, p2_queries_before,
+        "pod 2 received datagrams after it left the endpoints"
+    );
+
+    // Everything above, as Prometheus sees it.
+    let m = sb.node.run(scrape);
+    let on_p2 = first.iter().filter(|&&p| p == 2).count() as f64;
+    let total_queries = (16 + 16 + 16) as f64;
+    assert!(
+        value(&m, "lightpath_udp_received_datagrams_total", "") >= total_queries,
+        "{m}"
+    );
+    assert!(
+        value(&m, "lightpath_udp_sent_datagrams_total", "") >= total_queries,
+        "{m}"
+    );
+    assert!(value(&m, "lightpath_udp_received_bytes_total", "") >= total_queries * 30.0);
+    assert!(value(&m, "lightpath_udp_sent_bytes_total", "") >= total_queries * 46.0);
+    assert!(value(&m, "lightpath_udp_flows_active", "") >= 16.0);
+    assert!(value(&m, "lightpath_udp_flows_created_total", "") >= 32.0 + on_p2);
+    assert!(
+        value(
+            &m,
+            "lightpath_udp_flow_evictions_total",
+            "reason=\"endpoint\""
+        ) >= on_p2,
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "lightpath_udp_flow_evictions_total", "reason=\"cap\""),
+        0.0
+    );
+    assert_eq!(value(&m, "lightpath_udp_dropped_datagrams_total", ""), 0.0);
+}
