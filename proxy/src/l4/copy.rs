@@ -10,11 +10,19 @@
 //! * **idle timeout**: one timer per connection, re-armed lazily from a
 //!   last-activity timestamp (no timer reset per read);
 //! * **bounded memory**: a direction's buffer is allocated only when data
-//!   first arrives (an idle connection holds none), starts small and grows
-//!   once, to a fixed maximum, after sustained throughput. ztunnel's copy grew
-//!   to 256 KiB per direction and drew memory complaints (istio/ztunnel#1630);
-//!   here the ceiling is 64 KiB per direction, 128 KiB per connection, which
-//!   still fills a loopback or pod-network pipe (see BENCHMARKS.md).
+//!   first arrives (an idle connection holds none) and starts small. ztunnel's
+//!   copy grew to 256 KiB per direction and drew memory complaints
+//!   (istio/ztunnel#1630); here the ceiling is 64 KiB per direction, 128 KiB
+//!   per connection, which still fills a loopback or pod-network pipe (see
+//!   BENCHMARKS.md).
+//! * **zero-copy bulk**: once a direction has moved `grow_after` bytes and a
+//!   read still fills the whole buffer, the flow is bulk: the buffer is freed
+//!   and the direction continues with `splice(2)` through a pipe of
+//!   `max_buffer` bytes ([`super::splice`]), so the bytes stay in the kernel.
+//!   Request/response traffic never gets there and keeps the plain
+//!   `recv`/`send` pair (a pipe would add descriptors and syscalls). Should
+//!   the pipe fail (descriptor limit), the buffer grows to `max_buffer`
+//!   instead, as before splice.
 //!
 //! Both sockets are used through `&TcpStream` readiness calls (`readable`,
 //! `try_read`, `writable`, `try_write`), so the two directions share the
@@ -40,9 +48,12 @@ pub struct CopyConfig {
     pub idle_timeout: Duration,
     /// First buffer size of a direction, allocated on its first data.
     pub initial_buffer: usize,
-    /// Buffer size after `grow_after` bytes in that direction.
+    /// Per-direction ceiling: the pipe size once spliced, or the buffer
+    /// size after `grow_after` bytes when splicing is off or unavailable.
     pub max_buffer: usize,
     pub grow_after: u64,
+    /// Bulk directions switch to `splice(2)` (zero-copy).
+    pub splice: bool,
 }
 
 impl Default for CopyConfig {
@@ -54,6 +65,7 @@ impl Default for CopyConfig {
             max_buffer: 64 * 1024,
             // A megabyte in one direction means a bulk transfer.
             grow_after: 1024 * 1024,
+            splice: true,
         }
     }
 }
@@ -63,6 +75,8 @@ impl Default for CopyConfig {
 pub struct Transferred {
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// Of those, bytes moved with `splice(2)` (both directions).
+    pub spliced: u64,
 }
 
 /// Which side of a relayed connection.
@@ -125,6 +139,15 @@ pub async fn copy_bidirectional(
     };
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
+    let spliced = AtomicU64::new(0);
+    let counts_up = Counts {
+        total: &up,
+        spliced: &spliced,
+    };
+    let counts_down = Counts {
+        total: &down,
+        spliced: &spliced,
+    };
     let both = async {
         tokio::try_join!(
             pump(
@@ -132,7 +155,7 @@ pub async fn copy_bidirectional(
                 upstream,
                 Side::Client,
                 Side::Upstream,
-                &up,
+                counts_up,
                 &activity,
                 cfg
             ),
@@ -141,7 +164,7 @@ pub async fn copy_bidirectional(
                 client,
                 Side::Upstream,
                 Side::Client,
-                &down,
+                counts_down,
                 &activity,
                 cfg
             ),
@@ -162,8 +185,16 @@ pub async fn copy_bidirectional(
     let t = Transferred {
         client_to_upstream: up.load(Ordering::Relaxed),
         upstream_to_client: down.load(Ordering::Relaxed),
+        spliced: spliced.load(Ordering::Relaxed),
     };
     (t, end)
+}
+
+/// Where one direction counts its bytes.
+#[derive(Clone, Copy)]
+struct Counts<'a> {
+    total: &'a AtomicU64,
+    spliced: &'a AtomicU64,
 }
 
 /// One direction: `from` → `to` until EOF, then `shutdown(WR)` on `to`.
@@ -172,28 +203,20 @@ async fn pump(
     to: &TcpStream,
     from_side: Side,
     to_side: Side,
-    count: &AtomicU64,
+    count: Counts<'_>,
     activity: &Activity,
     cfg: &CopyConfig,
 ) -> Result<(), (Side, io::ErrorKind)> {
     let mut buf: Vec<u8> = Vec::new();
     let mut total: u64 = 0;
+    let mut try_splice = cfg.splice;
     loop {
         from.readable().await.map_err(|e| (from_side, e.kind()))?;
         if buf.is_empty() {
             buf = vec![0; cfg.initial_buffer.max(1)];
         }
         let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                // Half-close: pass the EOF on; the other direction goes on.
-                // ENOTCONN means the peer is already fully gone, which the
-                // other direction will report.
-                match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
-                    Err(e) => return Err((to_side, e.kind())),
-                }
-            }
+            Ok(0) => return half_close(to, to_side),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err((from_side, e.kind())),
@@ -202,11 +225,76 @@ async fn pump(
         write_all(to, &buf[..n])
             .await
             .map_err(|e| (to_side, e.kind()))?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
+        count.total.fetch_add(n as u64, Ordering::Relaxed);
         total += n as u64;
-        if total >= cfg.grow_after && buf.len() < cfg.max_buffer {
-            buf = vec![0; cfg.max_buffer];
+        if total >= cfg.grow_after && n == buf.len() {
+            // Sustained full reads: a bulk flow.
+            if try_splice {
+                match super::splice::Pipe::new(cfg.max_buffer) {
+                    Ok(pipe) => {
+                        drop(buf);
+                        return pump_spliced(from, to, from_side, to_side, &pipe, count, activity)
+                            .await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no pipe for splice, copying through a buffer");
+                        try_splice = false;
+                    }
+                }
+            }
+            if buf.len() < cfg.max_buffer {
+                buf = vec![0; cfg.max_buffer];
+            }
         }
+    }
+}
+
+/// The rest of one direction through `pipe`, without user-space copies.
+/// The pipe is emptied into `to` before `from` is read again, so at EOF
+/// nothing is left in it and the half-close is passed on at once.
+async fn pump_spliced(
+    from: &TcpStream,
+    to: &TcpStream,
+    from_side: Side,
+    to_side: Side,
+    pipe: &super::splice::Pipe,
+    count: Counts<'_>,
+    activity: &Activity,
+) -> Result<(), (Side, io::ErrorKind)> {
+    loop {
+        from.readable().await.map_err(|e| (from_side, e.kind()))?;
+        let n = match pipe.fill(from) {
+            Ok(0) => return half_close(to, to_side),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err((from_side, e.kind())),
+        };
+        activity.touch();
+        let mut left = n;
+        while left > 0 {
+            to.writable().await.map_err(|e| (to_side, e.kind()))?;
+            match pipe.drain(to, left) {
+                Ok(0) => return Err((to_side, io::ErrorKind::WriteZero)),
+                Ok(m) => {
+                    let m = m.min(left);
+                    left -= m;
+                    count.total.fetch_add(m as u64, Ordering::Relaxed);
+                    count.spliced.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err((to_side, e.kind())),
+            }
+        }
+    }
+}
+
+/// Half-close: pass the EOF on; the other direction goes on. ENOTCONN means
+/// the peer is already fully gone, which the other direction will report.
+fn half_close(to: &TcpStream, to_side: Side) -> Result<(), (Side, io::ErrorKind)> {
+    match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err((to_side, e.kind())),
     }
 }
 
@@ -221,4 +309,161 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Through real loopback sockets: client ⇄ (copy) ⇄ server.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair: (the outside end, the end the copy holds).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i.wrapping_mul(31) ^ (i >> 11)) as u8
+    }
+
+    fn cfg(splice: bool) -> CopyConfig {
+        CopyConfig {
+            initial_buffer: 4096,
+            max_buffer: 64 * 1024,
+            grow_after: 256 * 1024,
+            splice,
+            ..CopyConfig::default()
+        }
+    }
+
+    /// 8 MiB up, verified byte for byte, then half-close from the client; the
+    /// server's reply still flows back after it, and the copy ends Closed.
+    async fn bulk_then_half_close(splice: bool) -> Transferred {
+        const TOTAL: usize = 8 * 1024 * 1024;
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        let (_sig, watch) = drain::channel();
+        let cfg = cfg(splice);
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &u, &cfg, &watch).await });
+        let send = async {
+            let chunk: Vec<u8> = (0..TOTAL).map(pattern).collect();
+            client.write_all(&chunk).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            reply
+        };
+        let recv = async {
+            let mut got = Vec::with_capacity(TOTAL);
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got.len(), TOTAL, "every byte arrives before the EOF");
+            let bad = got.iter().enumerate().position(|(i, b)| *b != pattern(i));
+            assert_eq!(bad, None, "first corrupted byte");
+            server.write_all(b"after half-close").await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let (reply, ()) =
+            tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(send, recv) })
+                .await
+                .expect("8 MiB through loopback within 20 s");
+        assert_eq!(reply, b"after half-close");
+        let (t, end) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends after both EOFs")
+            .unwrap();
+        assert_eq!(end, CopyEnd::Closed);
+        assert_eq!(t.client_to_upstream, TOTAL as u64);
+        assert_eq!(t.upstream_to_client, 16);
+        t
+    }
+
+    #[tokio::test]
+    async fn bulk_direction_switches_to_splice_and_keeps_half_close() {
+        let t = bulk_then_half_close(true).await;
+        // Everything after the first full read past 256 KiB is spliced.
+        assert!(
+            t.spliced >= 7 * 1024 * 1024,
+            "only {} of 8 MiB spliced",
+            t.spliced
+        );
+    }
+
+    #[tokio::test]
+    async fn splice_off_copies_through_the_buffer() {
+        let t = bulk_then_half_close(false).await;
+        assert_eq!(t.spliced, 0);
+    }
+
+    #[tokio::test]
+    async fn small_exchanges_never_splice() {
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        let (_sig, watch) = drain::channel();
+        let cfg = cfg(true);
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &u, &cfg, &watch).await });
+        let mut buf = [0u8; 64];
+        for _ in 0..200 {
+            client.write_all(b"ping").await.unwrap();
+            server.read_exact(&mut buf[..4]).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            client.read_exact(&mut buf[..4]).await.unwrap();
+        }
+        drop(client);
+        drop(server);
+        let (t, _) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends when both peers close")
+            .unwrap();
+        assert_eq!(t.client_to_upstream, 800);
+        assert_eq!(t.upstream_to_client, 800);
+        assert_eq!(t.spliced, 0);
+    }
+
+    /// A reset from the receiving side while spliced aborts both sides.
+    #[tokio::test]
+    async fn reset_while_spliced_aborts_the_copy() {
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        let (_sig, watch) = drain::channel();
+        let cfg = cfg(true);
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &u, &cfg, &watch).await });
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            // Until the reset comes back as a write error (bounded).
+            for _ in 0..100_000 {
+                if client.write_all(&chunk).await.is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < 2 * 1024 * 1024 {
+            let n = server.read(&mut buf).await.unwrap();
+            assert!(n > 0, "unexpected EOF after {got} bytes");
+            got += n;
+        }
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let (t, end) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends on the reset")
+            .unwrap();
+        assert!(
+            matches!(end, CopyEnd::Error(Side::Upstream, _)),
+            "ended {end:?}"
+        );
+        assert!(t.spliced > 0, "the reset hit the spliced path");
+        let saw_error = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("client sees the abort")
+            .unwrap();
+        assert!(saw_error, "the client's writes must fail after the abort");
+    }
 }

@@ -10,9 +10,11 @@
 //!   time as the latency sample, or a failure).
 //! * [`copy`]: bidirectional copy with half-close, reset propagation, an idle
 //!   timeout and bounded per-connection memory.
+//! * [`splice`]: the zero-copy path [`copy`] switches bulk directions to.
 
 pub mod connect;
 pub mod copy;
+pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
