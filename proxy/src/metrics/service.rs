@@ -7,8 +7,19 @@
 //! but atomics. Series of a deleted service port stay exported with their
 //! final values (Prometheus counters must not vanish and reappear), and are
 //! reused if the service comes back.
+//!
+//! Why the series are registered lazily, on the service port's first use
+//! (its first connection, request, ejection...): a node of a 10,000-service
+//! cluster carries traffic for few of them, and the 22 series of one service
+//! port cost the recorder ~2 KB (keys, label strings, atomics) — about 20 MB
+//! at that scale for series that would only ever say 0. So a service port
+//! with no traffic yet has no series in the exposition; from its first use on
+//! it has all of them (zeros included), and keeps them. The data path still
+//! does no label hashing: after the first use, reaching a handle is one
+//! atomic load ([`OnceLock::get`]).
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -53,11 +64,20 @@ impl StatusClass {
     }
 }
 
-/// Every per-service-port handle. Fields are public so the data plane can
-/// use exactly the handle it needs; helpers below cover the common pairs.
+/// The handles of one service port, registered lazily: every handle field of
+/// [`ServiceHandles`] is reachable through `Deref` (`metrics.tcp_opened`),
+/// and the first such access registers all of them.
 #[derive(Debug)]
 pub struct ServiceMetrics {
     pub name: ServicePortName,
+    handles: OnceLock<ServiceHandles>,
+}
+
+/// Every per-service-port handle. Fields are public so the data plane can
+/// use exactly the handle it needs; helpers on [`ServiceMetrics`] cover the
+/// common pairs.
+#[derive(Debug)]
+pub struct ServiceHandles {
     pub tcp_opened: Counter,
     pub tcp_closed: Counter,
     pub tcp_active: Gauge,
@@ -77,39 +97,16 @@ pub struct ServiceMetrics {
 }
 
 impl ServiceMetrics {
-    fn register(name: &ServicePortName) -> Self {
-        let labels = vec![
-            Label::new("namespace", name.namespace.clone()),
-            Label::new("service", name.name.clone()),
-            Label::new("port", name.port.clone()),
-        ];
-        let with_class = |c: StatusClass| {
-            let mut l = labels.clone();
-            l.push(Label::new("class", c.label()));
-            counter!(names::HTTP_REQUESTS, l)
-        };
+    fn new(name: &ServicePortName) -> Self {
         ServiceMetrics {
             name: name.clone(),
-            tcp_opened: counter!(names::TCP_OPENED, labels.clone()),
-            tcp_closed: counter!(names::TCP_CLOSED, labels.clone()),
-            tcp_active: gauge!(names::TCP_ACTIVE, labels.clone()),
-            tcp_failed: counter!(names::TCP_FAILED, labels.clone()),
-            rx_bytes: counter!(names::TCP_RX_BYTES, labels.clone()),
-            tx_bytes: counter!(names::TCP_TX_BYTES, labels.clone()),
-            connect_duration: histogram!(names::CONNECT_DURATION, labels.clone()),
-            connect_failures: counter!(names::CONNECT_FAILURES, labels.clone()),
-            http_requests: StatusClass::ALL.map(with_class),
-            http_request_duration: histogram!(names::HTTP_REQUEST_DURATION, labels.clone()),
-            http_retries: counter!(names::HTTP_RETRIES, labels.clone()),
-            http_retry_overflows: counter!(names::HTTP_RETRY_OVERFLOWS, labels.clone()),
-            http_retry_budget_exhausted: counter!(
-                names::HTTP_RETRY_BUDGET_EXHAUSTED,
-                labels.clone()
-            ),
-            breaker_overflows: counter!(names::BREAKER_OVERFLOWS, labels.clone()),
-            ejections: counter!(names::EJECTIONS, labels.clone()),
-            readmissions: counter!(names::READMISSIONS, labels),
+            handles: OnceLock::new(),
         }
+    }
+
+    /// Whether the series exist yet (the service port has been used).
+    pub fn is_registered(&self) -> bool {
+        self.handles.get().is_some()
     }
 
     /// Counts an accepted connection as opened and active until the returned
@@ -136,6 +133,52 @@ impl ServiceMetrics {
     pub fn http_response(&self, status: u16, took: Duration) {
         self.http_requests[StatusClass::of(status) as usize].increment(1);
         self.http_request_duration.record(took.as_secs_f64());
+    }
+}
+
+impl Deref for ServiceMetrics {
+    type Target = ServiceHandles;
+
+    /// Registers every series of the service port on first use.
+    fn deref(&self) -> &ServiceHandles {
+        self.handles
+            .get_or_init(|| ServiceHandles::register(&self.name))
+    }
+}
+
+impl ServiceHandles {
+    fn register(name: &ServicePortName) -> Self {
+        let labels = vec![
+            Label::new("namespace", name.namespace.clone()),
+            Label::new("service", name.name.clone()),
+            Label::new("port", name.port.clone()),
+        ];
+        let with_class = |c: StatusClass| {
+            let mut l = labels.clone();
+            l.push(Label::new("class", c.label()));
+            counter!(names::HTTP_REQUESTS, l)
+        };
+        ServiceHandles {
+            tcp_opened: counter!(names::TCP_OPENED, labels.clone()),
+            tcp_closed: counter!(names::TCP_CLOSED, labels.clone()),
+            tcp_active: gauge!(names::TCP_ACTIVE, labels.clone()),
+            tcp_failed: counter!(names::TCP_FAILED, labels.clone()),
+            rx_bytes: counter!(names::TCP_RX_BYTES, labels.clone()),
+            tx_bytes: counter!(names::TCP_TX_BYTES, labels.clone()),
+            connect_duration: histogram!(names::CONNECT_DURATION, labels.clone()),
+            connect_failures: counter!(names::CONNECT_FAILURES, labels.clone()),
+            http_requests: StatusClass::ALL.map(with_class),
+            http_request_duration: histogram!(names::HTTP_REQUEST_DURATION, labels.clone()),
+            http_retries: counter!(names::HTTP_RETRIES, labels.clone()),
+            http_retry_overflows: counter!(names::HTTP_RETRY_OVERFLOWS, labels.clone()),
+            http_retry_budget_exhausted: counter!(
+                names::HTTP_RETRY_BUDGET_EXHAUSTED,
+                labels.clone()
+            ),
+            breaker_overflows: counter!(names::BREAKER_OVERFLOWS, labels.clone()),
+            ejections: counter!(names::EJECTIONS, labels.clone()),
+            readmissions: counter!(names::READMISSIONS, labels),
+        }
     }
 }
 
@@ -181,8 +224,9 @@ fn registry() -> &'static Registry {
     REGISTRY.get_or_init(Default::default)
 }
 
-/// The handles for `name`, registering them on first use. Control path only:
-/// call when a balancer is created and keep the `Arc`.
+/// The handles for `name` (one shared set per service port). Control path
+/// only: call when a balancer is created and keep the `Arc`. The series
+/// themselves are registered on the handles' first use.
 pub fn service(name: &ServicePortName) -> Arc<ServiceMetrics> {
     // Handles obtained before the recorder is installed would be no-ops for
     // ever; make sure it is installed. If installation failed (another
@@ -194,7 +238,7 @@ pub fn service(name: &ServicePortName) -> Arc<ServiceMetrics> {
     if let Some(m) = map.get(name) {
         return Arc::clone(m);
     }
-    let m = Arc::new(ServiceMetrics::register(name));
+    let m = Arc::new(ServiceMetrics::new(name));
     map.insert(name.clone(), Arc::clone(&m));
     m
 }
@@ -229,6 +273,43 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         let c = service(&spn("other"));
         assert!(!Arc::ptr_eq(&a, &c));
+    }
+
+    #[test]
+    fn series_appear_on_first_use_all_at_once() {
+        let handle = super::super::install().expect("install recorder");
+        let m = service(&spn("lazy"));
+        assert!(!m.is_registered());
+        let ours = |text: &str| {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.contains("service=\"lazy\""))
+                .count()
+        };
+        assert_eq!(ours(&handle.render()), 0, "no series before first use");
+        m.connect_failed();
+        assert!(m.is_registered());
+        let text = handle.render();
+        // Every per-service-port metric, zeros included, once used.
+        for name in [
+            names::TCP_OPENED,
+            names::TCP_ACTIVE,
+            names::TCP_RX_BYTES,
+            names::HTTP_REQUESTS,
+            names::HTTP_RETRIES,
+            names::EJECTIONS,
+            names::READMISSIONS,
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(name) && l.contains("service=\"lazy\"")),
+                "{name} missing after first use in\n{text}"
+            );
+        }
+        assert!(text.lines().any(|l| l.starts_with(names::CONNECT_FAILURES)
+            && l.contains("service=\"lazy\"")
+            && l.ends_with(" 1")));
+        // Handles obtained again later share the registered series.
+        assert!(service(&spn("lazy")).is_registered());
     }
 
     #[test]
