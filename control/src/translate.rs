@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName};
+use crate::model::{Endpoint, Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName};
 use crate::objects::{Family, NodeInfo, PortInfo, ServiceInfo, SliceInfo};
 use crate::options::Options;
 use crate::select::{categorize, Candidate};
@@ -118,6 +118,14 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
             // serviceport.go ExternallyAccessible: per port and family.
             let externally_accessible =
                 port.node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();
+            let cluster_endpoints: Arc<[Endpoint]> = sets.cluster.into();
+            // When every endpoint is on this node the two sets are equal:
+            // share one allocation instead of holding each endpoint twice.
+            let local_endpoints = if sets.local[..] == cluster_endpoints[..] {
+                cluster_endpoints.clone()
+            } else {
+                sets.local.into()
+            };
             let sp = Arc::new(ServicePort {
                 name: ServicePortName {
                     namespace: svc.key.namespace.clone(),
@@ -127,8 +135,8 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
                 protocol: port.protocol,
                 mode: port.mode,
                 affinity: svc.affinity,
-                cluster_endpoints: sets.cluster.into(),
-                local_endpoints: sets.local.into(),
+                cluster_endpoints,
+                local_endpoints,
                 internal_local: svc.internal_local,
                 external_local: svc.external_policy_local && externally_accessible,
                 health_check_node_port: svc.health_check_node_port,
@@ -156,4 +164,37 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{parse_service, parse_slice};
+    use crate::synth;
+
+    fn rows(slice: k8s_openapi::api::discovery::v1::EndpointSlice, node: &str) -> Vec<Frontend> {
+        let opts = Options {
+            node_name: node.into(),
+            ..Options::default()
+        };
+        let svc = parse_service(&synth::service(1), &opts).unwrap().unwrap();
+        let slice = parse_slice(&slice).unwrap();
+        translate(&svc, &[&slice], &NodeCtx::new(&opts, None))
+    }
+
+    #[test]
+    fn local_set_shares_the_cluster_set_when_equal() {
+        // One endpoint, on node-1 (synth puts endpoint k on node-{k % 20}).
+        let all_local = rows(synth::slice(1, 1, 0), "node-1");
+        let sp = &all_local[0].service;
+        assert_eq!(sp.cluster_endpoints.len(), 1);
+        assert!(Arc::ptr_eq(&sp.cluster_endpoints, &sp.local_endpoints));
+
+        // Three endpoints on three nodes: the local set is one of them.
+        let mixed = rows(synth::slice(1, 3, 0), "node-3");
+        let sp = &mixed[0].service;
+        assert_eq!(sp.cluster_endpoints.len(), 3);
+        assert_eq!(sp.local_endpoints.len(), 1);
+        assert_eq!(sp.local_endpoints[0].node_name.as_deref(), Some("node-3"));
+    }
 }
