@@ -31,13 +31,7 @@ fn serving(tag: &str, pods: usize) -> Sandbox {
         sb.start_backend(i);
     }
     let all: Vec<usize> = (1..=pods).collect();
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip4(), vip6()], &all, "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
-    sb.start_lightpath(&path, &[]);
+    sb.serve(&web_manifest(&[vip4(), vip6()], &all));
     sb
 }
 
@@ -180,13 +174,7 @@ fn connect_failure_is_retried_on_another_endpoint() {
     }
     let mut sb = Sandbox::new("retry", 2);
     sb.start_backend(1); // pod 2 exists (its address answers) but refuses.
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip4()], &[1, 2], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
-    sb.start_lightpath(&path, &[]);
+    sb.serve(&web_manifest(&[vip4()], &[1, 2]));
     let seen = sb.client.run(|| names(SocketAddr::new(vip4(), 80), 30));
     assert_eq!(
         seen.get("pod-1"),

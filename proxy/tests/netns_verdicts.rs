@@ -114,13 +114,7 @@ fn removed_backend_gets_no_new_connections_while_established_ones_finish() {
     sb.start_backend(1);
     sb.start_backend(2);
     let vip = ip("10.96.0.10");
-    let both = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1, 2], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &both);
-    sb.start_lightpath(&path, &[]);
+    sb.serve(&web_manifest(&[vip], &[1, 2]));
 
     // Open echo connections until both pods hold at least one (the echo
     // port cannot tell pods apart, so open several: p2c spreads them).
@@ -225,13 +219,7 @@ fn lightpath_down_fails_fast_and_cleanup_removes_everything() {
     let mut sb = Sandbox::new("down", 1);
     sb.start_backend(1);
     let vip = ip("10.96.0.10");
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
-    let lp = sb.start_lightpath(&path, &[]);
+    let lp = sb.serve(&web_manifest(&[vip], &[1]));
     let name = sb
         .client
         .run(move || wait_http(SocketAddr::new(vip, 80), Duration::from_secs(5)));
@@ -265,7 +253,7 @@ fn lightpath_down_fails_fast_and_cleanup_removes_everything() {
     }
 
     // Restart picks up the kept rules (reconcile), then cleanup removes all.
-    sb.start_lightpath(&path, &[]);
+    sb.serve(&web_manifest(&[vip], &[1]));
     let name = sb
         .client
         .run(move || wait_http(SocketAddr::new(vip, 80), Duration::from_secs(5)));
@@ -303,13 +291,7 @@ fn sigterm_refuses_new_connections_and_drains_established_ones() {
     let mut sb = Sandbox::new("drain", 1);
     sb.start_backend(1);
     let vip = ip("10.96.0.10");
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
-    let lp = sb.start_lightpath(&path, &[]);
+    let lp = sb.serve(&web_manifest(&[vip], &[1]));
 
     let (tx_open, rx_open) = std::sync::mpsc::channel::<()>();
     let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
@@ -367,8 +349,7 @@ fn restart_after_a_crash_reconciles_rules_and_routing() {
         node_yaml(),
         service_yaml("old", &[ip("10.96.0.40")], &[1], "node-a", "")
     );
-    let path = sb.write_manifest("svc.yaml", &old);
-    let lp = sb.start_lightpath(&path, &[]);
+    let lp = sb.serve(&old);
     assert!(sb.nft_table().contains("10.96.0.40"));
     sb.lightpath(lp).signal(nix::sys::signal::Signal::SIGKILL);
     let _ = sb.procs[lp].wait(Duration::from_secs(5));
@@ -378,8 +359,7 @@ fn restart_after_a_crash_reconciles_rules_and_routing() {
         node_yaml(),
         service_yaml("new", &[ip("10.96.0.50")], &[1], "node-a", "")
     );
-    sb.write_manifest("svc.yaml", &new);
-    sb.start_lightpath(&path, &[]);
+    sb.serve(&new);
     let table = sb.nft_table();
     assert!(
         !table.contains("10.96.0.40"),
@@ -414,25 +394,13 @@ fn manifest_edits_move_frontends_between_proxy_and_reject_in_the_kernel() {
     let mut sb = Sandbox::new("edit", 1);
     sb.start_backend(1);
     let vip = ip("10.96.0.10");
-    let served = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &served);
-    let lp = sb.start_lightpath(&path, &[]);
+    let served = web_manifest(&[vip], &[1]);
+    let lp = sb.serve(&served);
     assert!(sb.nft_table().contains("10.96.0.10 . tcp . 80"));
 
     // All endpoints gone: the kernel rejects, as one incremental update.
     let from = sb.lightpath(lp).lines.len();
-    sb.write_manifest(
-        "svc.yaml",
-        &format!(
-            "{}{}",
-            node_yaml(),
-            service_yaml("web", &[vip], &[], "node-a", "")
-        ),
-    );
+    sb.write_manifest("svc.yaml", &web_manifest(&[vip], &[]));
     let from = sb
         .lightpath(lp)
         .lines

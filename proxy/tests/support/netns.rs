@@ -129,6 +129,9 @@ pub trait SandboxExt {
     /// Starts `lightpath run` in the node; the index into `procs`.
     fn start_lightpath(&mut self, manifest: &Path, extra: &[&str]) -> usize;
     fn lightpath(&self, idx: usize) -> &Proc;
+    /// Writes `manifest` as `svc.yaml` (again, if it is there) and starts
+    /// `lightpath run` on it; the index into `procs`.
+    fn serve(&mut self, manifest: &str) -> usize;
     /// `nft list table inet lightpath` in the node namespace.
     fn nft_table(&self) -> String;
 }
@@ -152,6 +155,11 @@ impl SandboxExt for Sandbox {
 
     fn lightpath(&self, idx: usize) -> &Proc {
         &self.procs[idx]
+    }
+
+    fn serve(&mut self, manifest: &str) -> usize {
+        let path = self.write_manifest("svc.yaml", manifest);
+        self.start_lightpath(&path, &[])
     }
 
     fn nft_table(&self) -> String {
@@ -208,6 +216,16 @@ pub fn service_yaml(
     }
     y.push_str("---\n");
     y
+}
+
+/// The usual test cluster: [`node_yaml`] and the `web` Service
+/// ([`service_yaml`]) at `vips` over `pods`, all on `node-a`.
+pub fn web_manifest(vips: &[IpAddr], pods: &[usize]) -> String {
+    format!(
+        "{}{}",
+        node_yaml(),
+        service_yaml("web", vips, pods, "node-a", "")
+    )
 }
 
 /// A Node object for `node-a`.
