@@ -236,7 +236,7 @@ async fn tcp_and_http_services_are_labelled_over_h1_and_h2() {
 }
 
 #[tokio::test]
-async fn tcp_plus_udp_waits_until_udp_is_carried() {
+async fn tcp_plus_udp_is_labelled_unless_the_policy_is_tcp_only() {
     let cert = localhost_cert();
     let body = review(
         "Service",
@@ -246,15 +246,14 @@ async fn tcp_plus_udp_waits_until_udp_is_carried() {
 
     let today = start(&cert, Policy::default()).await;
     let (resp, patch) = admit(&today, &cert, body.clone(), false).await;
-    assert_eq!(patch, None, "UDP is not carried yet: {resp}");
+    assert!(patch.is_some(), "UDP is carried: TCP+UDP labelled: {resp}");
 
-    let with_udp = start(
-        &cert,
-        Policy::new("lightpath", ["kube-system"], ["TCP", "UDP"]),
-    )
-    .await;
-    let (_, patch) = admit(&with_udp, &cert, body, false).await;
-    assert!(patch.is_some(), "TCP+UDP is labelled once UDP is carried");
+    let tcp_only = start(&cert, Policy::new("lightpath", ["kube-system"], ["TCP"])).await;
+    let (resp, patch) = admit(&tcp_only, &cert, body, false).await;
+    assert_eq!(
+        patch, None,
+        "a TCP-only policy leaves UDP to kube-proxy: {resp}"
+    );
 }
 
 #[tokio::test]

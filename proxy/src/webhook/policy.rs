@@ -15,9 +15,10 @@ use k8s_openapi::api::core::v1::Service;
 /// The label kube-proxy and lightpath use to decide which proxy owns a Service.
 pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
-/// Protocols the data plane carries today. When the UDP relay lands, adding
-/// "UDP" here is the whole change (`--carried-protocols` overrides it).
-pub const CARRIED_PROTOCOLS: &[&str] = &["TCP"];
+/// Protocols the data plane carries today (TCP streams, UDP flows; SCTP not
+/// yet). `--carried-protocols` overrides it, e.g. `tcp` to leave every
+/// Service with a UDP port to kube-proxy.
+pub const CARRIED_PROTOCOLS: &[&str] = &["TCP", "UDP"];
 
 /// Namespaces never labelled by default: the cluster's own plumbing stays on
 /// kube-proxy, whatever happens to lightpath.
@@ -181,25 +182,25 @@ mod tests {
     }
 
     #[test]
-    fn tcp_only_is_labelled_and_udp_waits_for_the_flag() {
+    fn tcp_and_udp_are_labelled_sctp_and_a_tcp_only_flag_are_not() {
         let p = Policy::default();
         assert_eq!(p.decide_service("default", &svc(&["TCP"])), Decision::Label);
         assert_eq!(
             p.decide_service("default", &svc(&["TCP", "UDP"])),
+            Decision::Label
+        );
+        assert!(matches!(
+            p.decide_service("default", &svc(&["UDP", "SCTP"])),
+            Decision::Skip(Skip::NotCarried { index: 1, .. })
+        ));
+        let tcp_only = Policy::new("lightpath", ["kube-system"], ["tcp"]);
+        assert_eq!(
+            tcp_only.decide_service("default", &svc(&["TCP", "UDP"])),
             Decision::Skip(Skip::NotCarried {
                 index: 1,
                 protocol: "UDP".into()
             })
         );
-        let with_udp = Policy::new("lightpath", ["kube-system"], ["tcp", "udp"]);
-        assert_eq!(
-            with_udp.decide_service("default", &svc(&["TCP", "UDP"])),
-            Decision::Label
-        );
-        assert!(matches!(
-            with_udp.decide_service("default", &svc(&["SCTP"])),
-            Decision::Skip(Skip::NotCarried { .. })
-        ));
     }
 
     #[test]
