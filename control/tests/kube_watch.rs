@@ -617,3 +617,77 @@ async fn invalid_slice_is_reported_and_the_rest_still_updates() {
     );
     assert!(histogram_samples >= 2, "propagation histogram not recorded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_reports_each_watch_and_nothing_publishes_before_all() {
+    let api = fake().await;
+    api.apply(&node("10.0.0.1")).expect("node");
+    api.apply(&svc("web", "10.96.0.10")).expect("svc");
+    api.apply(&slice("web-1", "web", &["10.244.0.5"]))
+        .expect("slice");
+    api.hold_lists(Kind::EndpointSlice, true);
+    let (src, _kc) = source(&api, opts()).await;
+
+    let mut sync = src.initial_sync.clone();
+    let s = *tokio::time::timeout(WAIT, sync.wait_for(|s| s.services && s.nodes))
+        .await
+        .expect("services and nodes list")
+        .expect("source running");
+    assert_eq!(s.pending(), ["endpointslices"]);
+    assert!(!s.complete());
+    // A partial view is never published.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!*src.ready.borrow());
+    assert!(src.table.borrow().is_empty());
+
+    api.hold_lists(Kind::EndpointSlice, false);
+    wait_ready(&src).await;
+    assert!(src.initial_sync.borrow().complete());
+    let t = src.table.borrow().clone();
+    assert_eq!(eps(&t, "10.96.0.10", 80), set(&["10.244.0.5"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_eligibility_follows_taint_and_deletion() {
+    use control::kube::NodeEligibility;
+    let api = fake().await;
+    api.apply(&node("10.0.0.1")).expect("node");
+    let (src, _kc) = source(&api, opts()).await;
+    wait_ready(&src).await;
+    assert_eq!(*src.node.borrow(), NodeEligibility::Eligible);
+    let version = src.table.borrow().version;
+
+    let wait = |want: NodeEligibility| {
+        let mut rx = src.node.clone();
+        async move {
+            tokio::time::timeout(WAIT, rx.wait_for(|n| *n == want))
+                .await
+                .unwrap_or_else(|_| panic!("node never became {want}"))
+                .expect("source running");
+        }
+    };
+    let mut n = serde_json::to_value(node("10.0.0.1")).expect("json");
+    n["spec"] =
+        json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]});
+    api.apply_json(Kind::Node, n.clone()).expect("taint");
+    wait(NodeEligibility::ToBeDeletedByClusterAutoscaler).await;
+
+    n["spec"] = json!({});
+    api.apply_json(Kind::Node, n.clone()).expect("untaint");
+    wait(NodeEligibility::Eligible).await;
+
+    n["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    api.apply_json(Kind::Node, n).expect("deleting");
+    wait(NodeEligibility::BeingDeleted).await;
+
+    // Another node's taint is not ours.
+    let mut other = serde_json::to_value(node("10.0.0.2")).expect("json");
+    other["metadata"]["name"] = json!("node-b");
+    other["spec"] =
+        json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]});
+    api.apply_json(Kind::Node, other).expect("node-b");
+    // Eligibility alone never rebuilds the forwarding table.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(src.table.borrow().version, version);
+    assert_eq!(*src.node.borrow(), NodeEligibility::BeingDeleted);
+}

@@ -19,7 +19,8 @@
 //! - create/update/delete from the test (Rust API) or over HTTP;
 //! - discovery (`/api`, `/apis`, `/version`, …) and server-side Table
 //!   printing so `kubectl --kubeconfig F get svc -A` works;
-//! - stop and restart on the same port, dropping every open connection.
+//! - stop and restart on the same port, dropping every open connection;
+//! - holding list responses per kind, to play a slow initial sync.
 //!
 //! Test support only: never a dependency of the shipped binary.
 
@@ -295,6 +296,14 @@ impl FakeApi {
     /// relist.
     pub fn expire_watches(&self) {
         self.shared.expire_watches();
+    }
+
+    /// While `hold` is true, list requests for `kind` wait (the connection
+    /// stays open, no answer); releasing answers them with the then-current
+    /// state. Watches are not affected. For testing what a client reports
+    /// during a slow initial sync.
+    pub fn hold_lists(&self, kind: Kind, hold: bool) {
+        self.shared.hold_lists(kind, hold);
     }
 
     /// Completed list requests for `kind` (each page counts).

@@ -46,6 +46,9 @@ pub struct Shared {
     pub stats: Stats,
     pub bookmark_interval: Duration,
     pub server_address: Mutex<String>,
+    /// Per kind: list requests wait while true (a slow API server, or one
+    /// whose etcd is catching up), so tests can observe a client mid-sync.
+    pub list_hold: tokio::sync::watch::Sender<[bool; 3]>,
 }
 
 impl Shared {
@@ -56,7 +59,19 @@ impl Shared {
             stats: Stats::default(),
             bookmark_interval,
             server_address: Mutex::new(String::new()),
+            list_hold: tokio::sync::watch::channel([false; 3]).0,
         }
+    }
+
+    pub fn hold_lists(&self, kind: Kind, hold: bool) {
+        self.list_hold.send_modify(|h| h[idx(kind)] = hold);
+    }
+
+    /// Resolves once lists of `kind` are not held.
+    async fn list_released(&self, kind: Kind) {
+        let mut rx = self.list_hold.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = rx.wait_for(|h| !h[idx(kind)]).await;
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Store> {
@@ -398,6 +413,7 @@ async fn handle_resource(
         (Method::GET, None) if truthy(param(&q, "watch")) => start_watch(shared, &t, &q),
         (Method::GET, None) => {
             let table = wants_table(&req);
+            shared.list_released(t.kind).await;
             list(shared, &t, &q, table)
         }
         (Method::GET, Some(name)) => {

@@ -246,13 +246,23 @@ pub fn readyz(readiness: &Readiness) -> Resp {
         ready: bool,
         draining: bool,
         waiting_for: &'a [String],
+        /// One line for a human reading a failed probe.
+        reason: String,
     }
+    let reason = if status.draining {
+        "shutting down: draining connections".to_string()
+    } else if status.ready {
+        "ready".to_string()
+    } else {
+        format!("waiting for {}", status.waiting_for.join(", "))
+    };
     web::json(
         code,
         &Body {
             ready: status.ready,
             draining: status.draining,
             waiting_for: &status.waiting_for,
+            reason,
         },
     )
 }

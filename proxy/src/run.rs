@@ -2,7 +2,10 @@
 //!
 //! Why the steps come in this order:
 //! 1. The table is loaded first: invalid manifests stop the start before the
-//!    kernel is touched, so a bad deploy never replaces working rules.
+//!    kernel is touched, so a bad deploy never replaces working rules. The
+//!    Kubernetes source is waited for until every watch has listed once; the
+//!    operator servers already run meanwhile (`/ready` names the watches
+//!    still syncing, `/livez` answers), and a signal then exits untouched.
 //! 2. The transparent listeners are bound before the rules are installed, so
 //!    the first redirected SYN already finds a socket.
 //! 3. The rules are reconciled from scratch (whatever a crashed run left is
@@ -183,20 +186,56 @@ pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
 }
 
 /// The Kubernetes source, once every watch's initial list is in the table:
-/// rules are never programmed from a partial view of the cluster.
+/// rules are never programmed from a partial view of the cluster. The
+/// operator servers start first, so `/ready` says what a slow sync is still
+/// waiting for and `/livez` answers throughout. `None` if a signal came first.
 async fn kube_table(
-    kubeconfig: Option<&std::path::Path>,
+    args: &RunArgs,
     opts: Options,
-) -> Result<(TableRx, tokio::task::JoinHandle<()>), RunError> {
-    let client = control::kube::client(kubeconfig).await?;
+    settings: serde_json::Value,
+    signals: &mut Signals,
+) -> Result<Option<Source>, RunError> {
+    let client = control::kube::client(args.kubeconfig.as_deref()).await?;
     let source = control::kube::watch_cluster(client, opts);
+    let ops = crate::admin::Operator::start(&args.operator, source.table.clone(), settings)?;
+    ops.follow_kube(source.initial_sync.clone(), source.node.clone());
     tracing::info!("waiting for the initial Kubernetes lists");
     let mut ready = source.ready.clone();
-    ready
-        .wait_for(|r| *r)
-        .await
-        .map_err(|_| RunError::KubeStopped)?;
-    Ok((source.table, source.task))
+    tokio::select! {
+        r = ready.wait_for(|r| *r) => {
+            r.map_err(|_| RunError::KubeStopped)?;
+        }
+        why = signals.recv() => {
+            ops.draining();
+            tracing::info!(signal = why, "stopped before the initial sync; no rules were touched");
+            return Ok(None);
+        }
+    }
+    Ok(Some((source.table, source.task, ops)))
+}
+
+type Source = (TableRx, tokio::task::JoinHandle<()>, crate::admin::Operator);
+
+/// SIGTERM and SIGINT, registered once at start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, RunError> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(RunError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -209,25 +248,28 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         labelled_only: args.labelled_only,
         node_ips: args.node_ips.clone(),
     };
-    let (table, _source) = if args.manifests.is_empty() {
-        kube_table(args.kubeconfig.as_deref(), opts).await?
+    let mut signals = Signals::new()?;
+    let settings = serde_json::to_value(&args).unwrap_or_default();
+    let (table, _source, mut ops) = if args.manifests.is_empty() {
+        match kube_table(&args, opts, settings, &mut signals).await? {
+            Some(source) => source,
+            None => return Ok(()),
+        }
     } else {
-        control::watch_manifests(
+        let (table, task) = control::watch_manifests(
             args.manifests.clone(),
             opts,
             Duration::from_millis(args.manifest_poll_ms),
-        )?
+        )?;
+        let ops = crate::admin::Operator::start(&args.operator, table.clone(), settings)?;
+        (table, task, ops)
     };
     tracing::info!(frontends = table.borrow().len(), "table loaded");
-    let settings = serde_json::to_value(&args).unwrap_or_default();
-    let mut ops = crate::admin::Operator::start(&args.operator, table.clone(), settings)?;
 
     let (listeners, v6) = bind_listeners(&args)?;
     let udp_addrs: Vec<SocketAddr> = std::iter::once(args.listen).chain(v6).collect();
     let udp = crate::udp::bind(&udp_addrs, args.no_redirect)
         .map_err(|(addr, source)| RunError::Listen { addr, source })?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
 
     let rules = if args.no_redirect {
         None
@@ -265,8 +307,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut serve_task = tokio::spawn(async move { server.run(listeners, drain_watch).await });
 
     let why = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+        why = signals.recv() => why,
         r = &mut serve_task => {
             // The server only returns on its own for a listener error.
             let _ = stop_rules_tx.send(true);

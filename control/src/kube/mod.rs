@@ -30,6 +30,7 @@
 
 mod client;
 pub mod metrics;
+pub mod node;
 pub mod selectors;
 mod source;
 mod tracker;
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use client::{client, ClientError};
+pub use node::NodeEligibility;
 pub use source::COALESCE;
 
 use crate::model::Table;
@@ -54,8 +56,43 @@ pub struct KubeSource {
     /// initial list and the first complete snapshot is in `table`. Stays
     /// true through later outages (the last table keeps serving).
     pub ready: watch::Receiver<bool>,
+    /// Which watches have completed their first list. Lets an operator see
+    /// what a slow start is waiting for (the table itself stays empty until
+    /// all of them have).
+    pub initial_sync: watch::Receiver<InitialSync>,
+    /// This node's eligibility for load-balancer traffic, from our Node
+    /// object (kube-proxy's `/healthz` contract). `Eligible` until the Node
+    /// says otherwise.
+    pub node: watch::Receiver<NodeEligibility>,
     /// The watch task; it ends when every table receiver is dropped.
     pub task: JoinHandle<()>,
+}
+
+/// Per watched resource: has its first list completed?
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct InitialSync {
+    pub services: bool,
+    pub endpointslices: bool,
+    pub nodes: bool,
+}
+
+impl InitialSync {
+    /// The resources still on their first list, by API name.
+    pub fn pending(&self) -> Vec<&'static str> {
+        [
+            ("services", self.services),
+            ("endpointslices", self.endpointslices),
+            ("nodes", self.nodes),
+        ]
+        .into_iter()
+        .filter(|(_, done)| !done)
+        .map(|(name, _)| name)
+        .collect()
+    }
+
+    pub fn complete(&self) -> bool {
+        self.services && self.endpointslices && self.nodes
+    }
 }
 
 /// Starts watching the cluster through `client`. Must be called within a
@@ -64,6 +101,20 @@ pub struct KubeSource {
 pub fn watch_cluster(client: ::kube::Client, opts: Options) -> KubeSource {
     let (table_tx, table) = watch::channel(Arc::new(Table::default()));
     let (ready_tx, ready) = watch::channel(false);
-    let task = tokio::spawn(source::run(client, opts, table_tx, ready_tx));
-    KubeSource { table, ready, task }
+    let (sync_tx, initial_sync) = watch::channel(InitialSync::default());
+    let (node_tx, node) = watch::channel(NodeEligibility::Eligible);
+    let outputs = source::Outputs {
+        table: table_tx,
+        ready: ready_tx,
+        initial_sync: sync_tx,
+        node: node_tx,
+    };
+    let task = tokio::spawn(source::run(client, opts, outputs));
+    KubeSource {
+        table,
+        ready,
+        initial_sync,
+        node,
+        task,
+    }
 }

@@ -26,8 +26,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::metrics::{PublishMetrics, ResourceMetrics};
+use super::node::NodeEligibility;
 use super::selectors::{label_selector, node_field_selector};
 use super::tracker::{ObjRef, Tracker};
+use super::InitialSync;
 use crate::error::ObjectError;
 use crate::model::Table;
 use crate::options::Options;
@@ -108,6 +110,14 @@ enum Update {
     Node(Box<watcher::Result<Event<Node>>>),
 }
 
+/// Where the loop publishes what it learns.
+pub(super) struct Outputs {
+    pub table: watch::Sender<Arc<Table>>,
+    pub ready: watch::Sender<bool>,
+    pub initial_sync: watch::Sender<InitialSync>,
+    pub node: watch::Sender<NodeEligibility>,
+}
+
 /// The mutable side of the loop: state, trackers and what is unpublished.
 struct Pump {
     state: ClusterState,
@@ -121,6 +131,9 @@ struct Pump {
     batch_relisted: bool,
     table_tx: watch::Sender<Arc<Table>>,
     ready_tx: watch::Sender<bool>,
+    sync_tx: watch::Sender<InitialSync>,
+    node_tx: watch::Sender<NodeEligibility>,
+    node_name: String,
     publish: PublishMetrics,
 }
 
@@ -217,12 +230,47 @@ impl Pump {
         let (changed, relist) = match update {
             Update::Service(ev) => Self::apply(&mut self.state, &mut self.services, *ev),
             Update::Slice(ev) => Self::apply(&mut self.state, &mut self.slices, *ev),
-            Update::Node(ev) => Self::apply(&mut self.state, &mut self.nodes, *ev),
+            Update::Node(ev) => {
+                self.observe_node(&ev);
+                Self::apply(&mut self.state, &mut self.nodes, *ev)
+            }
         };
         if changed {
             self.mark_dirty();
         }
         self.batch_relisted |= relist;
+        let synced = InitialSync {
+            services: self.services.tracker.synced(),
+            endpointslices: self.slices.tracker.synced(),
+            nodes: self.nodes.tracker.synced(),
+        };
+        self.sync_tx.send_if_modified(|cur| {
+            let changed = *cur != synced;
+            *cur = synced;
+            changed
+        });
+    }
+
+    /// Our Node's eligibility, published at once (it does not wait for the
+    /// coalescing window or a complete view: it is one object's state).
+    /// As kube-proxy, a delete is judged by the deleted object's last state.
+    fn observe_node(&self, ev: &watcher::Result<Event<Node>>) {
+        let node = match ev {
+            Ok(Event::Apply(n) | Event::InitApply(n) | Event::Delete(n)) => n,
+            _ => return,
+        };
+        if node.metadata.name.as_deref() != Some(self.node_name.as_str()) {
+            return;
+        }
+        let eligibility = NodeEligibility::of(node);
+        self.node_tx.send_if_modified(|cur| {
+            if *cur == eligibility {
+                return false;
+            }
+            tracing::info!(node = %self.node_name, from = %cur, to = %eligibility, "node eligibility changed");
+            *cur = eligibility;
+            true
+        });
     }
 
     /// When the pending batch should be published, if it may be.
@@ -281,12 +329,7 @@ where
     watcher::watcher(api, config).default_backoff().boxed()
 }
 
-pub(super) async fn run(
-    client: Client,
-    opts: Options,
-    table_tx: watch::Sender<Arc<Table>>,
-    ready_tx: watch::Sender<bool>,
-) {
+pub(super) async fn run(client: Client, opts: Options, out: Outputs) {
     let labels = label_selector(&opts);
     let node_fields = node_field_selector(&opts);
     let services = stream(
@@ -306,6 +349,7 @@ pub(super) async fn run(
     .map(|ev| Update::Node(Box::new(ev)));
     let mut events = futures::stream::select(futures::stream::select(services, slices), nodes);
 
+    let node_name = opts.node_name.clone();
     let mut pump = Pump {
         state: ClusterState::new(opts),
         services: Watch::new(Service::RESOURCE),
@@ -313,8 +357,11 @@ pub(super) async fn run(
         nodes: Watch::new(Node::RESOURCE),
         dirty_since: None,
         batch_relisted: false,
-        table_tx,
-        ready_tx,
+        table_tx: out.table,
+        ready_tx: out.ready,
+        sync_tx: out.initial_sync,
+        node_tx: out.node,
+        node_name,
         publish: PublishMetrics::default(),
     };
     loop {

@@ -68,6 +68,11 @@ impl Tracker {
         self.synced && self.relisting.is_none()
     }
 
+    /// At least one list has completed (a later relist does not undo it).
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
     pub fn known_count(&self) -> usize {
         self.known.len()
     }

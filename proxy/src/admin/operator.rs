@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use control::kube::{InitialSync, NodeEligibility};
 use control::TableRx;
+use tokio::sync::watch;
 
 use super::{AdminConfig, AdminError, AdminHandle, AdminState, BalancerDump};
 use crate::defaults;
@@ -149,6 +151,33 @@ impl Operator {
         self.readiness.start_draining();
     }
 
+    /// The Kubernetes source's progress and our Node's state: `/ready` waits
+    /// for "initial sync of <resource>" per watch still on its first list,
+    /// and `/healthz` follows the Node's eligibility (KEP-3836) while
+    /// `/livez` does not. Guards are registered before this returns, so no
+    /// probe can see "ready" between the call and the task's first look.
+    pub fn follow_kube(
+        &self,
+        sync: watch::Receiver<InitialSync>,
+        node: watch::Receiver<NodeEligibility>,
+    ) -> tokio::task::JoinHandle<()> {
+        let resources = ["services", "endpointslices", "nodes"];
+        let mut guards: Vec<(&'static str, BlockReady)> = resources
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    self.readiness
+                        .register_task(&format!("initial sync of {r}")),
+                )
+            })
+            .collect();
+        let health = self.health.clone();
+        tokio::spawn(follow_kube(sync, node, health, move |pending| {
+            guards.retain(|(r, _)| pending.contains(r));
+        }))
+    }
+
     /// Without kernel rules (`--no-redirect`) a table is applied as soon as
     /// the balancers see it: mark every change updated at once.
     pub fn follow_without_rules(&self, mut table: TableRx) -> tokio::task::JoinHandle<()> {
@@ -159,6 +188,25 @@ impl Operator {
                 health.updated_all();
             }
         })
+    }
+}
+
+async fn follow_kube(
+    mut sync: watch::Receiver<InitialSync>,
+    mut node: watch::Receiver<NodeEligibility>,
+    health: ProxyHealth,
+    mut still_pending: impl FnMut(&[&'static str]),
+) {
+    let (mut sync_open, mut node_open) = (true, true);
+    loop {
+        still_pending(&sync.borrow_and_update().pending());
+        let eligibility = *node.borrow_and_update();
+        health.set_node_eligible(eligibility.is_eligible());
+        tokio::select! {
+            r = sync.changed(), if sync_open => sync_open = r.is_ok(),
+            r = node.changed(), if node_open => node_open = r.is_ok(),
+            else => return,
+        }
     }
 }
 
