@@ -14,6 +14,12 @@
 //!   EMFILE back off exponentially instead of spinning.
 //! * Drain: on the drain signal every accept loop stops and drops its
 //!   listener; connection tasks hold a [`drain::Watch`] until they finish.
+//! * Few syscalls per connection, because a new connection per request is
+//!   the case where a proxy loses to kernel DNAT: TCP_NODELAY and keepalive
+//!   are set once on the listener and inherited by every accepted socket,
+//!   the client address comes from `accept`, and under TPROXY (local address
+//!   ≠ the listener's) the local address is the original destination without
+//!   asking conntrack.
 
 use std::io;
 use std::net::SocketAddr;
@@ -155,6 +161,16 @@ impl Server {
 
     async fn accept_loop(self, listener: TcpListener, drain: drain::Watch) {
         let mut backoff = Backoff::new();
+        let listening = Listening {
+            addr: listener.local_addr().ok(),
+            tuned: match l4::tune_listener(&listener) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "listener options not set, setting them per connection");
+                    false
+                }
+            },
+        };
         // Over-limit warnings: at most one per second, with a count, so a
         // flood cannot turn into a log flood.
         let mut over_limit: (Option<tokio::time::Instant>, u64) = (None, 0);
@@ -185,7 +201,7 @@ impl Server {
                     let this = self.clone();
                     let drain = drain.clone();
                     tokio::spawn(async move {
-                        this.handle(sock, peer, &table, &drain).await;
+                        this.handle(sock, peer, listening, &table, &drain).await;
                         drop(slot);
                         drop(drain);
                     });
@@ -208,8 +224,15 @@ impl Server {
     }
 
     /// One connection: find its frontend, then hand it to the mode's handler.
-    async fn handle(&self, sock: TcpStream, peer: SocketAddr, table: &Table, drain: &drain::Watch) {
-        let dst = match redirect::sockopt::original_dst(&sock) {
+    async fn handle(
+        &self,
+        sock: TcpStream,
+        peer: SocketAddr,
+        listening: Listening,
+        table: &Table,
+        drain: &drain::Watch,
+    ) {
+        let dst = match listening.original_dst(&sock) {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no original destination");
@@ -235,7 +258,10 @@ impl Server {
             l4::abort(&sock);
             return;
         }
-        l4::set_keepalive(&sock);
+        if !listening.tuned {
+            l4::set_keepalive(&sock);
+            let _ = sock.set_nodelay(true);
+        }
         let balancer = self
             .balancers
             .for_service_at(&frontend.service, table.version);
@@ -244,7 +270,7 @@ impl Server {
         let scope = Scope::of(frontend);
         // The dispatch point: HTTP frontends are proxied per request.
         let result = match frontend.service.mode {
-            Mode::L4 => l4::relay(sock, balancer, scope, &self.cfg.relay, drain).await,
+            Mode::L4 => l4::relay(sock, peer.ip(), balancer, scope, &self.cfg.relay, drain).await,
             Mode::Http | Mode::H2c => {
                 self.l7
                     .serve_connection(sock, peer, &frontend.service, balancer, scope, drain)
@@ -266,6 +292,39 @@ impl Server {
                 end = ?r.end, "connection done"
             ),
             Err(e) => tracing::info!(%peer, frontend = %key, error = %e, "connection failed"),
+        }
+    }
+}
+
+/// What a connection needs to know about the listener that accepted it.
+#[derive(Debug, Clone, Copy)]
+struct Listening {
+    addr: Option<SocketAddr>,
+    /// TCP_NODELAY and keepalive were set on the listener (and so are
+    /// inherited by accepted sockets).
+    tuned: bool,
+}
+
+impl Listening {
+    /// The destination the client dialled. Under TPROXY the accepted
+    /// socket's local address is the original destination and differs from
+    /// the listener's own address: one `getsockname`. Only when it equals
+    /// the listener's (REDIRECT/DNAT steered the connection, or a client
+    /// dialled the listener itself) is conntrack asked, by
+    /// [`redirect::sockopt::original_dst`].
+    fn original_dst(&self, sock: &TcpStream) -> io::Result<SocketAddr> {
+        let local = sock.local_addr()?;
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+        let Some(l) = self.addr else {
+            return redirect::sockopt::original_dst(sock);
+        };
+        let l = SocketAddr::new(l.ip().to_canonical(), l.port());
+        let maybe_redirected =
+            local.port() == l.port() && (l.ip().is_unspecified() || l.ip() == local.ip());
+        if maybe_redirected {
+            redirect::sockopt::original_dst(sock)
+        } else {
+            Ok(local)
         }
     }
 }
@@ -320,5 +379,49 @@ impl Backoff {
         let d = self.0;
         self.0 = (self.0 * 2).min(Self::MAX);
         d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection setsockopt calls are skipped on the promise that
+    /// accepted sockets inherit the listener's options; hold Linux to it.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l4::tune_listener(&l).unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (_c, (sock, _)) = (c.unwrap(), a.unwrap());
+        assert!(sock.nodelay().unwrap(), "TCP_NODELAY inherited");
+        let s = socket2::SockRef::from(&sock);
+        assert!(s.keepalive().unwrap(), "SO_KEEPALIVE inherited");
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 6);
+    }
+
+    /// A connection to the listener's own address was not redirected by
+    /// TPROXY: its destination comes from conntrack or, without an entry,
+    /// is the listener address itself.
+    #[tokio::test]
+    async fn direct_connection_to_the_listener_is_its_own_destination() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let listening = Listening {
+            addr: Some(addr),
+            tuned: false,
+        };
+        let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (_c, (sock, _)) = (c.unwrap(), a.unwrap());
+        assert_eq!(listening.original_dst(&sock).unwrap(), addr);
+        // A listener on the unspecified address takes the same path.
+        let any = Listening {
+            addr: Some(SocketAddr::new([0, 0, 0, 0].into(), addr.port())),
+            tuned: false,
+        };
+        assert_eq!(any.original_dst(&sock).unwrap(), addr);
     }
 }

@@ -215,7 +215,7 @@ async fn pump(
         if buf.is_empty() {
             buf = vec![0; cfg.initial_buffer.max(1)];
         }
-        let n = match from.try_read(&mut buf) {
+        let n = match read_once(from, &mut buf) {
             Ok(0) => return half_close(to, to_side),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -285,6 +285,38 @@ async fn pump_spliced(
                 Err(e) => return Err((to_side, e.kind())),
             }
         }
+    }
+}
+
+/// One `recv` into `buf`. A TCP `recv` that returns fewer bytes than asked
+/// has emptied the receive queue, so the socket's read readiness is cleared
+/// right away instead of finding out with a second `recv` that fails with
+/// EAGAIN: one syscall less per message and direction, which on small
+/// request/response traffic is a third of the relay's syscalls (haproxy's
+/// raw socket layer makes the same inference).
+///
+/// Why this cannot lose a wakeup: the clearing goes through tokio's
+/// `try_io`, which only clears the readiness *event observed before* the
+/// `recv`; data or a FIN arriving after the `recv` raises a new edge-
+/// triggered event with a newer tick, which the clear leaves alone, and
+/// tokio never clears a seen read-closed (FIN) state.
+fn read_once(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let want = buf.len();
+    let mut got = 0;
+    let r = from.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(from)).read(buf)?;
+        got = n;
+        if n > 0 && n < want {
+            // Drained: Ok(n) is returned below, with readiness cleared.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
     }
 }
 

@@ -16,7 +16,7 @@ pub mod connect;
 pub mod copy;
 pub mod splice;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +53,10 @@ pub enum RelayError {
     Forced,
 }
 
-/// Relays `client` to an endpoint chosen by `balancer` from `scope`.
+/// Relays `client` (whose address is `client_ip`, as `accept` returned it:
+/// no `getpeername` per connection) to an endpoint chosen by `balancer` from
+/// `scope`. TCP_NODELAY and keepalive are expected on `client` already,
+/// inherited from the listener (see [`tune_listener`]).
 ///
 /// When no endpoint can be reached the client is reset (SO_LINGER 0), the
 /// closest a proxy can get to the "connection refused" kube-proxy's DNAT
@@ -61,20 +64,14 @@ pub enum RelayError {
 /// closed when this returns.
 pub async fn relay(
     client: TcpStream,
+    client_ip: IpAddr,
     balancer: Arc<Balancer>,
     scope: Scope,
     cfg: &RelayConfig,
     drain: &drain::Watch,
 ) -> Result<RelayReport, RelayError> {
-    let peer_ip = match client.peer_addr() {
-        Ok(a) => a.ip(),
-        // The client already went away (reset before we looked).
-        Err(e) => {
-            return Err(RelayError::Connect(ConnectError::Client(e)));
-        }
-    };
     let connected = tokio::select! {
-        r = connect(&balancer, scope, peer_ip, &cfg.connect) => r,
+        r = connect(&balancer, scope, client_ip, &cfg.connect) => r,
         _ = drain.forced() => {
             abort(&client);
             return Err(RelayError::Forced);
@@ -87,7 +84,6 @@ pub async fn relay(
             return Err(e.into());
         }
     };
-    let _ = client.set_nodelay(true);
     let endpoint = pick.addr();
     let (transferred, end) = copy_bidirectional(&client, &upstream, &cfg.copy, drain).await;
     // The in-flight slot is held until both sockets are done.
@@ -110,10 +106,25 @@ pub fn abort(sock: &TcpStream) {
 /// (node crash, network partition) is detected within about two minutes
 /// instead of holding two descriptors until the idle timeout. Probes are
 /// answered by a live peer's kernel, so healthy idle connections are not cut.
-pub(crate) fn set_keepalive(sock: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&ka);
+        .with_retries(6)
+}
+
+/// Keepalive on one socket (upstream sockets; client sockets of a listener
+/// that [`tune_listener`] could not tune). Four setsockopt calls.
+pub(crate) fn set_keepalive(sock: &TcpStream) {
+    let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&keepalive());
+}
+
+/// Sets TCP_NODELAY and the keepalive options on a listening socket once:
+/// Linux copies both into every socket `accept` returns, which saves five
+/// setsockopt calls per accepted connection on the new-connection path.
+/// On error the caller sets them per connection instead.
+pub fn tune_listener<S: std::os::fd::AsFd>(listener: &S) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(listener);
+    sock.set_tcp_nodelay(true)?;
+    sock.set_tcp_keepalive(&keepalive())
 }
