@@ -9,9 +9,9 @@
 //! is readable in one place:
 //! * [`settings`]: per-service configuration from annotations, defaults in
 //!   one place;
-//! * [`proxy`]: one request: limits, header rewriting, body replay buffer,
-//!   attempts on distinct endpoints with timeouts, a tower `TpsBudget` retry
-//!   budget and outlier reporting into the shared balancer;
+//! * [`proxy`]: one request: limits, header rewriting, body replay buffer;
+//! * [`retry`]: attempts on distinct endpoints as `tower::retry::Retry` with
+//!   a budgeted policy, timeouts, outlier reporting into the balancer;
 //! * [`upstream`]: per-endpoint pooled HTTP/1.1 or HTTP/2 connections;
 //! * [`queue`]: where a request waits (bounded, fail-fast) while its
 //!   service has no endpoint;
@@ -28,6 +28,7 @@ pub mod health;
 pub mod proxy;
 pub mod queue;
 pub mod rescue;
+pub mod retry;
 pub mod ring;
 pub mod settings;
 pub mod upgrade;

@@ -1,22 +1,13 @@
 //! One proxied request, from the client's request head to the upstream
 //! response head (the body then streams through [`super::body::Tracked`]).
 //!
-//! Why a plain loop instead of `tower::retry::Retry` over a generic stack:
-//! the decisions depend on facts only this loop has together: whether the
-//! request was sent at all (then any method may be retried), whether its
-//! body was buffered, which endpoints were tried, and which limit refused.
-//! The policy pieces are tower's and the shared balancer's: the retry
-//! budget is `tower::retry::budget::TpsBudget`, endpoints come from the
-//! peak-EWMA p2c balancer (or the Ketama ring), failures feed its outlier
-//! ejection.
-//!
-//! Order per request: `max-requests` slot (else 503 overflow) → budget
-//! deposit → header rewrite → body: buffered when its length is known and
-//! within the cap (any method: a refused stream may be replayed), otherwise
-//! streamed → attempts: pick an endpoint not tried
-//! yet, send within the per-try timeout; retry on another endpoint when the
-//! failure is retryable, attempts remain, a `max-retries` slot is free and
-//! the budget allows; never wait for a slot. The whole loop runs within the
+//! Order per request: `max-requests` slot (else 503 overflow) → retry
+//! budget deposit → header rewrite → body: buffered when its length is
+//! known and within the cap (any method: a refused stream may be replayed),
+//! otherwise streamed → attempts through `tower::retry::Retry` with
+//! [`super::retry::RetryPolicy`]: each on an endpoint not tried yet (the
+//! peak-EWMA p2c balancer or the Ketama ring), within the per-try timeout,
+//! failures feeding outlier ejection. The whole request runs within the
 //! request timeout (to the response head only).
 
 use std::net::SocketAddr;
@@ -24,16 +15,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 use tower::retry::budget::Budget as _;
 
-use super::body::{Done, Tracked};
 use super::headers;
 use super::rescue::{Limit, ProxyError, Timeout};
+use super::retry::{Attempt, Attempts, Head, Replay, RetryPolicy};
 use super::settings::{Balance, HashOn};
-use super::upstream::{FailKind, GaugeGuard, SendFailure};
+use super::upstream::GaugeGuard;
 use super::{Body, Service};
 use crate::balance::{Balancer, Pick, Scope};
 
@@ -115,15 +106,6 @@ pub fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-/// The request body across attempts.
-enum Replay {
-    /// Buffered: every attempt gets a copy.
-    Buffered(Bytes),
-    /// Streamed: only the first send gets it; it comes back if that send
-    /// never happened.
-    Stream(Option<Body>),
 }
 
 type Failed = (ProxyError, u32);
@@ -234,50 +216,25 @@ pub(crate) fn pick(ctx: &Conn, headers: &HeaderMap, tried: &[SocketAddr]) -> Opt
     }
 }
 
-/// Whether an HTTP error means the endpoint refused the stream (HTTP/2
-/// REFUSED_STREAM: not processed, safe to retry for any method).
-fn is_refused_stream(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        src = s.source();
-    }
-    false
-}
-
-/// Records a failed attempt on the endpoint and lets outlier detection act.
-fn failed(ctx: &Conn, pick: &mut Pick) {
-    pick.record_failure();
-    // Counts the ejection metric itself.
-    ctx.balancer
-        .report_failure(pick.backend(), &ctx.svc.shared.outlier);
-}
-
 async fn forward(
     ctx: &Conn,
     req: Request<Incoming>,
     request_slot: GaugeGuard,
 ) -> Result<(Response<Body>, u32), Failed> {
-    let svc = &ctx.svc;
-    let s = &svc.settings;
-    let shared = &svc.shared;
-    let http2 = shared.http2();
+    let s = &ctx.svc.settings;
     let (mut parts, body) = req.into_parts();
     headers::prepare_request(&mut parts.headers, ctx.peer.ip(), false);
     // Buffered when it fits: then a request that was refused unprocessed
     // (HTTP/2 REFUSED_STREAM) can go again whatever its method. Which
     // failures a buffered request retries after it *was* processed depends
-    // on the method (`idempotent`).
-    let idempotent = is_idempotent(&parts.method);
+    // on the method (see `retry::RetryPolicy`).
     let replayable = s.max_attempts > 1
         && (body.is_end_stream()
             || body
                 .size_hint()
                 .exact()
                 .is_some_and(|n| n <= s.retry_buffer_bytes as u64));
-    let mut replay = if replayable {
+    let replay = if replayable {
         match Limited::new(body, s.retry_buffer_bytes).collect().await {
             Ok(c) => Replay::Buffered(c.to_bytes()),
             Err(_) => return Err((ProxyError::BadRequest("request body could not be read"), 0)),
@@ -285,134 +242,27 @@ async fn forward(
     } else {
         Replay::Stream(Some(body.boxed_unsync()))
     };
-
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(s.max_attempts as usize);
-    let mut attempts: u32 = 0;
-    let mut retry_slot: Option<GaugeGuard> = None;
-    let mut last: Option<ProxyError> = None;
-    // A retryable 5xx kept in case no retry is allowed after all.
-    let mut held: Option<Response<Body>> = None;
-    loop {
-        if attempts > 0 {
-            // Gates for a retry, in order; none of them waits.
-            if attempts >= s.max_attempts {
-                break;
-            }
-            if retry_slot.is_none() {
-                match shared.limits.retries.try_acquire(s.max_retries) {
-                    Some(g) => retry_slot = Some(g),
-                    None => {
-                        shared.metrics.http_retry_overflows.increment(1);
-                        break;
-                    }
-                }
-            }
-            if !shared.budget.withdraw() {
-                shared.metrics.http_retry_budget_exhausted.increment(1);
-                break;
-            }
-            shared.metrics.http_retries.increment(1);
-        }
-        let Some(mut pick) = pick(ctx, &parts.headers, &tried) else {
-            if tried.is_empty() {
-                last = Some(ProxyError::NoEndpoints);
-            }
-            break;
-        };
-        tried.push(pick.addr());
-        attempts += 1;
-        let body = match &mut replay {
-            Replay::Buffered(b) => Full::new(b.clone())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-            Replay::Stream(slot) => match slot.take() {
-                Some(b) => b,
-                // The stream went to an earlier attempt: cannot resend.
-                None => break,
-            },
-        };
-        let upstream = upstream_request(&parts.method, &parts.uri, &parts.headers, http2, body);
-        let pool = shared.pools.get(pick.addr());
-        let send = pool.send(upstream, &shared.connect, &shared.limits);
-        let result = match s.per_try_timeout {
-            None => Ok(send.await),
-            Some(t) => tokio::time::timeout(t, send).await,
-        };
-        match result {
-            Err(_) => {
-                failed(ctx, &mut pick);
-                last = Some(ProxyError::Timeout(Timeout::PerTry));
-                if idempotent && matches!(replay, Replay::Buffered(_)) && s.retry_on.per_try_timeout
-                {
-                    continue;
-                }
-                break;
-            }
-            Ok(Ok((mut resp, checkin))) => {
-                let status = resp.status();
-                if status.is_server_error() {
-                    failed(ctx, &mut pick);
-                } else {
-                    pick.record_success();
-                }
-                headers::prepare_response(resp.headers_mut(), false);
-                let retry = s.retry_on.status(status.as_u16())
-                    && idempotent
-                    && matches!(replay, Replay::Buffered(_))
-                    && attempts < s.max_attempts;
-                let done = Done { pick, checkin };
-                let resp = resp.map(|b| Tracked::new(b, done).boxed_unsync());
-                if retry {
-                    held = Some(resp);
-                    continue;
-                }
-                return Ok((attach(resp, request_slot, retry_slot), attempts));
-            }
-            Ok(Err(SendFailure { kind, request })) => {
-                let unsent = request.is_some();
-                if let (Some(r), Replay::Stream(slot)) = (request, &mut replay) {
-                    // Never sent: the streamed body can go to the next endpoint.
-                    *slot = Some(r.into_body());
-                }
-                match kind {
-                    FailKind::Overflow(limit) => {
-                        shared.metrics.breaker_overflows.increment(1);
-                        return Err((ProxyError::Overflow(limit), attempts));
-                    }
-                    FailKind::Connect(e) => {
-                        failed(ctx, &mut pick);
-                        let retry = s.retry_on.connect_failure;
-                        last = Some(ProxyError::Connect(e));
-                        if retry {
-                            continue;
-                        }
-                        break;
-                    }
-                    FailKind::Http(e) => {
-                        failed(ctx, &mut pick);
-                        let buffered = matches!(replay, Replay::Buffered(_));
-                        // Unsent: the body (streamed or not) is still ours.
-                        // Refused: the endpoint did not process it. Reset
-                        // before any response byte: it may have, so only an
-                        // idempotent request goes again.
-                        let retry = unsent
-                            || (buffered && is_refused_stream(&e) && s.retry_on.refused_stream)
-                            || (buffered && idempotent && s.retry_on.reset);
-                        last = Some(ProxyError::Upstream(e));
-                        if retry {
-                            continue;
-                        }
-                        break;
-                    }
-                }
-            }
-        }
+    let policy = RetryPolicy::new(ctx, &parts.method);
+    let attempt = Attempt {
+        head: Arc::new(Head {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+        }),
+        body: replay,
+        tried: Vec::with_capacity(s.max_attempts as usize),
+    };
+    let mut retrying = tower::retry::Retry::new(policy, Attempts { ctx });
+    // Always ready (limits are checked per attempt, never waited for).
+    if let Err(f) = std::future::poll_fn(|cx| tower::Service::poll_ready(&mut retrying, cx)).await {
+        return Err((f.error, f.attempts));
     }
-    match held {
-        // A retryable 5xx whose retries were refused or failed too: the
-        // client gets the endpoint's own response rather than ours.
-        Some(resp) => Ok((attach(resp, request_slot, retry_slot), attempts)),
-        None => Err((last.unwrap_or(ProxyError::NoEndpoints), attempts)),
+    match tower::Service::call(&mut retrying, attempt).await {
+        Ok(sent) => Ok((
+            attach(sent.response, request_slot, sent.retry_slot),
+            sent.attempts,
+        )),
+        Err(f) => Err((f.error, f.attempts)),
     }
 }
 
