@@ -9,6 +9,7 @@
 //! Needs root (see `support::netns::require_root`).
 
 mod support {
+    pub mod deploy;
     pub mod kube_api;
     pub mod netns;
 }
@@ -17,33 +18,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_yaml::Value;
+use support::deploy::render_overlay;
 use support::kube_api::*;
 use support::netns::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn render(overlay: &str) -> Vec<Value> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/overlays")
-        .join(overlay);
-    let out = std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("kubectl is needed to render deploy/ (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).expect("YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
 
 /// Args and environment of the DaemonSet's container, as the kubelet would
 /// assemble them on a node called `node`.
@@ -154,7 +134,7 @@ fn daemonset_command_line_starts_and_passes_its_probes() {
         return;
     }
     for (i, overlay) in ["replace-kube-proxy", "hybrid"].into_iter().enumerate() {
-        let docs = render(overlay);
+        let docs = render_overlay::<Value>(overlay);
         let (args, mut env) = command_line(&docs, "node-a");
         let node = Netns::new(format!("lp-ds{}-{i}", std::process::id()));
         let api = NodeApi::start(&node);

@@ -5,39 +5,21 @@
 //! health server (probe paths), its defaults (ports) and the Kubernetes
 //! requests its kube source really makes (RBAC).
 
+mod support {
+    pub mod deploy;
+}
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_yaml::Value;
+use support::deploy::{render_overlay, repo, require_kubectl};
 
 const OVERLAYS: &[&str] = &["replace-kube-proxy", "hybrid", "hybrid-cert-manager"];
 /// Read by kube's in-cluster configuration, not by a lightpath flag.
 const KUBE_CLIENT_ENV: &[&str] = &["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn kubectl() -> String {
-    let found = Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "kubectl is needed to render deploy/ (`kubectl kustomize`); .ci/run installs it \
-         (deploy/install-kubectl.sh)"
-    );
-    "kubectl".to_string()
-}
 
 /// Objects of one overlay, rendered once per test process.
 fn rendered(overlay: &str) -> &'static [Value] {
@@ -47,24 +29,7 @@ fn rendered(overlay: &str) -> &'static [Value] {
     if let Some(docs) = cache.get(overlay) {
         return docs;
     }
-    let dir = repo().join("deploy/overlays").join(overlay);
-    let out = Command::new(kubectl())
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8 YAML");
-    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).expect("YAML document"))
-        .filter(|v| !v.is_null())
-        .collect();
-    assert!(!docs.is_empty(), "{overlay} rendered nothing");
+    let docs: Vec<Value> = render_overlay(overlay);
     let docs: &'static [Value] = Vec::leak(docs);
     cache.insert(overlay.to_string(), docs);
     docs
@@ -170,7 +135,7 @@ fn drain_default(run_help: &str) -> u64 {
 
 #[test]
 fn every_overlay_renders_and_validates_offline() {
-    kubectl();
+    require_kubectl();
     let out = Command::new("python3")
         .arg(repo().join("deploy/validate.py"))
         .output()

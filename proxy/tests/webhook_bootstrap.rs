@@ -7,10 +7,14 @@
 //! racing on the Secret, leaf renewal under the same CA, and the webhook's
 //! RBAC being exactly the requests it makes.
 
+mod support {
+    pub mod deploy;
+}
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,6 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lightpath::webhook::bootstrap::{self, Material, Target};
 use serde_json::{json, Value};
+use support::deploy::render_overlay;
 use tokio::net::TcpListener;
 
 const NS: &str = "lightpath-system";
@@ -223,30 +228,9 @@ impl MiniApi {
     }
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
 /// The objects of the hybrid overlay, rendered by `kubectl kustomize`.
 fn hybrid() -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo().join("deploy/overlays/hybrid"))
-        .output()
-        .expect("kubectl is needed to render deploy/ (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
-        .filter(|v: &Value| !v.is_null())
-        .collect()
+    render_overlay("hybrid")
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
