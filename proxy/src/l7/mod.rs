@@ -267,9 +267,10 @@ impl L7 {
         let _ = sock.set_nodelay(true);
         // Creates (or refreshes) the service's L7 state before the first
         // request, so annotation errors are logged once, at the edge.
-        self.service(port);
+        let svc = self.service(port);
         let ctx = Arc::new(proxy::ClientConn {
             l7: self.clone(),
+            svc: ArcSwap::new(svc),
             balancer,
             scope,
             peer,

@@ -32,6 +32,10 @@ use crate::balance::{Balancer, Pick, Scope};
 #[derive(Debug)]
 pub struct ClientConn {
     pub l7: Arc<super::L7>,
+    /// The service state the last request used: reused while the balancer
+    /// still serves the same service-port snapshot (a pointer compare
+    /// instead of a map lookup per request).
+    pub svc: arc_swap::ArcSwap<Service>,
     pub balancer: Arc<Balancer>,
     pub scope: Scope,
     pub peer: SocketAddr,
@@ -51,7 +55,7 @@ pub struct Conn {
 /// Serves one request; never fails (errors become responses via rescue).
 pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let mut svc = conn.l7.service(&conn.balancer.service());
+    let mut svc = current(&conn);
     if !conn.balancer.has_endpoints(conn.scope) {
         // The set is empty: wait (bounded) for an update, then use the
         // service state that came with it.
@@ -77,7 +81,7 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
                 .http_response(resp.status().as_u16(), started.elapsed());
             return resp;
         }
-        svc = conn.l7.service(&conn.balancer.service());
+        svc = current(&conn);
     }
     let ctx = Conn {
         svc,
@@ -98,6 +102,18 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
         .metrics
         .http_response(resp.status().as_u16(), started.elapsed());
     resp
+}
+
+/// The L7 state for the balancer's current snapshot of the service port.
+fn current(conn: &ClientConn) -> Arc<Service> {
+    let port = conn.balancer.service();
+    let cached = conn.svc.load();
+    if Arc::ptr_eq(&cached.port, &port) {
+        return Arc::clone(&cached);
+    }
+    let svc = conn.l7.service(&port);
+    conn.svc.store(svc.clone());
+    svc
 }
 
 /// Methods safe to send twice (RFC 9110 §9.2.2).
@@ -250,7 +266,7 @@ async fn forward(
             headers: parts.headers,
         }),
         body: replay,
-        tried: Vec::with_capacity(s.max_attempts as usize),
+        tried: Vec::new(),
     };
     let mut retrying = tower::retry::Retry::new(policy, Attempts { ctx });
     // Always ready (limits are checked per attempt, never waited for).

@@ -391,12 +391,14 @@ impl<'a> tower::retry::Policy<Attempt, Sent, Failed> for RetryPolicy<'a> {
                 (f.endpoint, f.attempts, self.retryable(f.outcome, &req.body))
             }
         };
-        if let Some(a) = endpoint {
-            req.tried.push(a);
-        }
         if !(may && req.body.available() && self.admit(made)) {
             self.finish(result);
             return None;
+        }
+        // Only a request that goes again needs the list (no allocation on
+        // the common path).
+        if let Some(a) = endpoint {
+            req.tried.push(a);
         }
         // Retrying: keep what this attempt produced in case the retries
         // cannot do better. The placeholder is discarded by `Retry`.
