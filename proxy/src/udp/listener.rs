@@ -90,12 +90,16 @@ pub async fn serve(
     let mut errors = 0u32;
     loop {
         sock.readable().await?;
+        let mut drained = false;
         for _ in 0..BATCH {
             let d = match sock.try_io(Interest::READABLE, || {
                 redirect::sockopt::recv_orig_dst(&*sock, &mut buf)
             }) {
                 Ok(d) => d,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(e) => {
                     errors += 1;
                     if errors >= MAX_CONSECUTIVE_ERRORS {
@@ -156,7 +160,11 @@ pub async fn serve(
                 tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
             }
         }
-        tokio::task::yield_now().await;
+        if !drained {
+            // A full batch and more queued: let other tasks (reply relays,
+            // TCP connections) run before the next one.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
