@@ -10,18 +10,20 @@ mod support {
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use lightpath::defaults;
 use redirect::nft::Frontends;
 use redirect::{Action, Frontend, Redirector};
 use support::netns::*;
 
+/// The redirect configuration `lightpath run` uses by default.
 fn config() -> redirect::Config {
     redirect::Config {
-        table: "lightpath".into(),
-        listener_v4: "127.0.0.1:15001".parse().expect("literal"),
-        listener_v6: Some("[::1]:15001".parse().expect("literal")),
-        mark: 1,
-        upstream_mark: 2,
-        route_table: 100,
+        table: defaults::NFT_TABLE.into(),
+        listener_v4: defaults::PROXY_ADDR.parse().expect("default"),
+        listener_v6: Some(defaults::PROXY_ADDR_V6.parse().expect("default")),
+        mark: defaults::TPROXY_MARK,
+        upstream_mark: defaults::UPSTREAM_MARK,
+        route_table: defaults::ROUTE_TABLE,
     }
 }
 
@@ -44,28 +46,29 @@ fn frontends(n: u32) -> Frontends {
         .collect()
 }
 
-/// Rules in the table, counted from `nft -j` (every "rule" object).
-fn rule_count(ns: &Netns) -> usize {
+/// The objects of the lightpath table, from `nft -j`.
+fn nft_objects(ns: &Netns) -> Vec<serde_json::Value> {
     let json = ns
         .exec("nft", &["-j", "list", "table", "inet", "lightpath"])
         .expect("nft -j");
-    let v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
-    v["nftables"]
-        .as_array()
-        .expect("nftables array")
+    let mut v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
+    match v["nftables"].take() {
+        serde_json::Value::Array(objects) => objects,
+        other => panic!("nftables array expected: {other}"),
+    }
+}
+
+/// Rules in the table (every "rule" object).
+fn rule_count(ns: &Netns) -> usize {
+    nft_objects(ns)
         .iter()
         .filter(|o| o.get("rule").is_some())
         .count()
 }
 
+/// Elements of every set and map in the table.
 fn element_count(ns: &Netns) -> usize {
-    let json = ns
-        .exec("nft", &["-j", "list", "table", "inet", "lightpath"])
-        .expect("nft -j");
-    let v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
-    v["nftables"]
-        .as_array()
-        .expect("nftables array")
+    nft_objects(ns)
         .iter()
         .filter_map(|o| o.get("set").or_else(|| o.get("map")))
         .map(|s| {
