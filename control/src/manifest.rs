@@ -28,6 +28,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::error::ObjectError;
+use crate::kube::NodeEligibility;
 use crate::model::Table;
 use crate::objects::{
     parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, Skip, SliceInfo,
@@ -463,7 +464,8 @@ pub fn read_manifests(paths: &[PathBuf], opts: &Options) -> Result<Vec<Document>
 enum Fact {
     Service(ObjKey, Result<ServiceInfo, Skip>),
     Slice(SliceInfo),
-    Node(NodeInfo),
+    /// Our Node, and whether it may take load-balancer traffic.
+    Node(NodeInfo, NodeEligibility),
     /// Another node's Node: valid, ignored.
     OtherNode,
 }
@@ -482,7 +484,7 @@ impl Object {
             }
             Object::EndpointSlice(s) => parse_slice(&s).map(Fact::Slice),
             Object::Node(n) if n.metadata.name.as_deref() == Some(opts.node_name.as_str()) => {
-                parse_node(&n).map(Fact::Node)
+                parse_node(&n).map(|info| Fact::Node(info, NodeEligibility::of(&n)))
             }
             Object::Node(_) => Ok(Fact::OtherNode),
         }
@@ -502,7 +504,7 @@ fn apply(state: &mut ClusterState, previous: &Index, scan: Scan<Fact>) -> Index 
         match fact {
             Fact::Service(key, parsed) => state.upsert_service_info(key, parsed),
             Fact::Slice(info) => state.upsert_slice_info(info),
-            Fact::Node(info) => state.upsert_node_info(info),
+            Fact::Node(info, _) => state.upsert_node_info(info),
             Fact::OtherNode => {}
         }
     }
@@ -578,7 +580,37 @@ pub fn watch_manifests(
     opts: Options,
     poll: Duration,
 ) -> Result<(TableRx, tokio::task::JoinHandle<()>), ManifestError> {
+    watch_manifests_and_node(paths, opts, poll).map(|(table, _, task)| (table, task))
+}
+
+/// Our Node's eligibility in a validated file set (`Eligible` without one).
+fn node_eligibility(scan: &Scan<Fact>) -> NodeEligibility {
+    scan.kept
+        .iter()
+        .find_map(|f| match f {
+            Fact::Node(_, e) => Some(*e),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// [`watch_manifests`], plus our Node's eligibility for load-balancer
+/// traffic (kube-proxy's `/healthz`), which a taint or deletion timestamp
+/// in the Node document changes without touching the table.
+pub fn watch_manifests_and_node(
+    paths: Vec<PathBuf>,
+    opts: Options,
+    poll: Duration,
+) -> Result<
+    (
+        TableRx,
+        watch::Receiver<NodeEligibility>,
+        tokio::task::JoinHandle<()>,
+    ),
+    ManifestError,
+> {
     let scan = scan_facts(&paths, &opts)?;
+    let (node_tx, node_rx) = watch::channel(node_eligibility(&scan));
     let mut last_hash = scan.hash;
     let mut state = ClusterState::new(opts.clone());
     let mut objects = apply(&mut state, &Index::new(), scan);
@@ -610,6 +642,12 @@ pub fn watch_manifests(
                 Ok(scan) => {
                     last_hash = scan.hash;
                     last_error = None;
+                    node_tx.send_if_modified(|cur| {
+                        let now = node_eligibility(&scan);
+                        let changed = *cur != now;
+                        *cur = now;
+                        changed
+                    });
                     objects = apply(&mut state, &objects, scan);
                     let table = state.snapshot();
                     if table.version != tx.borrow().version {
@@ -634,7 +672,7 @@ pub fn watch_manifests(
             }
         }
     });
-    Ok((rx, task))
+    Ok((rx, node_rx, task))
 }
 
 #[cfg(test)]

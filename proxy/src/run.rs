@@ -256,12 +256,13 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
             None => return Ok(()),
         }
     } else {
-        let (table, task) = control::watch_manifests(
+        let (table, node, task) = control::manifest::watch_manifests_and_node(
             args.manifests.clone(),
             opts,
             Duration::from_millis(args.manifest_poll_ms),
         )?;
         let ops = crate::admin::Operator::start(&args.operator, table.clone(), settings)?;
+        ops.follow_node(node);
         (table, task, ops)
     };
     tracing::info!(frontends = table.borrow().len(), "table loaded");

@@ -73,10 +73,27 @@ fn seed(api: &FakeApi) {
 struct Lightpath {
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("lp-kh-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// Writes `name` atomically (a polling reader never sees half a file).
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, &path).expect("rename manifest");
+        path
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -86,15 +103,24 @@ impl Drop for TempDir {
 
 impl Lightpath {
     fn start(api: &FakeApi, tag: &str) -> Lightpath {
-        let dir = std::env::temp_dir().join(format!("lp-kh-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let dir = TempDir(dir);
+        let dir = TempDir::new(tag);
         let kubeconfig = dir.0.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        Self::spawn(dir, &["--kubeconfig".as_ref(), kubeconfig.as_os_str()])
+    }
+
+    /// `lightpath run` on manifest files, polled every 50 ms.
+    fn start_manifests(dir: TempDir, manifest: &std::path::Path) -> Lightpath {
+        let args = ["--manifests".as_ref(), manifest.as_os_str()];
+        let poll = ["--manifest-poll-ms".as_ref(), "50".as_ref()];
+        Self::spawn(dir, &[&args[..], &poll[..]].concat())
+    }
+
+    fn spawn(dir: TempDir, source: &[&std::ffi::OsStr]) -> Lightpath {
         let any = "127.0.0.1:0";
         let mut child = Command::new(env!("CARGO_BIN_EXE_lightpath"))
-            .args(["run", "--node-name", "node-a", "--kubeconfig"])
-            .arg(&kubeconfig)
+            .args(["run", "--node-name", "node-a"])
+            .args(source)
             .args(["--no-redirect", "--no-ipv6", "--no-service-health"])
             .args(["--listen", any, "--admin-addr", any, "--metrics-addr", any])
             .args(["--health-addr", any, "--drain-timeout", "1"])
@@ -117,7 +143,7 @@ impl Lightpath {
         Lightpath {
             child,
             lines,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -361,6 +387,42 @@ async fn node_going_away_fails_healthz_but_not_livez() {
         "{}",
         lp.log()
     );
+
+    lp.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(lp.exit_code().await, Some(0), "{}", lp.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tainted_node_manifest_fails_healthz_but_not_livez() {
+    let dir = TempDir::new("manifest");
+    let docs = |node: Value| {
+        let svc = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "TCP"}]},
+        });
+        format!("{node}\n---\n{svc}\n")
+    };
+    let path = dir.write("cluster.yaml", &docs(node(&[], false)));
+    let mut lp = Lightpath::start_manifests(dir, &path);
+    let admin = lp.addr("admin API listening").await;
+    let health = lp.addr("health server listening").await;
+    until(admin, "/ready", |r| r.status == 200).await;
+    assert_eq!(get(health, "/healthz").await.status, 200);
+    let dir = &lp.dir;
+
+    dir.write(
+        "cluster.yaml",
+        &docs(node(&[control::kube::node::TO_BE_DELETED_TAINT], false)),
+    );
+    let h = until(health, "/healthz", |r| r.status == 503).await;
+    assert_kube_proxy_shape(&h);
+    assert_eq!(h.json()["nodeEligible"], false, "{}", h.body);
+    assert_eq!(get(health, "/livez").await.status, 200);
+
+    dir.write("cluster.yaml", &docs(node(&[], false)));
+    let h = until(health, "/healthz", |r| r.status == 200).await;
+    assert_eq!(h.json()["nodeEligible"], true);
 
     lp.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(lp.exit_code().await, Some(0), "{}", lp.log());

@@ -153,14 +153,14 @@ impl Operator {
 
     /// The Kubernetes source's progress and our Node's state: `/ready` waits
     /// for "initial sync of <resource>" per watch still on its first list,
-    /// and `/healthz` follows the Node's eligibility (KEP-3836) while
-    /// `/livez` does not. Guards are registered before this returns, so no
-    /// probe can see "ready" between the call and the task's first look.
+    /// and `/healthz` follows the Node's eligibility (see [`Self::follow_node`]).
+    /// Guards are registered before this returns, so no probe can see
+    /// "ready" between the call and the task's first look.
     pub fn follow_kube(
         &self,
-        sync: watch::Receiver<InitialSync>,
+        mut sync: watch::Receiver<InitialSync>,
         node: watch::Receiver<NodeEligibility>,
-    ) -> tokio::task::JoinHandle<()> {
+    ) {
         let resources = ["services", "endpointslices", "nodes"];
         let mut guards: Vec<(&'static str, BlockReady)> = resources
             .iter()
@@ -172,10 +172,33 @@ impl Operator {
                 )
             })
             .collect();
+        tokio::spawn(async move {
+            loop {
+                let pending = sync.borrow_and_update().pending();
+                guards.retain(|(r, _)| pending.contains(r));
+                // Done, or the source is gone (then `run` fails anyway).
+                if guards.is_empty() || sync.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.follow_node(node);
+    }
+
+    /// `/healthz` follows our Node's eligibility (KEP-3836: not while it is
+    /// being deleted or tainted `ToBeDeletedByClusterAutoscaler`); `/livez`
+    /// does not. From either source (the Node watch or a Node manifest).
+    pub fn follow_node(&self, mut node: watch::Receiver<NodeEligibility>) {
         let health = self.health.clone();
-        tokio::spawn(follow_kube(sync, node, health, move |pending| {
-            guards.retain(|(r, _)| pending.contains(r));
-        }))
+        tokio::spawn(async move {
+            loop {
+                let eligibility = *node.borrow_and_update();
+                health.set_node_eligible(eligibility.is_eligible());
+                if node.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Without kernel rules (`--no-redirect`) a table is applied as soon as
@@ -188,25 +211,6 @@ impl Operator {
                 health.updated_all();
             }
         })
-    }
-}
-
-async fn follow_kube(
-    mut sync: watch::Receiver<InitialSync>,
-    mut node: watch::Receiver<NodeEligibility>,
-    health: ProxyHealth,
-    mut still_pending: impl FnMut(&[&'static str]),
-) {
-    let (mut sync_open, mut node_open) = (true, true);
-    loop {
-        still_pending(&sync.borrow_and_update().pending());
-        let eligibility = *node.borrow_and_update();
-        health.set_node_eligible(eligibility.is_eligible());
-        tokio::select! {
-            r = sync.changed(), if sync_open => sync_open = r.is_ok(),
-            r = node.changed(), if node_open => node_open = r.is_ok(),
-            else => return,
-        }
     }
 }
 
