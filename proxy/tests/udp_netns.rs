@@ -242,6 +242,10 @@ fn dns_answers_through_clusterip_nodeport_and_ipv6_from_the_service_address() {
     assert_eq!(v4.len(), 2, "IPv4 flows over both endpoints: {v4:?}");
     assert_eq!(v6.len(), 2, "IPv6 flows over both endpoints: {v6:?}");
     assert_eq!(np.values().sum::<usize>(), 4, "NodePort answered: {np:?}");
+    // Processes on the node itself: caught by the output hook, looped
+    // through `lo` into the tproxy rule.
+    let local = sb.node.run(|| spread(vip4(), 4));
+    assert_eq!(local.values().sum::<usize>(), 4, "node-local: {local:?}");
 }
 
 /// Reads `/metrics` from lightpath's metrics port in the node namespace.
