@@ -73,13 +73,7 @@ fn sigterm_during_load_completes_every_connection() {
     sb.start_backend(1);
     sb.start_backend(2);
     let vip = VIP.parse().unwrap();
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1, 2], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
-    let lp = sb.start_lightpath(&path, &[]);
+    let lp = sb.serve(&web_manifest(&[vip], &[1, 2]));
 
     let admin: SocketAddr = ADMIN.parse().unwrap();
     let ready = sb

@@ -60,12 +60,7 @@ fn second_process_takes_over_without_losing_connections() {
     sb.start_backend(1);
     sb.start_backend(2);
     let vip = VIP.parse().unwrap();
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1, 2], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
+    let path = sb.write_manifest("svc.yaml", &web_manifest(&[vip], &[1, 2]));
     let old = sb.start_lightpath(&path, &[]);
 
     // A client connecting as fast as it can, 8 at a time, until told to stop.

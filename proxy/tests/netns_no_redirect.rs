@@ -21,12 +21,7 @@ fn redirect_setups_use_the_conntrack_original_destination() {
     sb.start_backend(1);
     sb.start_backend(2);
     let vip: IpAddr = "10.96.0.10".parse().expect("literal");
-    let m = format!(
-        "{}{}",
-        node_yaml(),
-        service_yaml("web", &[vip], &[1, 2], "node-a", "")
-    );
-    let path = sb.write_manifest("svc.yaml", &m);
+    let path = sb.write_manifest("svc.yaml", &web_manifest(&[vip], &[1, 2]));
     // Node-local clients' connections to the service are NATed to the listener.
     let rules = "table ip lp_test_nat {\n\
                  \tchain out { type nat hook output priority -100; policy accept;\n\
