@@ -8,7 +8,10 @@
 //!   answered with ours once everything is echoed (so half-close and large
 //!   transfers can be checked end to end);
 //! * an HTTP/1.1 port that answers every request with the backend's name
-//!   (so a client can tell which endpoint it reached).
+//!   (so a client can tell which endpoint it reached);
+//! * a UDP echo port: every datagram comes back with the backend's name and
+//!   a newline in front (request/response over UDP, and which endpoint
+//!   answered).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,7 +23,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// Echo buffer: big enough that a 100 MB transfer is not syscall-bound.
 const ECHO_BUF: usize = 64 * 1024;
@@ -36,6 +39,10 @@ pub struct BackendArgs {
     /// HTTP listener answering with the name.
     #[arg(long, default_value = "[::]:8080")]
     pub http: SocketAddr,
+    /// UDP echo socket: replies are `NAME\n` + the datagram. Default: the
+    /// TCP echo address (same port number, UDP).
+    #[arg(long)]
+    pub udp_echo: Option<SocketAddr>,
 }
 
 /// Serves both listeners until the process is killed. Prints one
@@ -43,12 +50,37 @@ pub struct BackendArgs {
 pub async fn run(args: BackendArgs) -> std::io::Result<()> {
     let echo = TcpListener::bind(args.echo).await?;
     let http = TcpListener::bind(args.http).await?;
+    let udp = UdpSocket::bind(args.udp_echo.unwrap_or(args.echo)).await?;
     println!("backend {} ready", args.name);
     let name: Arc<str> = args.name.into();
     let body = Bytes::from(format!("{name}\n"));
+    let udp_prefix = body.clone();
     tokio::select! {
         r = accept_loop(echo, |s| async move { let _ = echo_conn(s).await; }) => r,
         r = accept_loop(http, move |s| http_conn(s, body.clone())) => r,
+        r = udp_echo(udp, udp_prefix) => r,
+    }
+}
+
+/// Answers every datagram with `prefix` + the datagram, to its sender.
+async fn udp_echo(sock: UdpSocket, prefix: Bytes) -> std::io::Result<()> {
+    // Never returns: the `Result` only matches the other serving loops.
+    let mut buf = vec![0u8; 65_536];
+    let mut out = Vec::with_capacity(prefix.len() + 2048);
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            // Transient (ENOMEM and the like): back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        out.clear();
+        out.extend_from_slice(&prefix);
+        out.extend_from_slice(&buf[..n]);
+        // A lost reply is what UDP does; the client retries or counts it.
+        let _ = sock.send_to(&out, from).await;
     }
 }
 

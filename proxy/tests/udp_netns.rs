@@ -394,3 +394,66 @@ fn removed_endpoint_gets_no_new_datagrams_after_one_update_and_metrics_count_it(
     );
     assert_eq!(value(&m, "lightpath_udp_dropped_datagrams_total", ""), 0.0);
 }
+
+/// A ClusterIP Service `echo` (UDP 9000 → the backends' UDP echo) with
+/// ClientIP session affinity, over `pods`.
+fn sticky_echo_yaml(pods: &[usize]) -> String {
+    let mut y = format!(
+        "{}apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\nspec:\n  clusterIP: 10.96.0.30\n  sessionAffinity: ClientIP\n  ports:\n  - {{name: echo, port: 9000, targetPort: 9000, protocol: UDP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports:\n- {{name: echo, port: 9000, protocol: UDP}}\nendpoints:\n",
+        node_yaml()
+    );
+    for &i in pods {
+        y.push_str(&format!(
+            "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n",
+            pod_v4(i)
+        ));
+    }
+    y.push_str("---\n");
+    y
+}
+
+/// `lightpath backend`'s UDP echo behind a ClientIP-affinity Service: every
+/// new flow of one client lands on the same endpoint, as for TCP.
+#[test]
+fn client_ip_affinity_keeps_new_udp_flows_on_one_endpoint() {
+    if !require_root("client_ip_affinity_keeps_new_udp_flows_on_one_endpoint") {
+        return;
+    }
+    let mut sb = Sandbox::new("udpaff", 3);
+    for i in 1..=3 {
+        sb.start_backend(i);
+    }
+    let path = sb.write_manifest("echo.yaml", &sticky_echo_yaml(&[1, 2, 3]));
+    sb.start_lightpath(&path, &[]);
+    let names = sb.client.run(|| async {
+        let to: SocketAddr = "10.96.0.30:9000".parse().expect("literal");
+        let mut names = BTreeMap::new();
+        for k in 0..12u8 {
+            let s = client(to).await;
+            let mut got = None;
+            for _ in 0..3 {
+                s.send(&[b'q', k]).await.expect("send");
+                let mut buf = [0u8; 64];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf)).await
+                {
+                    got = Some(buf[..n].to_vec());
+                    break;
+                }
+            }
+            let reply = got.unwrap_or_else(|| panic!("no echo for flow {k}"));
+            let text = String::from_utf8_lossy(&reply).to_string();
+            let (name, echoed) = text
+                .split_once('\n')
+                .unwrap_or_else(|| panic!("bad echo {text:?}"));
+            assert_eq!(echoed.as_bytes(), &[b'q', k], "payload echoed intact");
+            *names.entry(name.to_string()).or_insert(0) += 1;
+        }
+        names
+    });
+    assert_eq!(
+        names.len(),
+        1,
+        "one endpoint for every flow of one client: {names:?}"
+    );
+}
