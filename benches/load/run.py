@@ -57,6 +57,7 @@ CLIENT_IP = "10.201.0.2"
 NODE_CLIENT_SIDE = "10.201.0.1"
 HTTP_PORT = 80
 H2_PORT = 81
+UDP_PORT = 53  # UDP request/response: each backend's `lightpath backend` UDP echo
 PROXY_LISTEN = "127.0.0.1:15001"  # lightpath's TPROXY listener (proxy/src/defaults.rs); haproxy uses the same
 FILLER_CLUSTER_NET = (10, 97)  # filler ClusterIPs 10.97.x.y / 10.98.x.y ...: never dialled
 FILLER_POD_NET = 10  # filler endpoints 10.1xx.x.y: never dialled
@@ -76,7 +77,9 @@ ALL_MODES = [
     "lightpath-l4",
     "lightpath-l7",
 ]
-ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn"]
+ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn", "udp"]
+# Modes that carry the UDP case (haproxy has no UDP; the iptables mode only mirrors kube-proxy's TCP rules).
+UDP_MODES = {"direct", "nft-dnat", "lightpath-l4", "lightpath-l7"}
 FAILURE_CASES = {"failure", "failure-newconn"}
 CASE_TITLES = {
     "keepalive": "HTTP/1.1 keep-alive, small GET (wrk, 32 connections)",
@@ -86,6 +89,8 @@ CASE_TITLES = {
     "failure": "Failure run: backend 3 of 3 killed (SIGKILL) half-way (wrk keep-alive GETs)",
     "failure-newconn": "Failure run, new connection per request: backend 3 of 3 killed (SIGKILL) half-way",
     "scale": "New connection per request at 10 services vs the full service count",
+    "udp": "UDP request/response, 64-byte datagrams (Python client, 16 sockets with one request in flight each; "
+           "the client's own cost caps the rate, so compare p50/p99 and proxy CPU%)",
 }
 # Modes that are userspace HTTP proxies compare against haproxy-http; the rest against haproxy-tcp.
 L7_MODES = {"haproxy-http", "lightpath-l7"}
@@ -169,8 +174,9 @@ class RssSampler:
 class Topology:
     """Client, node and backend namespaces joined by veth pairs; torn down in `close`."""
 
-    def __init__(self, tag: str, workdir: Path, bulk_file: Path):
+    def __init__(self, tag: str, workdir: Path, bulk_file: Path, udp_echo: Path | None = None):
         self.tag = tag
+        self.udp_echo = udp_echo  # a lightpath binary: each backend also runs its UDP echo
         self.client = f"{tag}-c"
         self.node = f"{tag}-n"
         self.backends = [f"{tag}-b{i}" for i in range(BACKENDS)]
@@ -234,6 +240,10 @@ class Topology:
                              stdout=subprocess.DEVNULL, stderr=open(d / "stderr.log", "wb"))
         self.nginx[i] = p
         self.procs.append(p)
+        if self.udp_echo is not None and os.access(self.udp_echo, os.X_OK):
+            self.spawn(self.backends[i], [str(self.udp_echo), "backend", "--name", f"backend-{i}",
+                                          "--echo", "0.0.0.0:9000", "--http", "0.0.0.0:8080",
+                                          "--udp-echo", f"0.0.0.0:{UDP_PORT}"], d / "udp-echo.log")
 
     def kill_backend(self, i: int) -> None:
         """SIGKILL every process in backend namespace i: the 'pod died' failure."""
@@ -344,7 +354,13 @@ def filler_services(n: int, per_service: int) -> list[Svc]:
 
 def bench_services() -> list[Svc]:
     eps = [Topology.backend_ip(i) for i in range(BACKENDS)]
-    return [Svc("bench", "web", VIP, HTTP_PORT, "http", eps), Svc("bench", "web", VIP, H2_PORT, "h2c", eps)]
+    return [Svc("bench", "web", VIP, HTTP_PORT, "http", eps), Svc("bench", "web", VIP, H2_PORT, "h2c", eps),
+            Svc("bench", "web", VIP, UDP_PORT, "udp", eps)]
+
+
+def l4proto(svc: Svc) -> str:
+    """The bench's UDP port is the one named `udp`; every other port is TCP."""
+    return "udp" if svc.port_name == "udp" else "tcp"
 
 
 def port_proto_hash(svc: Svc, extra: str = "") -> str:
@@ -376,8 +392,8 @@ def iptables_rules(svcs: list[Svc]) -> str:
         spn = f"{s.ns}/{s.name}:{s.port_name}"
         svc_chain = f"KUBE-SVC-{port_proto_hash(s)}"
         chains.append(f":{svc_chain} - [0:0]")
-        rules.append(f'-A KUBE-SERVICES -d {s.ip}/32 -p tcp -m comment --comment "{spn} cluster IP" '
-                     f"-m tcp --dport {s.port} -j {svc_chain}")
+        rules.append(f'-A KUBE-SERVICES -d {s.ip}/32 -p {l4proto(s)} -m comment --comment "{spn} cluster IP" '
+                     f"-m {l4proto(s)} --dport {s.port} -j {svc_chain}")
         n = len(s.endpoints)
         for i, ep in enumerate(s.endpoints):
             sep = f"KUBE-SEP-{port_proto_hash(s, ep)}"
@@ -385,7 +401,8 @@ def iptables_rules(svcs: list[Svc]) -> str:
             prob = "" if i == n - 1 else f"-m statistic --mode random --probability {1.0 / (n - i):.11f} "
             rules.append(f'-A {svc_chain} -m comment --comment "{spn} -> {ep}:{s.port}" {prob}-j {sep}')
             rules.append(f'-A {sep} -s {ep}/32 -m comment --comment "{spn}" -j KUBE-MARK-MASQ')
-            rules.append(f'-A {sep} -p tcp -m comment --comment "{spn}" -m tcp -j DNAT --to-destination {ep}:{s.port}')
+            rules.append(f'-A {sep} -p {l4proto(s)} -m comment --comment "{spn}" -m {l4proto(s)} -j DNAT '
+                         f'--to-destination {ep}:{s.port}')
     return "*nat\n" + "\n".join(chains) + "\n" + "\n".join(rules) + "\nCOMMIT\n"
 
 
@@ -403,15 +420,15 @@ def nft_dnat_rules(svcs: list[Svc]) -> list[str]:
     for k in range(0, len(svcs), 1000):
         lines, elements = [], []
         for s in svcs[k:k + 1000]:
-            h = port_proto_hash(s)
-            svc_chain = f"service-{h[:8]}-{s.ns}/{s.name}/tcp/{s.port_name}"
+            h, proto = port_proto_hash(s), l4proto(s)
+            svc_chain = f"service-{h[:8]}-{s.ns}/{s.name}/{proto}/{s.port_name}"
             eps = []
             for i, ep in enumerate(s.endpoints):
-                ep_chain = f"endpoint-{port_proto_hash(s, ep)[:8]}-{s.ns}/{s.name}/tcp/{s.port_name}__{ep}/{s.port}"
-                lines.append(f"  chain {ep_chain} {{ meta l4proto tcp dnat to {ep}:{s.port}; }}")
+                ep_chain = f"endpoint-{port_proto_hash(s, ep)[:8]}-{s.ns}/{s.name}/{proto}/{s.port_name}__{ep}/{s.port}"
+                lines.append(f"  chain {ep_chain} {{ meta l4proto {proto} dnat to {ep}:{s.port}; }}")
                 eps.append(f"{i} : goto {ep_chain}")
             lines.append(f"  chain {svc_chain} {{ numgen random mod {len(eps)} vmap {{ {', '.join(eps)} }}; }}")
-            elements.append(f"{s.ip} . tcp . {s.port} : goto {svc_chain}")
+            elements.append(f"{s.ip} . {proto} . {s.port} : goto {svc_chain}")
         txs.append("table ip lpb-kube-proxy {\n" + "\n".join(lines) + "\n}\n"
                    "add element ip lpb-kube-proxy service-ips { " + ", ".join(elements) + " }\n")
     return txs
@@ -448,8 +465,8 @@ def manifest(svcs: list[Svc], l7: bool) -> list[dict]:
             meta["annotations"] = {"lightpath.io/protocol": "tcp"}
         spec_ports = []
         for s in ports:
-            p = {"name": s.port_name, "port": s.port, "targetPort": s.port, "protocol": "TCP"}
-            if bench and l7:
+            p = {"name": s.port_name, "port": s.port, "targetPort": s.port, "protocol": l4proto(s).upper()}
+            if bench and l7 and l4proto(s) == "tcp":
                 p["appProtocol"] = "http" if s.port_name == "http" else "kubernetes.io/h2c"
             spec_ports.append(p)
         items.append({"apiVersion": "v1", "kind": "Service", "metadata": meta,
@@ -459,7 +476,7 @@ def manifest(svcs: list[Svc], l7: bool) -> list[dict]:
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": f"{name}-1", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4",
-            "ports": [{"name": s.port_name, "port": s.port, "protocol": "TCP"} for s in ports],
+            "ports": [{"name": s.port_name, "port": s.port, "protocol": l4proto(s).upper()} for s in ports],
             "endpoints": [{"addresses": [ep], "conditions": {"ready": True}, "nodeName": "node-bench"}
                           for ep in ports[0].endpoints],
         })
@@ -547,6 +564,7 @@ class Running:
     proxy: subprocess.Popen | None = None
     setup_s: float = 0.0
     idle_rss: float | None = None
+    udp_target: str = ""  # host:port the UDP case sends to
 
     @property
     def pid(self) -> int | None:
@@ -627,6 +645,7 @@ class Bench:
             run = Running(vip_http, vip_h2, proxy=p)
         else:
             raise BenchError(f"unknown mode {spec.name}")
+        run.udp_target = f"{topo.backend_ip(0) if spec.name == 'direct' else VIP}:{UDP_PORT}"
         deadline = 120 if spec.services > 1000 else 30
         try:
             topo.wait_http(topo.client, run.http_url, deadline, spec.label)
@@ -667,6 +686,8 @@ class Bench:
                 res = self.h2load(run.h2_url, d)
             elif case == "bulk":
                 res = self.bulk(run.http_url.rstrip("/") + "/bulk", d)
+            elif case == "udp":
+                res = self.udp(run.udp_target, d)
             else:
                 raise BenchError(f"unknown case {case}")
         wall = time.monotonic() - t0
@@ -766,6 +787,18 @@ class Bench:
                 "p99_ms": None, "errors": errors, "gbps": total_bytes * 8 / busy / 1e9 if busy else 0.0,
                 "error_detail": "; ".join(detail)}
 
+    def udp(self, target: str, duration: float) -> dict:
+        """UDP request/response from the client namespace (UDP_CLIENT): a closed loop, so the rate is bounded."""
+        topo = self.topo
+        assert topo is not None
+        cmd = [sys.executable, "-c", UDP_CLIENT, target, str(max(1.0, duration)), "16"]
+        p = subprocess.run(in_ns(topo.client, cmd), capture_output=True, text=True, timeout=duration + 60)
+        m = re.search(r"^LPB (\{.*\})$", p.stdout, re.M)
+        if not m:
+            raise BenchError(f"UDP client printed no report (exit {p.returncode}): "
+                             f"{(p.stdout + p.stderr).strip()[-400:]}")
+        return json.loads(m.group(1))
+
     def profile(self, run: Running, case: str) -> str:
         """perf's flat profile (self time by symbol) of the proxy process during one extra run of `case`."""
         topo = self.topo
@@ -796,7 +829,8 @@ class Bench:
     # ---- the run
     def new_topology(self) -> Topology:
         self.seq += 1
-        topo = Topology(f"{self.tag_base}-{self.seq}", self.workdir / f"topo{self.seq}", self.bulk_file)
+        topo = Topology(f"{self.tag_base}-{self.seq}", self.workdir / f"topo{self.seq}", self.bulk_file,
+                        udp_echo=self.args.lightpath)
         self.topo = topo
         topo.up()
         return topo
@@ -811,6 +845,57 @@ class Bench:
         if not self.args.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+
+# The UDP case's client, run with the interpreter running this script inside the client namespace.
+# argv: HOST:PORT SECONDS SOCKETS. Each connected socket keeps one 64-byte request in flight; a reply
+# must end with the request (the backends' echo prefixes its name); no reply within 1 s is a loss and
+# the request is sent again. Prints one `LPB {json}` line in the shape the other cases report.
+UDP_CLIENT = r"""
+import json, selectors, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+duration, n = float(sys.argv[2]), int(sys.argv[3])
+sel = selectors.DefaultSelector()
+socks, want, sent_at, seq = [], [b""] * n, [0.0] * n, [0] * n
+lat, lost, refused = [], 0, 0
+def send(i):
+    seq[i] += 1
+    want[i] = (b"%d %d " % (i, seq[i])).ljust(64, b"x")
+    sent_at[i] = time.monotonic()
+    socks[i].send(want[i])
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, int(port)))
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, i)
+    socks.append(s)
+t0 = time.monotonic()
+for i in range(n):
+    send(i)
+while time.monotonic() - t0 < duration:
+    for key, _ in sel.select(timeout=0.05):
+        i = key.data
+        try:
+            data = socks[i].recv(2048)
+        except BlockingIOError:
+            continue
+        except ConnectionRefusedError:
+            refused += 1
+            send(i)
+            continue
+        if data.endswith(want[i]):
+            lat.append(time.monotonic() - sent_at[i])
+            send(i)
+    now = time.monotonic()
+    for i in range(n):
+        if now - sent_at[i] > 1.0:
+            lost += 1
+            send(i)
+secs = time.monotonic() - t0
+lat.sort()
+pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else None
+print("LPB " + json.dumps({"rps": len(lat) / secs, "requests": len(lat), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                           "errors": lost + refused, "error_detail": f"lost {lost}, refused {refused}"}))
+"""
 
 WRK_LUA = """\
 -- Prints one machine-readable line with exact percentiles (microseconds) and error counts.
@@ -1163,7 +1248,7 @@ def main(argv: list[str]) -> int:
             for spec in order:
                 scale = spec.name.endswith("@scale")
                 real = ModeSpec(spec.name.removesuffix("@scale"), spec.services)
-                my_cases = ["scale"] if scale else cases
+                my_cases = ["scale"] if scale else [c for c in cases if c != "udp" or real.name in UDP_MODES]
                 log(f"round {rnd + 1}/{args.rounds}: {spec.label}")
                 try:
                     bench.new_topology()
