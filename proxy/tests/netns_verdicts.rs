@@ -25,6 +25,22 @@ fn empty_service(name: &str, vip: &str) -> String {
     )
 }
 
+/// Connect outcomes for the no-endpoint Service (REJECT expected) and the
+/// Local-policy one without local endpoints (DROP expected).
+async fn probe_reject_and_drop() -> (ConnectOutcome, ConnectOutcome) {
+    let reject = probe(
+        SocketAddr::new(ip("10.96.0.20"), 80),
+        Duration::from_secs(3),
+    )
+    .await;
+    let drop = probe(
+        SocketAddr::new(ip("10.96.0.30"), 80),
+        Duration::from_secs(2),
+    )
+    .await;
+    (reject, drop)
+}
+
 #[test]
 fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops() {
     if !require_root(
@@ -56,19 +72,7 @@ fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drop
     );
     assert!(table.contains("10.96.0.30 . tcp . 80 : drop"), "{table}");
 
-    let (reject, drop) = sb.client.run(|| async {
-        let reject = probe(
-            SocketAddr::new(ip("10.96.0.20"), 80),
-            Duration::from_secs(3),
-        )
-        .await;
-        let drop = probe(
-            SocketAddr::new(ip("10.96.0.30"), 80),
-            Duration::from_secs(2),
-        )
-        .await;
-        (reject, drop)
-    });
+    let (reject, drop) = sb.client.run(probe_reject_and_drop);
     match reject {
         ConnectOutcome::Refused(t) => assert!(t < Duration::from_millis(100), "REJECT took {t:?}"),
         other => panic!("no-endpoint service must be refused, got {other:?}"),
@@ -79,19 +83,7 @@ fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drop
     );
 
     // The same verdicts for processes on the node itself (output hook).
-    let (reject, drop) = sb.node.run(|| async {
-        let reject = probe(
-            SocketAddr::new(ip("10.96.0.20"), 80),
-            Duration::from_secs(3),
-        )
-        .await;
-        let drop = probe(
-            SocketAddr::new(ip("10.96.0.30"), 80),
-            Duration::from_secs(2),
-        )
-        .await;
-        (reject, drop)
-    });
+    let (reject, drop) = sb.node.run(probe_reject_and_drop);
     match reject {
         ConnectOutcome::Refused(t) => assert!(
             t < Duration::from_millis(100),
