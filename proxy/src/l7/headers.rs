@@ -91,6 +91,19 @@ pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    if !headers.contains_key(X_FORWARDED_FOR) {
+        // The common case: the client address alone, formatted on the stack
+        // (an IPv6 address is at most 45 characters).
+        let mut buf = [0u8; 64];
+        let mut cur = std::io::Cursor::new(&mut buf[..]);
+        if std::io::Write::write_fmt(&mut cur, format_args!("{client}")).is_ok() {
+            let len = cur.position() as usize;
+            if let Ok(hv) = HeaderValue::from_bytes(&buf[..len]) {
+                headers.insert(X_FORWARDED_FOR, hv);
+            }
+        }
+        return;
+    }
     let mut v = String::with_capacity(64);
     // Several X-Forwarded-For lines are one comma list (RFC 9110 §5.3).
     for prev in headers.get_all(X_FORWARDED_FOR).iter() {
@@ -110,20 +123,22 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     }
 }
 
-/// A random 128-bit id in the 8-4-4-4-12 hex form of a UUID.
+/// A random 128-bit id in the 8-4-4-4-12 hex form of a UUID, formatted on
+/// the stack (one allocation: the header value itself).
 fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::random();
-    let h = format!("{n:032x}");
-    let s = format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
+    let mut out = [b'-'; 36];
+    let mut nibble = 0;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        *slot = HEX[((n >> (124 - 4 * nibble)) & 0xf) as usize];
+        nibble += 1;
+    }
     // Hex digits and dashes are always a valid header value.
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Adds the attempt count to a response.
@@ -173,7 +188,19 @@ mod tests {
         assert_eq!(h["x-app"], "kept");
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-request-id"].len(), 36);
+        let id = h["x-request-id"].to_str().expect("ascii");
+        assert_eq!(id.len(), 36);
+        for (i, c) in id.chars().enumerate() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                assert_eq!(c, '-', "{id}");
+            } else {
+                assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase(), "{id}");
+            }
+        }
+        assert_ne!(request_id(), request_id(), "random");
+        let mut v6 = HeaderMap::new();
+        prepare_request(&mut v6, "fd00::1:2".parse().expect("ip"), false);
+        assert_eq!(v6["x-forwarded-for"], "fd00::1:2");
     }
 
     #[test]
