@@ -77,14 +77,18 @@ impl Sandbox {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
+        // Each namespace is deleted on drop, so an error below removes what
+        // was made before it; the directory comes last for the same reason.
+        let node = Netns::try_new(format!("{id}-node"))?;
+        let client = Netns::try_new(format!("{id}-cl"))?;
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         // From here on every piece is owned by `sb`: an error drops it all.
         let mut sb = Sandbox {
             procs: Vec::new(),
             backends: Vec::new(),
-            node: Netns::try_new(format!("{id}-node"))?,
-            client: Netns::try_new(format!("{id}-cl"))?,
+            node,
+            client,
             pods: Vec::new(),
             dir,
             bin,
