@@ -159,6 +159,136 @@ impl Server {
         Ok(())
     }
 
+    /// Like [`Server::run`], but the accept loops and their connections run
+    /// on dedicated threads, one per listener set in `sets`, each thread a
+    /// current-thread runtime with its own SO_REUSEPORT listeners (the
+    /// kernel spreads new connections over them). Why: on a few shared cores
+    /// a work-stealing runtime spends its time on cross-thread wakeups and
+    /// futex sleeps per small message; one event loop per core that owns its
+    /// connections end to end does not (haproxy's and Envoy's model). The
+    /// table and balancer sync tasks stay on the calling runtime.
+    ///
+    /// Returns once every thread has stopped accepting (at the drain signal)
+    /// and its connections have ended, or, after the drain was forced, after
+    /// a short grace for their aborts.
+    pub async fn run_threaded(
+        &self,
+        sets: Vec<Vec<std::net::TcpListener>>,
+        drain: drain::Watch,
+    ) -> Result<(), ServeError> {
+        let mut sync = tokio::task::JoinSet::new();
+        sync.spawn(sync_balancers(
+            self.table.clone(),
+            self.balancers.clone(),
+            drain.clone(),
+        ));
+        sync.spawn(crate::l7::sync_task(
+            self.table.clone(),
+            self.l7.clone(),
+            self.balancers.clone(),
+            drain.clone(),
+        ));
+        let addrs: Vec<SocketAddr> = sets
+            .iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        tracing::info!(listeners = ?addrs, threads = sets.len(), "serving");
+        let mut stopped = Vec::with_capacity(sets.len());
+        let mut done = Vec::with_capacity(sets.len());
+        for (i, set) in sets.into_iter().enumerate() {
+            let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let this = self.clone();
+            let drain = drain.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("lightpath-data-{i}"))
+                .spawn(move || {
+                    this.data_thread(set, drain, stopped_tx);
+                    let _ = tx.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    stopped.push(stopped_rx);
+                    done.push(rx);
+                }
+                Err(source) => {
+                    return Err(ServeError::Listener {
+                        addr: format!("data thread {i}"),
+                        source,
+                    })
+                }
+            }
+        }
+        drop(drain);
+        for rx in stopped {
+            let _ = rx.await;
+        }
+        tracing::info!(listeners = ?addrs, "stopped accepting");
+        for rx in done {
+            // An Err means the thread died; the others still finish.
+            let _ = rx.await;
+        }
+        while let Some(r) = sync.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "sync task failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// One data thread: its listeners' accept loops on a current-thread
+    /// runtime, then its connections until they end.
+    fn data_thread(
+        self,
+        set: Vec<std::net::TcpListener>,
+        drain: drain::Watch,
+        stopped: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "data thread runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let mut loops = tokio::task::JoinSet::new();
+            for l in set {
+                let addr = l.local_addr().ok();
+                match TcpListener::from_std(l) {
+                    Ok(l) => {
+                        loops.spawn(self.clone().accept_loop(l, drain.clone()));
+                    }
+                    Err(e) => tracing::error!(?addr, error = %e, "listener on data thread"),
+                }
+            }
+            while loops.join_next().await.is_some() {}
+            let _ = stopped.send(());
+            // Connections run as tasks of this runtime: keep it alive until
+            // every connection (of any thread) is gone, or shortly after the
+            // drain is forced, when they are being aborted anyway.
+            let forced = drain.forced();
+            tokio::pin!(forced);
+            let mut grace: Option<tokio::time::Instant> = None;
+            // Bounded: at most the drain deadline plus the grace.
+            while self.open_connections() > 0 {
+                if grace.is_some_and(|g| tokio::time::Instant::now() >= g) {
+                    break;
+                }
+                tokio::select! {
+                    _ = &mut forced, if grace.is_none() => {
+                        grace = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+    }
+
     async fn accept_loop(self, listener: TcpListener, drain: drain::Watch) {
         let mut backoff = Backoff::new();
         let listening = Listening {
