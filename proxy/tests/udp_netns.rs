@@ -457,3 +457,35 @@ fn client_ip_affinity_keeps_new_udp_flows_on_one_endpoint() {
         "one endpoint for every flow of one client: {names:?}"
     );
 }
+
+/// A UDP Service without endpoints is refused in the kernel with ICMP port
+/// unreachable, as kube-proxy does: a connected client socket sees
+/// ECONNREFUSED at once instead of waiting for a timeout.
+#[test]
+fn udp_service_without_endpoints_is_refused_at_once() {
+    if !require_root("udp_service_without_endpoints_is_refused_at_once") {
+        return;
+    }
+    let mut sb = Sandbox::new("udprej", 1);
+    let path = sb.write_manifest("echo.yaml", &sticky_echo_yaml(&[]));
+    sb.start_lightpath(&path, &[]);
+    let nft = sb.nft_table();
+    assert!(
+        nft.contains("10.96.0.30 . udp . 9000 : goto reject_fe"),
+        "no-endpoint UDP frontend in the reject map:\n{nft}"
+    );
+    let (outcome, took) = sb.client.run(|| async {
+        let s = client("10.96.0.30:9000".parse().expect("literal")).await;
+        let start = std::time::Instant::now();
+        s.send(b"anyone?").await.expect("send");
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf)).await;
+        (r.map(|r| r.map_err(|e| e.kind())), start.elapsed())
+    });
+    assert_eq!(
+        outcome,
+        Ok(Err(std::io::ErrorKind::ConnectionRefused)),
+        "refused, not answered or dropped"
+    );
+    assert!(took < Duration::from_secs(1), "refused in {took:?}");
+}

@@ -28,7 +28,8 @@ use crate::metrics::udp::{Eviction, UdpMetrics};
 /// Flow-table settings.
 #[derive(Debug, Clone)]
 pub struct FlowConfig {
-    /// Most flows at once; beyond it the oldest flow is evicted.
+    /// Most flows at once; beyond it the oldest flow (by creation) is
+    /// evicted.
     pub max_flows: usize,
     /// Idle time after which a flow that never saw a reply expires
     /// (conntrack's `nf_conntrack_udp_timeout`: 30 s).
@@ -58,7 +59,9 @@ pub struct FlowKey {
     pub orig_dst: SocketAddr,
 }
 
-/// Counters of one flow table (all monotonic except `active`).
+/// Counters of one flow table, all monotonic ([`FlowTable::len`] is the
+/// live count). The Prometheus series are per service port; these are the
+/// table's totals.
 #[derive(Debug, Default)]
 pub struct FlowStats {
     pub created: AtomicU64,
