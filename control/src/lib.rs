@@ -12,6 +12,7 @@
 pub mod error;
 pub mod kube;
 pub mod manifest;
+mod manifest_doc;
 pub mod model;
 pub mod objects;
 pub mod options;

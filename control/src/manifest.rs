@@ -24,11 +24,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::error::ObjectError;
 use crate::kube::NodeEligibility;
+use crate::manifest_doc;
 use crate::model::Table;
 use crate::objects::{
     parse_node, parse_service, parse_slice, NodeInfo, ObjKey, ServiceInfo, Skip, SliceInfo,
@@ -273,9 +273,21 @@ fn object_from_value(
     obj.map_err(|m| doc_err(describe, m))
 }
 
+/// `Some(item kind)` when `kind` names a List: `None` inside for a plain
+/// `List` (items carry their own kind), `Some("Service")` for `ServiceList`.
+fn list_kind(kind: &str) -> Option<Option<&str>> {
+    if kind == "List" {
+        return Some(None);
+    }
+    let item = kind.strip_suffix("List")?;
+    expected_api_version(item).map(|_| Some(item))
+}
+
 /// Walks every document of one file in order, handing each object (or the
-/// problem that kept it from being one) to `f` as soon as it is read: one
-/// document's `serde_yaml::Value` tree is alive at a time, never the file's.
+/// problem that kept it from being one) to `f` as soon as it is read. One
+/// object's `serde_yaml::Value` tree is alive at a time: the items of a
+/// `List` document are converted one by one while it is being parsed
+/// (see [`manifest_doc`](crate::manifest_doc)).
 fn each_object(
     path: &Path,
     text: &str,
@@ -287,54 +299,46 @@ fn each_object(
             document: i + 1,
             item: None,
         };
-        let value = match serde_yaml::Value::deserialize(de) {
-            Ok(v) => v,
+        // An item that names its own kind and apiVersion converts the same
+        // whatever List it is in: convert it now. Others (a typed
+        // `ServiceList`'s kindless items) wait for the List's kind.
+        let mut on_item = |j: usize, item: serde_yaml::Value| {
+            if str_field(&item, "kind").is_none() || str_field(&item, "apiVersion").is_none() {
+                return Some(item);
+            }
+            let at = Location {
+                item: Some(j),
+                ..at.clone()
+            };
+            let obj = object_from_value(&at, item, None);
+            f(at, obj);
+            None
+        };
+        let doc = manifest_doc::read(de, &mut on_item);
+        let doc_err = |message: String| ManifestError::Document {
+            at: at.clone(),
+            object: None,
+            message,
+        };
+        let (rest, items) = match doc {
+            Ok(manifest_doc::Document::Null) => continue,
+            Ok(manifest_doc::Document::NotMapping) => {
+                let e = doc_err("not a mapping (expected a Kubernetes object)".into());
+                f(at.clone(), Err(e));
+                continue;
+            }
+            Ok(manifest_doc::Document::Mapping { rest, items }) => (rest, items),
             Err(e) => {
-                f(
-                    at,
-                    Err(ManifestError::Document {
-                        at: Location {
-                            path: path.to_path_buf(),
-                            document: i + 1,
-                            item: None,
-                        },
-                        object: None,
-                        message: format!("syntax: {e}"),
-                    }),
-                );
+                f(at.clone(), Err(doc_err(format!("syntax: {e}"))));
                 // serde_yaml cannot resume after a syntax error.
                 break;
             }
         };
-        if value.is_null() {
-            continue; // empty document, e.g. a trailing `---`
-        }
-        let kind = str_field(&value, "kind").map(str::to_string);
-        match kind.as_deref() {
-            Some(k)
-                if k == "List"
-                    || (k.ends_with("List")
-                        && expected_api_version(&k[..k.len() - 4]).is_some()) =>
-            {
-                let item_kind = (k != "List").then(|| &k[..k.len() - 4]);
-                // Take the items out rather than cloning them: a large List
-                // would otherwise be held twice at the parse peak.
-                let mut value = value;
-                let items = value.as_mapping_mut().and_then(|m| m.remove("items"));
-                let items = match items {
-                    Some(serde_yaml::Value::Sequence(items)) => items,
-                    Some(serde_yaml::Value::Null) | None => Vec::new(),
-                    Some(_) => {
-                        let err = ManifestError::Document {
-                            at: at.clone(),
-                            object: None,
-                            message: format!("items: {k} items must be a sequence"),
-                        };
-                        f(at, Err(err));
-                        continue;
-                    }
-                };
-                for (j, item) in items.into_iter().enumerate() {
+        let rest = serde_yaml::Value::Mapping(rest);
+        let kind = str_field(&rest, "kind");
+        match (kind.and_then(list_kind), items) {
+            (Some(item_kind), manifest_doc::Items::Streamed(held)) => {
+                for (j, item) in held {
                     let at = Location {
                         item: Some(j),
                         ..at.clone()
@@ -343,8 +347,31 @@ fn each_object(
                     f(at, obj);
                 }
             }
-            _ => {
-                let obj = object_from_value(&at, value, None);
+            (Some(_), manifest_doc::Items::Absent | manifest_doc::Items::Null) => {}
+            (Some(_), manifest_doc::Items::Other) => {
+                let k = kind.unwrap_or_default();
+                f(
+                    at.clone(),
+                    Err(doc_err(format!("items: {k} items must be a sequence"))),
+                );
+            }
+            (None, manifest_doc::Items::Streamed(_)) => {
+                // Its items were read as objects; an object with `items` is
+                // a mistake worth naming rather than half-applying.
+                let what = kind.map_or("a document without `kind`".to_string(), |k| {
+                    format!("kind {k:?}")
+                });
+                f(
+                    at.clone(),
+                    Err(doc_err(format!(
+                        "items: only a List (or ServiceList, EndpointSliceList, NodeList) has items, not {what}"
+                    ))),
+                );
+            }
+            // `items` of another shape is an unknown field of the object,
+            // ignored like any other.
+            (None, _) => {
+                let obj = object_from_value(&at, rest, None);
                 f(at, obj);
             }
         }
@@ -678,6 +705,70 @@ pub fn watch_manifests_and_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn opts() -> Options {
+        Options {
+            node_name: "node-a".into(),
+            ..Options::default()
+        }
+    }
+
+    fn load(name: &str, text: &str) -> Result<Arc<Table>, String> {
+        let dir = std::env::temp_dir().join(format!("lp-manifest-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.yaml");
+        std::fs::write(&p, text).unwrap();
+        let r = load_manifests(&[p], &opts()).map_err(|e| e.to_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    const ITEM_SVC: &str = "{apiVersion: v1, kind: Service, metadata: {name: web, namespace: default}, spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}}";
+    const ITEM_SLICE: &str = "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}, addressType: IPv4, ports: [{name: http, port: 8080}], endpoints: [{addresses: [10.244.1.5]}, {addresses: [10.244.1.6]}]}";
+
+    fn endpoints(t: &Table) -> usize {
+        let key = crate::FrontendKey::new("10.96.0.10:80".parse().unwrap(), crate::Protocol::Tcp);
+        t.lookup(&key).map_or(0, |f| f.endpoints().len())
+    }
+
+    #[test]
+    fn kubectl_list_with_items_before_kind() {
+        // `kubectl get -o yaml` sorts keys: items come before kind.
+        let text = format!("apiVersion: v1\nitems:\n- {ITEM_SVC}\n- {ITEM_SLICE}\nkind: List\nmetadata: {{resourceVersion: \"\"}}\n");
+        assert_eq!(endpoints(&load("kubectl", &text).unwrap()), 2);
+    }
+
+    #[test]
+    fn typed_list_items_without_kind_wait_for_the_list_kind() {
+        let slice =
+            ITEM_SLICE.replace("apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, ", "");
+        let text = format!("---\n{ITEM_SVC}\n---\nitems: [{slice}]\napiVersion: discovery.k8s.io/v1\nkind: EndpointSliceList\n");
+        assert_eq!(endpoints(&load("typed", &text).unwrap()), 2);
+    }
+
+    #[test]
+    fn list_item_problems_name_the_item() {
+        let bad = ITEM_SLICE.replace("10.244.1.6", "x");
+        let text = format!("items: [{ITEM_SVC}, {bad}]\nkind: List\n");
+        let e = load("bad-item", &text).unwrap_err();
+        assert!(
+            e.contains("m.yaml: document 1 items[1]: EndpointSlice default/web-1"),
+            "{e}"
+        );
+        assert!(e.contains("endpoints[1].addresses[0]"), "{e}");
+    }
+
+    #[test]
+    fn items_on_a_non_list_document_are_an_error() {
+        let text =
+            format!("kind: Service\napiVersion: v1\nmetadata: {{name: s}}\nitems: [{ITEM_SVC}]\n");
+        let e = load("svc-items", &text).unwrap_err();
+        assert!(e.contains("document 1: items: only a List"), "{e}");
+        assert!(e.contains("not kind \"Service\""), "{e}");
+        // A List whose items are not a sequence.
+        let e = load("list-scalar", "kind: List\nitems: 3\n").unwrap_err();
+        assert!(e.contains("items: List items must be a sequence"), "{e}");
+    }
 
     /// The poll compares a hash streamed through a 64 KB buffer with the
     /// one [`scan`] took from whole texts: they must agree, or every poll
