@@ -29,37 +29,6 @@ async fn slow_backend() -> Backend {
     .await
 }
 
-/// Reads one HTTP/1.1 response head and its content-length body.
-async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                buf.drain(..end + 4 + len);
-                return (head, body);
-            }
-        }
-        let mut tmp = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut tmp))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "closed mid-response: {:?}",
-            String::from_utf8_lossy(buf)
-        );
-        buf.extend_from_slice(&tmp[..n]);
-    }
-}
-
 #[tokio::test]
 async fn http1_keep_alive_gets_connection_close_and_in_flight_completes() {
     let be = slow_backend().await;

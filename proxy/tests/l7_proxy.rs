@@ -89,7 +89,7 @@ async fn keep_alive_and_chunked_bodies() {
             format!("GET /{i} HTTP/1.1\r\nhost: x\r\n\r\n")
         };
         s.write_all(req.as_bytes()).await.expect("write");
-        let resp = read_response(&mut s).await;
+        let resp = read_whole_response(&mut s).await;
         all.push(resp);
     }
     assert!(all[0].contains("GET /0"), "{}", all[0]);
@@ -123,37 +123,13 @@ async fn keep_alive_and_chunked_bodies() {
     );
 }
 
-/// Reads one HTTP/1.1 response with a content-length body.
-async fn read_response(s: &mut TcpStream) -> String {
+/// One HTTP/1.1 response with a content-length body, head lowercased; the
+/// connection must carry nothing after it.
+async fn read_whole_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(end) = find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let out = String::from_utf8_lossy(&buf[..end + 4 + len]).to_string();
-                buf.drain(..end + 4 + len);
-                assert!(buf.is_empty(), "no extra bytes expected");
-                return out;
-            }
-        }
-        let n = tokio::time::timeout_at(deadline, s.read(&mut tmp))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "connection closed mid-response: {}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&tmp[..n]);
-    }
+    let (head, body) = read_response(s, &mut buf).await;
+    assert!(buf.is_empty(), "no extra bytes expected");
+    format!("{head}\r\n\r\n{body}")
 }
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
@@ -483,16 +459,16 @@ async fn no_endpoints_on_an_open_connection_gives_503() {
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .expect("write");
-    let first = read_response(&mut s).await;
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let first = read_whole_response(&mut s).await;
+    assert!(first.starts_with("http/1.1 200"), "{first}");
     // The service loses its endpoints while the connection is open.
     p.publish(service("gone", &[], Mode::Http, &[]));
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .expect("write");
-    let second = read_response(&mut s).await;
-    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+    let second = read_whole_response(&mut s).await;
+    assert!(second.starts_with("http/1.1 503"), "{second}");
     assert!(
         second.contains("x-lightpath-error: no-endpoints"),
         "{second}"

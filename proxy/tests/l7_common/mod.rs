@@ -21,7 +21,8 @@ use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lightpath::server::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -231,4 +232,37 @@ pub fn rss() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .expect("VmRSS")
+}
+
+/// Reads one HTTP/1.1 response off a raw connection: its head, lowercased
+/// (for header checks), and its content-length body. Bytes read past the
+/// response stay in `buf` for the next call.
+pub async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return (head, body);
+            }
+        }
+        let mut tmp = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut tmp))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed mid-response: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    }
 }
