@@ -204,6 +204,22 @@ fn label_patch() -> Value {
     json!([{"op": "add", "path": "/metadata/labels/service.kubernetes.io~1service-proxy-name", "value": "lightpath"}])
 }
 
+/// A TCP Service with no labels at all: the whole label map is added.
+async fn assert_unlabelled_service_gets_the_label_map(server: &Server, cert: &Cert) {
+    let (_, patch) = admit(
+        server,
+        cert,
+        review("Service", "shop", service(&[("TCP", None)], None)),
+        false,
+    )
+    .await;
+    assert_eq!(
+        patch,
+        Some(json!([{"op": "add", "path": "/metadata/labels",
+            "value": {"service.kubernetes.io/service-proxy-name": "lightpath"}}]))
+    );
+}
+
 #[tokio::test]
 async fn tcp_and_http_services_are_labelled_over_h1_and_h2() {
     let cert = localhost_cert();
@@ -221,18 +237,7 @@ async fn tcp_and_http_services_are_labelled_over_h1_and_h2() {
         assert_eq!(patch, Some(label_patch()), "h2={h2}");
     }
     // No labels at all: the whole map is added.
-    let (_, patch) = admit(
-        &server,
-        &cert,
-        review("Service", "shop", service(&[("TCP", None)], None)),
-        false,
-    )
-    .await;
-    assert_eq!(
-        patch,
-        Some(json!([{"op": "add", "path": "/metadata/labels",
-            "value": {"service.kubernetes.io/service-proxy-name": "lightpath"}}]))
-    );
+    assert_unlabelled_service_gets_the_label_map(&server, &cert).await;
 }
 
 #[tokio::test]
@@ -364,18 +369,7 @@ async fn malformed_reviews_get_clean_errors_and_the_server_keeps_serving() {
     // A client that never completes the TLS handshake costs nothing visible.
     let _idle = TcpStream::connect(server.addr).await.expect("connect");
     // Still serving, and health answers.
-    let (_, patch) = admit(
-        &server,
-        &cert,
-        review("Service", "shop", service(&[("TCP", None)], None)),
-        false,
-    )
-    .await;
-    assert_eq!(
-        patch,
-        Some(json!([{"op": "add", "path": "/metadata/labels",
-        "value": {"service.kubernetes.io/service-proxy-name": "lightpath"}}]))
-    );
+    assert_unlabelled_service_gets_the_label_map(&server, &cert).await;
     let (status, _) = request(
         server.addr,
         &cert.cert_pem,
