@@ -102,7 +102,13 @@ struct Shared {
 }
 
 struct Flow {
+    /// Identity (the reply task's handle on its flow); never changes.
     id: u64,
+    /// Position in the eviction order; moves to the back on a second chance.
+    order: u64,
+    /// `last_ms` when the flow took that position: activity after it earns
+    /// the flow a second chance.
+    ordered_ms: u64,
     shared: Arc<Shared>,
     balancer: Arc<Balancer>,
     scope: Scope,
@@ -121,16 +127,54 @@ impl Drop for Flow {
 #[derive(Default)]
 struct Inner {
     flows: HashMap<FlowKey, Flow>,
-    /// Creation order (flow id → key), for oldest-first eviction.
+    /// Eviction order (position → key): creation order, except that a flow
+    /// active since it took its position goes to the back once instead of
+    /// being evicted (CLOCK's second chance).
     order: BTreeMap<u64, FlowKey>,
     next_id: u64,
 }
 
+/// Second chances given per eviction at most: when every flow is busy, the
+/// oldest still goes, and a new flow never costs more than a few steps.
+const SECOND_CHANCES: usize = 16;
+
 impl Inner {
     fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
         let flow = self.flows.remove(key)?;
-        self.order.remove(&flow.id);
+        self.order.remove(&flow.order);
         Some(flow)
+    }
+
+    fn next(&mut self) -> u64 {
+        let n = self.next_id;
+        self.next_id += 1;
+        n
+    }
+
+    /// Evicts flows until at most `cap` remain: the oldest idle ones, so a
+    /// flood of one-datagram clients never pushes out a busy stream.
+    fn evict_to(&mut self, cap: usize) -> Vec<Flow> {
+        let mut evicted = Vec::new();
+        let mut chances = 0;
+        while self.flows.len() > cap {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            let position = self.next();
+            let Some(f) = self.flows.get_mut(&oldest) else {
+                continue;
+            };
+            let last = f.shared.last_ms.load(Ordering::Relaxed);
+            if last > f.ordered_ms && chances < SECOND_CHANCES {
+                chances += 1;
+                f.order = position;
+                f.ordered_ms = last;
+                self.order.insert(position, oldest);
+                continue;
+            }
+            evicted.extend(self.flows.remove(&oldest));
+        }
+        evicted
     }
 }
 
@@ -274,8 +318,7 @@ impl FlowTable {
             // Another task opened it meanwhile: use that one.
             return Ok(f.shared.clone());
         }
-        let id = inner.next_id;
-        inner.next_id += 1;
+        let id = inner.next();
         let task = tokio::spawn(relay_replies(
             Arc::downgrade(self),
             key,
@@ -291,6 +334,8 @@ impl FlowTable {
             key,
             Flow {
                 id,
+                order: id,
+                ordered_ms: shared.last_ms.load(Ordering::Relaxed),
                 shared: shared.clone(),
                 balancer: balancer.clone(),
                 scope,
@@ -298,15 +343,7 @@ impl FlowTable {
             },
         );
         inner.order.insert(id, key);
-        let mut evicted = Vec::new();
-        while inner.flows.len() > self.cfg.max_flows.max(1) {
-            let Some((_, oldest)) = inner.order.pop_first() else {
-                break;
-            };
-            if let Some(f) = inner.flows.remove(&oldest) {
-                evicted.push(f);
-            }
-        }
+        let evicted = inner.evict_to(self.cfg.max_flows.max(1));
         drop(inner);
         self.stats.created.fetch_add(1, Ordering::Relaxed);
         self.stats

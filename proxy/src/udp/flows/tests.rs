@@ -228,3 +228,48 @@ async fn no_endpoint_is_an_error_naming_the_service() {
     assert!(e.to_string().contains("default/dns:dns"), "{e}");
     assert!(table.is_empty());
 }
+
+#[tokio::test]
+async fn a_full_table_evicts_idle_flows_before_busy_ones() {
+    // A silent endpoint: only the clients' datagrams count as activity.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let e = silent.local_addr().unwrap();
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[e]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let front_addr = front.local_addr().unwrap();
+    let table = FlowTable::new(cfg(4, Duration::from_secs(30)));
+    let key = |port: u16| FlowKey {
+        client: SocketAddr::from(([127, 0, 0, 1], 42_000 + port)),
+        orig_dst: front_addr,
+    };
+    for port in 1..=4 {
+        table
+            .forward(key(port), &b, Scope::Cluster, b"x", &front)
+            .unwrap();
+    }
+    // Flow 1, the oldest, stays busy; 2..4 go quiet.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    table
+        .forward(key(1), &b, Scope::Cluster, b"again", &front)
+        .unwrap();
+    // Two newcomers push out the two oldest idle flows, not the busy one.
+    for port in 5..=6 {
+        table
+            .forward(key(port), &b, Scope::Cluster, b"x", &front)
+            .unwrap();
+    }
+    assert_eq!(table.len(), 4);
+    let alive: Vec<u16> = (1..=6)
+        .filter(|p| table.endpoint(&key(*p)).is_some())
+        .collect();
+    assert_eq!(alive, vec![1, 4, 5, 6]);
+    assert_eq!(table.stats().evicted_cap.load(Ordering::Relaxed), 2);
+    // Without further activity its second chance is spent: next in line.
+    for port in 7..=9 {
+        table
+            .forward(key(port), &b, Scope::Cluster, b"x", &front)
+            .unwrap();
+    }
+    assert!(table.endpoint(&key(1)).is_none(), "idle now, so evicted");
+}
