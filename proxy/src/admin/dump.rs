@@ -46,6 +46,26 @@ pub struct EndpointBalancerState {
 pub trait BalancerDump: Send + Sync {
     /// The balancers of `table`'s service ports, in any order.
     fn balancers(&self, table: &Table) -> Vec<BalancerState>;
+
+    /// How many endpoints the balancers skip right now (distinct per
+    /// service port). Every scrape asks, so implementations should count
+    /// without building the whole dump.
+    fn ejected(&self, table: &Table) -> usize {
+        self.balancers(table)
+            .iter()
+            .map(|b| {
+                let mut addrs: Vec<SocketAddr> = b
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ejected)
+                    .map(|e| e.addr)
+                    .collect();
+                addrs.sort();
+                addrs.dedup();
+                addrs.len()
+            })
+            .sum()
+    }
 }
 
 /// A frontend and what the kernel does with it when its set is empty.

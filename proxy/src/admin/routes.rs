@@ -46,17 +46,12 @@ fn render_metrics(state: &AdminState, prometheus: &PrometheusHandle) -> Resp {
     let node = crate::metrics::node();
     node.refresh(state.data_plane.as_ref());
     let table = state.table.borrow().clone();
-    let ejected: std::collections::HashSet<_> = balancers(state, &table)
-        .into_iter()
-        .flat_map(|b| {
-            let service = b.service;
-            b.endpoints
-                .into_iter()
-                .filter(|e| e.ejected)
-                .map(move |e| (service.clone(), e.addr))
-        })
-        .collect();
-    node.set_ejected(ejected.len());
+    let ejected = state
+        .balancers
+        .as_ref()
+        .or_else(|| state.late_balancers.get())
+        .map_or(0, |b| b.ejected(&table));
+    node.set_ejected(ejected);
     let mut r = web::text(StatusCode::OK, prometheus.render());
     r.headers_mut().insert(
         header::CONTENT_TYPE,
