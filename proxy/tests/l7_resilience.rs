@@ -644,3 +644,75 @@ async fn empty_endpoint_set_queues_requests_until_the_deadline() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn max_retries_limit_overflows_retries_not_requests() {
+    // Both endpoints answer 503 to the first request each gets, slowly, so
+    // two requests are in their retries at the same time.
+    let slow_503 = |n: usize, _| async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if n == 0 {
+            status(503, "first")
+        } else {
+            status(200, "ok")
+        }
+    };
+    let a = Backend::start(slow_503).await;
+    let b = Backend::start(slow_503).await;
+    let p = Proxy::start(service(
+        "retry-limit",
+        &[a.addr, b.addr],
+        Mode::Http,
+        &[("lightpath.io/max-retries", "0")],
+    ))
+    .await;
+    let c = client();
+    // No retry slot at all: each request gets its first answer, retried or
+    // not, and never a proxy error.
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (c, url) = (c.clone(), p.url("/"));
+        tasks.push(tokio::spawn(async move {
+            send(&c, Request::get(url).body(full("")).expect("req")).await
+        }));
+    }
+    for t in tasks {
+        let (code, h, body) = t.await.expect("task");
+        assert_eq!(h["x-lightpath-attempts"], "1", "{code} {body:?}");
+        assert!(!h.contains_key("x-lightpath-error"), "{h:?}");
+        if code == 503 {
+            assert_eq!(&body[..], b"first", "the endpoint's own 503");
+        }
+    }
+    assert_eq!(a.requests() + b.requests(), 2, "no retry was sent");
+
+    // With the default limit the same first 503 is retried on the other
+    // endpoint, which (slowly) answers 200.
+    let a2 = Backend::start(slow_503).await;
+    let b2 = Backend::start(move |n, r| async move {
+        if n == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let _ = r;
+        status(200, "ok")
+    })
+    .await;
+    let d = Proxy::start(service(
+        "retry-default",
+        &[a2.addr, b2.addr],
+        Mode::Http,
+        &[],
+    ))
+    .await;
+    let mut retried = false;
+    for _ in 0..10 {
+        let (code, h, _) = get(&c, &d.url("/")).await;
+        assert_eq!(code, 200);
+        retried |= h["x-lightpath-attempts"] == "2";
+        if a2.requests() > 0 {
+            break;
+        }
+    }
+    assert!(a2.requests() > 0, "a2 was never picked");
+    assert!(retried, "a2's 503 was retried on b2");
+}
