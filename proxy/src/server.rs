@@ -397,6 +397,7 @@ impl Server {
             .for_service_at(&frontend.service, table.version);
         // Opened and active until this function returns.
         let conn = balancer.metrics().tcp_open();
+        let access_started = crate::telemetry::access_log_enabled().then(std::time::Instant::now);
         let scope = Scope::of(frontend);
         // The dispatch point: HTTP frontends are proxied per request.
         let result = match frontend.service.mode {
@@ -414,6 +415,22 @@ impl Server {
                 r.transferred.upstream_to_client,
             ),
             Err(_) => conn.failed(),
+        }
+        if let Some(started) = access_started {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            let service = &frontend.service.name;
+            match &result {
+                Ok(r) => tracing::info!(
+                    target: crate::telemetry::ACCESS_LOG, %peer, frontend = %key, %service,
+                    endpoint = %r.endpoint, attempts = r.attempts,
+                    sent = r.transferred.client_to_upstream, received = r.transferred.upstream_to_client,
+                    duration_ms = ms, end = ?r.end, "tcp"
+                ),
+                Err(e) => tracing::info!(
+                    target: crate::telemetry::ACCESS_LOG, %peer, frontend = %key, %service,
+                    duration_ms = ms, error = %e, "tcp"
+                ),
+            }
         }
         match result {
             Ok(r) => tracing::debug!(

@@ -16,6 +16,13 @@ use tracing_subscriber::EnvFilter;
 /// per-request access log lines: `tracing::info!(target: ACCESS_LOG, ...)`.
 pub const ACCESS_LOG: &str = "lightpath::access";
 
+/// Whether access log lines are emitted: one cached callsite check, so the
+/// data plane can skip even reading the clock for them when they are off.
+#[inline]
+pub fn access_log_enabled() -> bool {
+    tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
+}
+
 /// Default filter when neither `--log-filter`/`RUST_LOG` is given.
 pub const DEFAULT_FILTER: &str = "info";
 

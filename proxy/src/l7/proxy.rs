@@ -89,6 +89,8 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
         scope: conn.scope,
         peer: conn.peer,
     };
+    let access = crate::telemetry::access_log_enabled()
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let (mut resp, attempts) = match proxy(&ctx, req, started).await {
         Ok(r) => r,
         Err((e, attempts)) => {
@@ -101,6 +103,13 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
         .shared
         .metrics
         .http_response(resp.status().as_u16(), started.elapsed());
+    if let Some((method, path)) = access {
+        tracing::info!(
+            target: crate::telemetry::ACCESS_LOG, peer = %ctx.peer, service = %ctx.svc.port.name,
+            %method, path, status = resp.status().as_u16(), attempts,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3, "http"
+        );
+    }
     resp
 }
 
