@@ -805,7 +805,8 @@ class Bench:
         assert topo is not None and run.pid is not None
         data = self.workdir / f"perf-{self.seq}.data"
         d = max(1, round(self.args.duration))
-        perf = subprocess.Popen(["perf", "record", "-F", "999", "-o", str(data), "-p", str(run.pid), "--",
+        graph = ["--call-graph", "dwarf,16384"] if self.args.perf_callgraph else []
+        perf = subprocess.Popen(["perf", "record", "-F", "999", *graph, "-o", str(data), "-p", str(run.pid), "--",
                                  "sleep", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         r = self.run_case(ModeSpec("profile", 0), run, case)
         try:
@@ -1178,6 +1179,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, one extra keep-alive run per userspace proxy under `perf record`; "
                          "the flat profile goes into the report")
+    ap.add_argument("--perf-callgraph", action="store_true",
+                    help="with --profile: record DWARF call graphs too (with --keep-workdir, read them later with "
+                         "`perf report -i WORKDIR/perf-N.data --children`)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.duration, args.rounds, args.bulk_mib = 1.0, 1, 64
