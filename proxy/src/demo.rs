@@ -204,6 +204,35 @@ async fn load(addr: SocketAddr, requests: usize) -> Phase {
     phase
 }
 
+/// UDP flows in the UDP step.
+const UDP_FLOWS: usize = 30;
+
+/// `n` UDP request/replies, each from a fresh socket `connect()`ed to
+/// `addr`; how many each pod answered (the echo puts its name first).
+async fn udp_round(addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut by_pod = BTreeMap::new();
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    for _ in 0..n {
+        let Ok(s) = tokio::net::UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if s.connect(addr).await.is_err() || s.send(b"hello over UDP").await.is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(len)) = tokio::time::timeout(REQUEST_TIMEOUT, s.recv(&mut buf)).await {
+            let text = String::from_utf8_lossy(&buf[..len]);
+            let name = text.split('\n').next().unwrap_or_default().to_string();
+            *by_pod.entry(name).or_insert(0) += 1;
+        }
+    }
+    by_pod
+}
+
 /// How a connection to `addr` fails (or not), and how fast.
 async fn refusal(addr: SocketAddr) -> String {
     let start = Instant::now();
@@ -261,6 +290,15 @@ async fn demo(sb: &mut Sandbox) -> Result<(), DemoError> {
     println!("\n3. from a process on the node itself (host network), to {web4}");
     let mut p3 = in_ns(&sb.node, move || load(web4, REQUESTS / 3)).await?;
     print!("{}", p3.report("   result"));
+
+    let udp4 = sock(VIP4, 9000)?;
+    println!("\n3b. UDP: {UDP_FLOWS} datagrams, each from a fresh connected socket, to {udp4}/UDP (the backends' UDP echo)");
+    let by_pod = in_ns(&sb.client, move || udp_round(udp4, UDP_FLOWS)).await?;
+    let answered: usize = by_pod.values().sum();
+    println!("   answered {answered}/{UDP_FLOWS}, from the service address (a connected socket accepts nothing else): {by_pod:?}");
+    if answered == 0 {
+        return Err(DemoError::Traffic("no UDP reply".into()));
+    }
 
     println!("\n4. pod-3's backend stopped (still listed as ready, as before the kubelet notices)");
     sb.stop_backend(3);
