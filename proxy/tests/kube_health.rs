@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use admin_util::{get, Reply};
+use admin_util::{get, parse_prometheus, sample, Reply};
 use fakeapi::{FakeApi, Kind};
 use serde_json::{json, Value};
 
@@ -140,11 +140,7 @@ impl Lightpath {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(v);
             }
         });
-        Lightpath {
-            child,
-            lines,
-            dir,
-        }
+        Lightpath { child, lines, dir }
     }
 
     fn log(&self) -> String {
@@ -240,6 +236,7 @@ async fn ready_says_what_a_slow_initial_sync_waits_for() {
     let mut lp = Lightpath::start(&api, "sync");
     let admin = lp.addr("admin API listening").await;
     let health = lp.addr("health server listening").await;
+    let metrics = lp.addr("metrics listening").await;
 
     // The servers answer before the sync: liveness and kube-proxy's
     // /healthz (healthy while starting up), but not readiness.
@@ -270,6 +267,13 @@ async fn ready_says_what_a_slow_initial_sync_waits_for() {
     );
     assert_eq!(r.json()["draining"], false);
     assert_eq!(get(health, "/readyz").await.status, 503);
+    // Prometheus sees the same from the metrics listener.
+    let m = get(metrics, "/metrics").await;
+    assert_eq!(m.status, 200);
+    let scrape = parse_prometheus(&m.body);
+    let synced = |r: &str| sample(&scrape, "lightpath_kube_synced", &[("resource", r)]);
+    assert_eq!(synced("services"), Some(1.0), "{}", m.body);
+    assert_eq!(synced("endpointslices"), Some(0.0), "{}", m.body);
     // Still held a while later: the answer is not a race with the sync.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(get(admin, "/ready").await.status, 503);

@@ -84,10 +84,20 @@ impl OperatorArgs {
     }
 }
 
-/// Start of `run`: logs, then the file-descriptor limit (logged either way).
+/// Start of `run`: logs, the metrics recorder, then the file-descriptor
+/// limit (logged either way).
+///
+/// The recorder must exist before any source starts: the Kubernetes watcher
+/// registers its `lightpath_kube_*` handles when its task starts, and a
+/// handle registered before the recorder is installed goes to the no-op
+/// recorder for good (those series were missing from every scrape).
 pub fn init_process(args: &OperatorArgs) {
     if let Err(e) = crate::telemetry::init(&args.telemetry()) {
         eprintln!("lightpath: logging: {e}");
+    }
+    if let Err(e) = crate::metrics::install() {
+        // `Operator::start` reports it again, as a start-up error.
+        tracing::error!(error = %e, "installing the metrics recorder");
     }
     match crate::lifecycle::raise_nofile_limit() {
         Ok(n) => tracing::info!(nofile = n, "RLIMIT_NOFILE raised"),
