@@ -51,16 +51,16 @@ pub(crate) enum Document {
 pub(crate) fn read<'de, D, F>(de: D, on_item: &mut F) -> Result<Document, D::Error>
 where
     D: Deserializer<'de>,
-    F: FnMut(usize, Value) -> Option<Value>,
+    F: FnMut(usize, Value) -> Option<Value> + ?Sized,
 {
     de.deserialize_any(TopVisitor { on_item })
 }
 
-struct TopVisitor<'a, F> {
+struct TopVisitor<'a, F: ?Sized> {
     on_item: &'a mut F,
 }
 
-impl<'de, F: FnMut(usize, Value) -> Option<Value>> Visitor<'de> for TopVisitor<'_, F> {
+impl<'de, F: FnMut(usize, Value) -> Option<Value> + ?Sized> Visitor<'de> for TopVisitor<'_, F> {
     type Value = Document;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -140,11 +140,13 @@ impl<'de, F: FnMut(usize, Value) -> Option<Value>> Visitor<'de> for TopVisitor<'
     }
 }
 
-struct ItemsSeed<'a, F> {
+struct ItemsSeed<'a, F: ?Sized> {
     on_item: &'a mut F,
 }
 
-impl<'de, F: FnMut(usize, Value) -> Option<Value>> DeserializeSeed<'de> for ItemsSeed<'_, F> {
+impl<'de, F: FnMut(usize, Value) -> Option<Value> + ?Sized> DeserializeSeed<'de>
+    for ItemsSeed<'_, F>
+{
     type Value = Items;
 
     fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Items, D::Error> {
@@ -152,7 +154,7 @@ impl<'de, F: FnMut(usize, Value) -> Option<Value>> DeserializeSeed<'de> for Item
     }
 }
 
-impl<'de, F: FnMut(usize, Value) -> Option<Value>> Visitor<'de> for ItemsSeed<'_, F> {
+impl<'de, F: FnMut(usize, Value) -> Option<Value> + ?Sized> Visitor<'de> for ItemsSeed<'_, F> {
     type Value = Items;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
