@@ -70,7 +70,9 @@ impl StatusClass {
 #[derive(Debug)]
 pub struct ServiceMetrics {
     pub name: ServicePortName,
-    handles: OnceLock<ServiceHandles>,
+    /// Boxed: the 22 handles are ~350 bytes, and most service ports of a
+    /// large cluster never fill this in.
+    handles: OnceLock<Box<ServiceHandles>>,
 }
 
 /// Every per-service-port handle. Fields are public so the data plane can
@@ -142,7 +144,7 @@ impl Deref for ServiceMetrics {
     /// Registers every series of the service port on first use.
     fn deref(&self) -> &ServiceHandles {
         self.handles
-            .get_or_init(|| ServiceHandles::register(&self.name))
+            .get_or_init(|| Box::new(ServiceHandles::register(&self.name)))
     }
 }
 
