@@ -6,19 +6,33 @@
 //! alive under a flood of distinct clients: idle expiry and a hard cap, the
 //! oldest flow giving way to a new one.
 //!
-//! The lock is per table and held only for map operations (never across an
-//! await or a send); an existing flow's datagrams cost one hash lookup.
+//! Why no table-wide lock on the datagram path: every datagram of an
+//! existing flow is one lookup in a sharded concurrent map ([`DashMap`]):
+//! a read lock on one of its shards, shared with every other reader, plus an
+//! atomic store of the flow's last-seen time. Datagrams never wait for each
+//! other; one waits only while a flow in the same shard is being created or
+//! removed (a short write on that shard alone).
+//!
+//! The eviction order (creation order with CLOCK's second chance, which is
+//! what makes "the oldest idle flow goes first" cheap) is a single ordered
+//! structure, so it keeps a lock of its own; that lock is taken only when a
+//! flow is created or removed (new flow, cap eviction, idle expiry, endpoint
+//! eviction), never for a datagram of an existing flow. Every insertion and
+//! removal happens under it, which keeps the cap exact: a new flow first
+//! evicts down to `max_flows - 1`, then goes in, so the table never holds
+//! more than `max_flows`. No lock is ever held across an await or a send.
 //! Every flow carries its service port's UDP metric handles, taken once when
 //! the flow is created.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use control::{FrontendKey, Protocol, Table};
+use dashmap::DashMap;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -124,13 +138,13 @@ impl Drop for Flow {
     }
 }
 
+/// The eviction order; its lock serialises flow creation and removal only.
 #[derive(Default)]
-struct Inner {
-    flows: HashMap<FlowKey, Flow>,
-    /// Eviction order (position → key): creation order, except that a flow
-    /// active since it took its position goes to the back once instead of
-    /// being evicted (CLOCK's second chance).
-    order: BTreeMap<u64, FlowKey>,
+struct Order {
+    /// Position → key: creation order, except that a flow active since it
+    /// took its position goes to the back once instead of being evicted
+    /// (CLOCK's second chance).
+    by_pos: BTreeMap<u64, FlowKey>,
     next_id: u64,
 }
 
@@ -138,43 +152,11 @@ struct Inner {
 /// oldest still goes, and a new flow never costs more than a few steps.
 const SECOND_CHANCES: usize = 16;
 
-impl Inner {
-    fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
-        let flow = self.flows.remove(key)?;
-        self.order.remove(&flow.order);
-        Some(flow)
-    }
-
+impl Order {
     fn next(&mut self) -> u64 {
         let n = self.next_id;
         self.next_id += 1;
         n
-    }
-
-    /// Evicts flows until at most `cap` remain: the oldest idle ones, so a
-    /// flood of one-datagram clients never pushes out a busy stream.
-    fn evict_to(&mut self, cap: usize) -> Vec<Flow> {
-        let mut evicted = Vec::new();
-        let mut chances = 0;
-        while self.flows.len() > cap {
-            let Some((_, oldest)) = self.order.pop_first() else {
-                break;
-            };
-            let position = self.next();
-            let Some(f) = self.flows.get_mut(&oldest) else {
-                continue;
-            };
-            let last = f.shared.last_ms.load(Ordering::Relaxed);
-            if last > f.ordered_ms && chances < SECOND_CHANCES {
-                chances += 1;
-                f.order = position;
-                f.ordered_ms = last;
-                self.order.insert(position, oldest);
-                continue;
-            }
-            evicted.extend(self.flows.remove(&oldest));
-        }
-        evicted
     }
 }
 
@@ -182,7 +164,12 @@ impl Inner {
 pub struct FlowTable {
     cfg: FlowConfig,
     epoch: Instant,
-    inner: Mutex<Inner>,
+    flows: DashMap<FlowKey, Flow>,
+    /// Flows in `flows`, changed only under `order` (removals before the
+    /// insertion they make room for), so reading it never sees more than
+    /// the cap; the map's own `len` sums its shards one by one and can.
+    live: AtomicUsize,
+    order: Mutex<Order>,
     stats: FlowStats,
 }
 
@@ -191,7 +178,9 @@ impl FlowTable {
         Arc::new(FlowTable {
             cfg,
             epoch: Instant::now(),
-            inner: Mutex::new(Inner::default()),
+            flows: DashMap::new(),
+            live: AtomicUsize::new(0),
+            order: Mutex::new(Order::default()),
             stats: FlowStats::default(),
         })
     }
@@ -202,7 +191,7 @@ impl FlowTable {
 
     /// Flows alive now.
     pub fn len(&self) -> usize {
-        self.lock().flows.len()
+        self.live.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -215,12 +204,62 @@ impl FlowTable {
 
     /// The endpoint of `key`'s flow, if it exists.
     pub fn endpoint(&self, key: &FlowKey) -> Option<SocketAddr> {
-        self.lock().flows.get(key).map(|f| f.shared.endpoint)
+        self.flows.get(key).map(|f| f.shared.endpoint)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    /// The creation/removal lock (see the module doc); never taken for a
+    /// datagram of an existing flow.
+    fn order(&self) -> MutexGuard<'_, Order> {
         // A panic elsewhere must not take the data plane down with it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes flow `id` at `key` (not one re-created meanwhile under the
+    /// same key) with its eviction position. Caller holds `order`.
+    fn remove_locked(&self, order: &mut Order, key: &FlowKey, id: u64) -> Option<Flow> {
+        let (_, flow) = self.flows.remove_if(key, |_, f| f.id == id)?;
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        order.by_pos.remove(&flow.order);
+        Some(flow)
+    }
+
+    /// Evicts flows until at most `cap` remain: the oldest idle ones, so a
+    /// flood of one-datagram clients never pushes out a busy stream. Caller
+    /// holds `order`; the evicted flows are dropped by the caller, after it
+    /// lets go of the lock.
+    fn evict_to(&self, order: &mut Order, cap: usize) -> Vec<Flow> {
+        let mut evicted = Vec::new();
+        let mut chances = 0;
+        while self.len() > cap {
+            let Some((_, oldest)) = order.by_pos.pop_first() else {
+                break;
+            };
+            let position = order.next();
+            // The shard guard ends with this block, before any removal.
+            let second_chance = match self.flows.get_mut(&oldest) {
+                None => continue,
+                Some(mut f) => {
+                    let last = f.shared.last_ms.load(Ordering::Relaxed);
+                    if last > f.ordered_ms && chances < SECOND_CHANCES {
+                        chances += 1;
+                        f.order = position;
+                        f.ordered_ms = last;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            if second_chance {
+                order.by_pos.insert(position, oldest);
+            } else {
+                if let Some((_, f)) = self.flows.remove(&oldest) {
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                    evicted.push(f);
+                }
+            }
+        }
+        evicted
     }
 
     fn now_ms(&self) -> u64 {
@@ -229,12 +268,12 @@ impl FlowTable {
 
     /// Relays one client datagram through `key`'s existing flow. `None` when
     /// there is no such flow: the caller then looks the frontend up and calls
-    /// [`FlowTable::forward`]. The hot path: one hash lookup, no table or
-    /// balancer access.
+    /// [`FlowTable::forward`]. The hot path: one sharded-map lookup, no
+    /// table-wide lock, no table or balancer access.
     pub fn relay(&self, key: &FlowKey, payload: &[u8]) -> Option<Result<SocketAddr, UdpError>> {
         let shared = {
-            let inner = self.lock();
-            let f = inner.flows.get(key)?;
+            // A read guard on one shard, released before the send.
+            let f = self.flows.get(key)?;
             f.shared.last_ms.store(self.now_ms(), Ordering::Relaxed);
             f.shared.clone()
         };
@@ -313,12 +352,15 @@ impl FlowTable {
             last_ms: AtomicU64::new(self.now_ms()),
             replied: AtomicBool::new(false),
         });
-        let mut inner = self.lock();
-        if let Some(f) = inner.flows.get(&key) {
+        let mut order = self.order();
+        if let Some(f) = self.flows.get(&key) {
             // Another task opened it meanwhile: use that one.
             return Ok(f.shared.clone());
         }
-        let id = inner.next();
+        // Room first, then the new flow: the table never exceeds the cap,
+        // and the newcomer is never its own eviction candidate.
+        let evicted = self.evict_to(&mut order, self.cfg.max_flows.max(1) - 1);
+        let id = order.next();
         let task = tokio::spawn(relay_replies(
             Arc::downgrade(self),
             key,
@@ -330,7 +372,7 @@ impl FlowTable {
         .abort_handle();
         shared.metrics.flows_active.increment(1.0);
         shared.metrics.flows_created.increment(1);
-        inner.flows.insert(
+        self.flows.insert(
             key,
             Flow {
                 id,
@@ -342,9 +384,9 @@ impl FlowTable {
                 task,
             },
         );
-        inner.order.insert(id, key);
-        let evicted = inner.evict_to(self.cfg.max_flows.max(1));
-        drop(inner);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        order.by_pos.insert(id, key);
+        drop(order);
         self.stats.created.fetch_add(1, Ordering::Relaxed);
         self.stats
             .evicted_cap
@@ -360,12 +402,32 @@ impl FlowTable {
     /// many were evicted. See [`FlowTable::evict_stale`] for the variant that
     /// also follows the table.
     pub fn evict_missing(&self) -> usize {
-        self.evict_where(|f| {
-            f.balancer
-                .backends(f.scope)
-                .iter()
-                .all(|b| b.addr() != f.shared.endpoint)
-        })
+        // Decide outside every lock: the datagram path must not wait on a
+        // balancer scan.
+        let flows: Vec<(FlowKey, u64, SocketAddr, Arc<Balancer>, Scope)> = self
+            .flows
+            .iter()
+            .map(|f| {
+                (
+                    *f.key(),
+                    f.id,
+                    f.shared.endpoint,
+                    f.balancer.clone(),
+                    f.scope,
+                )
+            })
+            .collect();
+        let gone: Vec<(FlowKey, u64)> = flows
+            .into_iter()
+            .filter(|(_, _, endpoint, balancer, scope)| {
+                balancer
+                    .backends(*scope)
+                    .iter()
+                    .all(|b| b.addr() != *endpoint)
+            })
+            .map(|(key, id, ..)| (key, id))
+            .collect();
+        self.remove_endpoint_evicted(&gone)
     }
 
     /// Brings the flows in line with a new table snapshot: a flow whose
@@ -375,16 +437,13 @@ impl FlowTable {
     /// for UDP). The flows' balancers are brought to `table` first.
     /// Returns how many flows were evicted.
     pub fn evict_stale(&self, table: &Table, balancers: &Balancers) -> usize {
-        // Decide outside the lock: the datagram path must not wait on a
-        // scan of every flow.
-        let flows: Vec<(FlowKey, u64, SocketAddr, Arc<Balancer>)> = {
-            let inner = self.lock();
-            inner
-                .flows
-                .iter()
-                .map(|(k, f)| (*k, f.id, f.shared.endpoint, f.balancer.clone()))
-                .collect()
-        };
+        // Decide outside every lock: the datagram path must not wait on a
+        // scan of every flow (the iteration holds one shard at a time).
+        let flows: Vec<(FlowKey, u64, SocketAddr, Arc<Balancer>)> = self
+            .flows
+            .iter()
+            .map(|f| (*f.key(), f.id, f.shared.endpoint, f.balancer.clone()))
+            .collect();
         if flows.is_empty() {
             return 0;
         }
@@ -410,31 +469,20 @@ impl FlowTable {
                 stale.push((key, id));
             }
         }
-        let evicted: Vec<Flow> = {
-            let mut inner = self.lock();
-            let mut out = Vec::with_capacity(stale.len());
-            for (k, id) in &stale {
-                // The same flow, not one re-created meanwhile under its key.
-                if inner.flows.get(k).is_some_and(|f| f.id == *id) {
-                    out.extend(inner.remove(k));
-                }
-            }
-            out
-        };
-        self.count_endpoint_evictions(&evicted);
-        evicted.len()
+        self.remove_endpoint_evicted(&stale)
     }
 
-    fn evict_where(&self, gone: impl Fn(&Flow) -> bool) -> usize {
+    /// Removes the flows `(key, id)` (each only if it is still that flow,
+    /// not one re-created meanwhile under its key) as endpoint evictions.
+    fn remove_endpoint_evicted(&self, gone: &[(FlowKey, u64)]) -> usize {
+        if gone.is_empty() {
+            return 0;
+        }
         let evicted: Vec<Flow> = {
-            let mut inner = self.lock();
-            let keys: Vec<FlowKey> = inner
-                .flows
-                .iter()
-                .filter(|(_, f)| gone(f))
-                .map(|(k, _)| *k)
-                .collect();
-            keys.iter().filter_map(|k| inner.remove(k)).collect()
+            let mut order = self.order();
+            gone.iter()
+                .filter_map(|(k, id)| self.remove_locked(&mut order, k, *id))
+                .collect()
         };
         self.count_endpoint_evictions(&evicted);
         evicted.len()
@@ -451,18 +499,15 @@ impl FlowTable {
 
     /// Removes flow `id` at `key` if it has been idle for its timeout.
     fn expire(&self, key: &FlowKey, id: u64) -> bool {
-        let mut inner = self.lock();
-        if inner.flows.get(key).is_some_and(|f| f.id == id) {
-            let flow = inner.remove(key);
-            drop(inner);
-            if let Some(f) = &flow {
+        let flow = self.remove_locked(&mut self.order(), key, id);
+        match flow {
+            Some(f) => {
                 f.shared.metrics.flows_expired.increment(1);
+                drop(f);
+                self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            drop(flow);
-            self.stats.expired.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
+            None => false,
         }
     }
 }

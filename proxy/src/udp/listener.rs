@@ -10,8 +10,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use control::{FrontendKey, Protocol, Table, TableRx};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -21,9 +22,15 @@ use crate::balance::{Balancers, Scope};
 
 /// Reply sockets, one per frontend address, created on first use and
 /// dropped when their frontend leaves the table.
+///
+/// An immutable map behind an [`ArcSwap`]: a lookup is a lock-free load; the
+/// map is copied and swapped only when a frontend gets its first flow or a
+/// new table snapshot drops frontends (both rare, and both control-path).
 pub struct ReplySockets {
     listener: Arc<UdpSocket>,
-    map: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+    /// The listener's own address, read once (not a syscall per new flow).
+    listener_addr: Option<SocketAddr>,
+    map: ArcSwap<HashMap<SocketAddr, Arc<UdpSocket>>>,
 }
 
 impl ReplySockets {
@@ -31,41 +38,53 @@ impl ReplySockets {
     /// every other frontend gets a transparent socket bound to it.
     pub fn new(listener: Arc<UdpSocket>) -> Self {
         ReplySockets {
+            listener_addr: listener.local_addr().ok(),
             listener,
-            map: Mutex::new(HashMap::new()),
+            map: ArcSwap::from_pointee(HashMap::new()),
         }
     }
 
     pub fn get(&self, from: SocketAddr) -> io::Result<Arc<UdpSocket>> {
-        if self.listener.local_addr().ok() == Some(from) {
+        if self.listener_addr == Some(from) {
             return Ok(self.listener.clone());
         }
-        let mut map = self.lock();
-        if let Some(s) = map.get(&from) {
+        if let Some(s) = self.map.load().get(&from) {
             return Ok(s.clone());
         }
-        let s = Arc::new(UdpSocket::from_std(redirect::sockopt::reply_socket(from)?)?);
-        map.insert(from, s.clone());
-        Ok(s)
+        let created = Arc::new(UdpSocket::from_std(redirect::sockopt::reply_socket(from)?)?);
+        // Whoever swaps first wins; a loser's socket is simply closed.
+        let prev = self.map.rcu(|m| {
+            if m.contains_key(&from) {
+                Arc::clone(m)
+            } else {
+                let mut next = HashMap::clone(m);
+                next.insert(from, created.clone());
+                Arc::new(next)
+            }
+        });
+        Ok(prev.get(&from).cloned().unwrap_or(created))
     }
 
     /// Closes the reply sockets of frontends `table` no longer has (flows
     /// still using one keep it open until they end).
     pub fn retain_in(&self, table: &Table) {
-        self.lock()
-            .retain(|a, _| table.lookup(&FrontendKey::new(*a, Protocol::Udp)).is_some());
+        let live = |a: &SocketAddr| table.lookup(&FrontendKey::new(*a, Protocol::Udp)).is_some();
+        if self.map.load().keys().all(live) {
+            return;
+        }
+        self.map.rcu(|m| {
+            let mut next = HashMap::clone(m);
+            next.retain(|a, _| live(a));
+            next
+        });
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.map.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<UdpSocket>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -253,6 +272,66 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reply_sockets_are_one_per_frontend_and_leave_with_it() {
+        const SKIP: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
+        if std::env::var(SKIP).is_ok_and(|v| v == "1") {
+            eprintln!("SKIPPED reply_sockets_are_one_per_frontend_and_leave_with_it: {SKIP}=1");
+            return;
+        }
+        assert!(
+            crate::sandbox::is_root(),
+            "reply sockets are transparent (IP_TRANSPARENT needs root): run as root, or set {SKIP}=1 to skip"
+        );
+        let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let replies = Arc::new(ReplySockets::new(listener.clone()));
+        // Its own address is the listener itself, not a new socket.
+        let own = listener.local_addr().unwrap();
+        assert!(Arc::ptr_eq(&replies.get(own).unwrap(), &listener));
+        assert!(replies.is_empty());
+
+        let free = || {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (a, b) = (free(), free());
+        // Racing first uses of one frontend all get the same socket.
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                let r = replies.clone();
+                tokio::task::spawn_blocking(move || r.get(a).unwrap())
+            })
+            .collect();
+        let mut firsts = Vec::new();
+        for h in racers {
+            firsts.push(h.await.unwrap());
+        }
+        let sa = replies.get(a).unwrap();
+        assert!(firsts.iter().all(|s| Arc::ptr_eq(s, &sa)));
+        let sb = replies.get(b).unwrap();
+        assert!(Arc::ptr_eq(&sb, &replies.get(b).unwrap()));
+        assert_eq!(replies.len(), 2);
+
+        // A reply leaves from the frontend address.
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sa.send_to(b"pong", client.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("reply within 5 s")
+            .unwrap();
+        assert_eq!((&buf[..n], from), (&b"pong"[..], a));
+
+        // A snapshot without `b` closes b's socket, keeps a's.
+        replies.retain_in(&table(a, &[], 2));
+        assert_eq!(replies.len(), 1);
+        assert!(Arc::ptr_eq(&replies.get(a).unwrap(), &sa));
     }
 
     #[tokio::test]

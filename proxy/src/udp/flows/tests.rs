@@ -273,3 +273,77 @@ async fn a_full_table_evicts_idle_flows_before_busy_ones() {
     }
     assert!(table.endpoint(&key(1)).is_none(), "idle now, so evicted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_relays_and_new_flows_keep_the_cap_and_the_counts() {
+    // Busy flows relay from several threads while others flood the table
+    // with new flows: existing-flow datagrams take no table-wide lock, yet
+    // the cap holds at every moment and every flow is accounted for.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let e = silent.local_addr().unwrap();
+    let balancers = Balancers::new(BalanceConfig::default());
+    let b = balancers.for_service(&service(&[e]));
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let front_addr = front.local_addr().unwrap();
+    const CAP: usize = 64;
+    let table = FlowTable::new(cfg(CAP, Duration::from_secs(60)));
+    let key = move |task: u16, n: u16| FlowKey {
+        client: SocketAddr::from(([127, 0, 1, task as u8], 1000 + n)),
+        orig_dst: front_addr,
+    };
+    let mut tasks = Vec::new();
+    for task in 0..4u16 {
+        let (table, b, front) = (table.clone(), b.clone(), front.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            for n in 0..2_000u16 {
+                // Even tasks: 4 busy flows each, reused; odd: a new flow
+                // per datagram.
+                let k = if task % 2 == 0 {
+                    key(task, n % 4)
+                } else {
+                    key(task, n)
+                };
+                match table.forward(k, &b, Scope::Cluster, b"x", &front) {
+                    Ok(ep) => {
+                        assert_eq!(ep, e);
+                        sent += 1;
+                    }
+                    // A full send buffer drops the datagram, counted.
+                    Err(UdpError::Upstream { .. }) => {}
+                    Err(other) => panic!("{other}"),
+                }
+                assert!(table.len() <= CAP, "{} flows > cap {CAP}", table.len());
+                if n % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("relays finish within 60 s")
+            .unwrap();
+    }
+    let st = table.stats();
+    assert!(table.len() <= CAP);
+    assert_eq!(st.datagrams_up.load(Ordering::Relaxed), sent);
+    assert_eq!(
+        st.datagrams_up.load(Ordering::Relaxed) + st.dropped.load(Ordering::Relaxed),
+        8_000
+    );
+    // No expiry (60 s idle), no endpoint change: every flow created is
+    // either alive or was evicted for the cap.
+    assert_eq!(st.expired.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        st.created.load(Ordering::Relaxed),
+        st.evicted_cap.load(Ordering::Relaxed) + table.len() as u64
+    );
+    assert!(
+        st.created.load(Ordering::Relaxed) >= 4_000,
+        "the flooders' flows"
+    );
+}
