@@ -207,11 +207,20 @@ async fn create_scale_delete_touches_only_that_service() {
     .unwrap();
     api.apply(&np).unwrap();
     api.apply(&slice("np-1", "np", &["10.1.2.1"])).unwrap();
-    let t = wait_table(&src, "NodePort service on the node address", |t| {
-        eps(t, "192.0.2.10", 30080).is_some()
+    // The Service and its slice come on separate watches and may be
+    // published in different batches (the coalescing window is 2 ms), so
+    // wait for the state asserted: both of np's rows with its endpoint.
+    let np_eps = set(&["10.1.2.1"]);
+    let t = wait_table(&src, "np's endpoint on its ClusterIP and NodePort", |t| {
+        eps(t, "10.96.0.12", 80) == np_eps && eps(t, "192.0.2.10", 30080) == np_eps
     })
     .await;
-    assert_eq!(eps(&t, "10.96.0.12", 80), set(&["10.1.2.1"]));
+    assert_eq!(eps(&t, "10.96.0.12", 80), np_eps, "{}", summary(&t));
+    assert_eq!(eps(&t, "192.0.2.10", 30080), np_eps, "{}", summary(&t));
+    assert!(
+        Arc::ptr_eq(&t.lookup(&key("10.96.0.11", 80)).unwrap().service, &b0),
+        "b's ServicePort was rebuilt by np's creation"
+    );
 
     // Scale a up: only a's row changes; b keeps the very same Arc.
     api.apply(&slice("a-1", "a", &["10.1.0.1", "10.1.0.2", "10.1.0.3"]))
