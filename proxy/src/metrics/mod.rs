@@ -19,6 +19,7 @@
 //! classes); node metrics carry a fixed `state` at most. Never client
 //! addresses or paths.
 
+mod handles;
 mod node;
 mod service;
 pub mod udp;

@@ -41,9 +41,7 @@ pub struct NodeMetrics {
 pub fn node() -> &'static NodeMetrics {
     static NODE: OnceLock<NodeMetrics> = OnceLock::new();
     NODE.get_or_init(|| {
-        if let Err(e) = super::install() {
-            tracing::debug!(error = %e, "metrics recorder not installed by lightpath");
-        }
+        super::handles::ensure_recorder();
         NodeMetrics::register()
     })
 }

@@ -18,14 +18,14 @@
 //! does no label hashing: after the first use, reaching a handle is one
 //! atomic load ([`OnceLock::get`]).
 
-use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use control::ServicePortName;
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
+use super::handles::{service_port_labels, with_label, Registry};
 use super::names;
 
 /// HTTP status class, the only extra label on request counters.
@@ -150,15 +150,12 @@ impl Deref for ServiceMetrics {
 
 impl ServiceHandles {
     fn register(name: &ServicePortName) -> Self {
-        let labels = vec![
-            Label::new("namespace", name.namespace.clone()),
-            Label::new("service", name.name.clone()),
-            Label::new("port", name.port.clone()),
-        ];
+        let labels = service_port_labels(name);
         let with_class = |c: StatusClass| {
-            let mut l = labels.clone();
-            l.push(Label::new("class", c.label()));
-            counter!(names::HTTP_REQUESTS, l)
+            counter!(
+                names::HTTP_REQUESTS,
+                with_label(&labels, "class", c.label())
+            )
         };
         ServiceHandles {
             tcp_opened: counter!(names::TCP_OPENED, labels.clone()),
@@ -219,30 +216,12 @@ impl Drop for TcpConnection {
     }
 }
 
-type Registry = Mutex<HashMap<ServicePortName, Arc<ServiceMetrics>>>;
-
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
 /// The handles for `name` (one shared set per service port). Control path
 /// only: call when a balancer is created and keep the `Arc`. The series
 /// themselves are registered on the handles' first use.
 pub fn service(name: &ServicePortName) -> Arc<ServiceMetrics> {
-    // Handles obtained before the recorder is installed would be no-ops for
-    // ever; make sure it is installed. If installation failed (another
-    // recorder is global), the handles go to that recorder instead.
-    if let Err(e) = super::install() {
-        tracing::debug!(error = %e, "metrics recorder not installed by lightpath");
-    }
-    let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(m) = map.get(name) {
-        return Arc::clone(m);
-    }
-    let m = Arc::new(ServiceMetrics::new(name));
-    map.insert(name.clone(), Arc::clone(&m));
-    m
+    static REGISTRY: Registry<ServiceMetrics> = Registry::new();
+    REGISTRY.get(name, || ServiceMetrics::new(name))
 }
 
 #[cfg(test)]

@@ -12,11 +12,12 @@
 //! Like the TCP series, a deleted service port's series stay exported with
 //! their final values and are reused if the service port comes back.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use control::ServicePortName;
-use metrics::{counter, gauge, Counter, Gauge, Label};
+use metrics::{counter, gauge, Counter, Gauge};
+
+use super::handles::{ensure_recorder, service_port_labels, with_label, Registry};
 
 /// The UDP metric names (labels: namespace, service, port; evictions also
 /// `reason`).
@@ -75,15 +76,12 @@ pub struct UdpMetrics {
 
 impl UdpMetrics {
     fn register(name: &ServicePortName) -> Self {
-        let labels = vec![
-            Label::new("namespace", name.namespace.clone()),
-            Label::new("service", name.name.clone()),
-            Label::new("port", name.port.clone()),
-        ];
+        let labels = service_port_labels(name);
         let eviction = |e: Eviction| {
-            let mut l = labels.clone();
-            l.push(Label::new("reason", e.label()));
-            counter!(names::FLOW_EVICTIONS, l)
+            counter!(
+                names::FLOW_EVICTIONS,
+                with_label(&labels, "reason", e.label())
+            )
         };
         UdpMetrics {
             name: name.clone(),
@@ -116,40 +114,27 @@ impl UdpMetrics {
     }
 }
 
-type Registry = Mutex<HashMap<ServicePortName, Arc<UdpMetrics>>>;
-
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
 /// The UDP handles for `name`, registered on first use. Call when a flow is
 /// created, never per datagram.
 pub fn udp(name: &ServicePortName) -> Arc<UdpMetrics> {
-    ensure_installed();
-    let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(m) = map.get(name) {
-        return Arc::clone(m);
-    }
-    let m = Arc::new(UdpMetrics::register(name));
-    map.insert(name.clone(), Arc::clone(&m));
-    m
+    static REGISTRY: Registry<UdpMetrics> = Registry::new();
+    describe_once();
+    REGISTRY.get(name, || UdpMetrics::register(name))
 }
 
 /// The process-wide counter of datagrams that matched no frontend.
 pub fn unmatched() -> &'static Counter {
     static UNMATCHED: OnceLock<Counter> = OnceLock::new();
     UNMATCHED.get_or_init(|| {
-        ensure_installed();
+        describe_once();
         counter!(names::UNMATCHED)
     })
 }
 
-fn ensure_installed() {
-    // Handles obtained before the recorder exists would be no-ops for ever.
-    if let Err(e) = super::install() {
-        tracing::debug!(error = %e, "metrics recorder not installed by lightpath");
-    }
+/// Installs the recorder (handles taken before it exists would be no-ops for
+/// ever), then describes the UDP metrics to it once.
+fn describe_once() {
+    ensure_recorder();
     static DESCRIBED: OnceLock<()> = OnceLock::new();
     DESCRIBED.get_or_init(describe);
 }
