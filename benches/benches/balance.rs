@@ -4,40 +4,32 @@
 //!
 //! Run: `cargo bench -p lightpath-benches --bench balance`.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use control::{Affinity, Endpoint, EndpointState, Mode, Protocol, ServicePort, ServicePortName};
+use control::{Affinity, Endpoint, Mode, Protocol, ServicePort, ServicePortName};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use lightpath::balance::{BalanceConfig, Balancer, Scope};
 
 fn service(n: usize, affinity: Affinity, shift: usize) -> Arc<ServicePort> {
     let eps: Arc<[Endpoint]> = (shift..n + shift)
-        .map(|i| Endpoint {
-            addr: SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
+        .map(|i| {
+            Endpoint::ready(SocketAddr::from((
+                [10, 1, (i / 250) as u8, (i % 250) as u8 + 1],
+                8080,
+            )))
         })
         .collect();
     Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "bench".into(),
-            name: format!("svc{n}"),
-            port: "http".into(),
-        },
-        protocol: Protocol::Tcp,
-        mode: Mode::L4,
         affinity,
-        cluster_endpoints: eps,
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
+        ..ServicePort::new(
+            ServicePortName::new("bench", format!("svc{n}"), "http"),
+            Protocol::Tcp,
+            Mode::L4,
+            eps,
+        )
     })
 }
 

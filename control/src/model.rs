@@ -118,6 +118,20 @@ pub struct ServicePortName {
     pub port: String,
 }
 
+impl ServicePortName {
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        port: impl Into<String>,
+    ) -> Self {
+        ServicePortName {
+            namespace: namespace.into(),
+            name: name.into(),
+            port: port.into(),
+        }
+    }
+}
+
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.port.is_empty() {
@@ -158,6 +172,19 @@ pub struct Endpoint {
     pub zone: Option<Arc<str>>,
 }
 
+impl Endpoint {
+    /// A Ready endpoint with no node or zone (a manifest endpoint without
+    /// topology, or a static backend).
+    pub fn ready(addr: SocketAddr) -> Self {
+        Endpoint {
+            addr,
+            state: EndpointState::Ready,
+            node_name: None,
+            zone: None,
+        }
+    }
+}
+
 /// What the kernel does with a connection to a frontend whose endpoint set is
 /// empty. kube-proxy: no endpoints at all → REJECT; endpoints exist but none
 /// usable under a Local traffic policy → DROP.
@@ -195,6 +222,30 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A service port with kube-proxy's defaults for everything else: no
+    /// session affinity, both traffic policies Cluster (so no local set), no
+    /// health-check node port, no annotations. Set the other public fields
+    /// with struct update syntax (`ServicePort { affinity, ..ServicePort::new(..) }`).
+    pub fn new(
+        name: ServicePortName,
+        protocol: Protocol,
+        mode: Mode,
+        cluster_endpoints: Arc<[Endpoint]>,
+    ) -> Self {
+        ServicePort {
+            name,
+            protocol,
+            mode,
+            affinity: Affinity::None,
+            cluster_endpoints,
+            local_endpoints: Arc::from(Vec::new()),
+            internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
+            annotations: BTreeMap::new(),
+        }
+    }
+
     /// Whether any endpoint at all (cluster or local) could take traffic.
     pub fn has_endpoints(&self) -> bool {
         !self.cluster_endpoints.is_empty() || !self.local_endpoints.is_empty()

@@ -1,7 +1,7 @@
 //! Balancer unit tests with synthetic latencies (loopback connect times are
 //! too uniform to show a slow endpoint).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,30 +18,15 @@ fn addr(i: u16) -> SocketAddr {
 }
 
 fn service(name: &str, eps: &[SocketAddr], affinity: Affinity) -> Arc<ServicePort> {
-    let eps: Arc<[Endpoint]> = eps
-        .iter()
-        .map(|a| Endpoint {
-            addr: *a,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        })
-        .collect();
+    let eps: Arc<[Endpoint]> = eps.iter().copied().map(Endpoint::ready).collect();
     Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "default".into(),
-            name: name.into(),
-            port: String::new(),
-        },
-        protocol: Protocol::Tcp,
-        mode: Mode::L4,
         affinity,
-        cluster_endpoints: eps.clone(),
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
+        ..ServicePort::new(
+            ServicePortName::new("default", name, ""),
+            Protocol::Tcp,
+            Mode::L4,
+            eps,
+        )
     })
 }
 

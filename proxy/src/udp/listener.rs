@@ -207,43 +207,21 @@ pub async fn evict_on_update(mut table: TableRx, balancers: Arc<Balancers>, flow
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use control::{
-        Affinity, Endpoint, EndpointState, Frontend, FrontendKind, Mode, ServicePort,
-        ServicePortName, Table,
-    };
+    use control::{Endpoint, Frontend, FrontendKind, Mode, ServicePort, ServicePortName, Table};
 
     use crate::balance::BalanceConfig;
     use crate::udp::FlowConfig;
 
     fn table(front: SocketAddr, eps: &[SocketAddr], version: u64) -> Arc<Table> {
-        let eps: Arc<[Endpoint]> = eps
-            .iter()
-            .map(|a| Endpoint {
-                addr: *a,
-                state: EndpointState::Ready,
-                node_name: None,
-                zone: None,
-            })
-            .collect();
-        let svc = Arc::new(ServicePort {
-            name: ServicePortName {
-                namespace: "default".into(),
-                name: "dns".into(),
-                port: String::new(),
-            },
-            protocol: Protocol::Udp,
-            mode: Mode::L4,
-            affinity: Affinity::None,
-            cluster_endpoints: eps,
-            local_endpoints: Arc::from(Vec::new()),
-            internal_local: false,
-            external_local: false,
-            health_check_node_port: None,
-            annotations: BTreeMap::new(),
-        });
+        let eps: Arc<[Endpoint]> = eps.iter().copied().map(Endpoint::ready).collect();
+        let svc = Arc::new(ServicePort::new(
+            ServicePortName::new("default", "dns", ""),
+            Protocol::Udp,
+            Mode::L4,
+            eps,
+        ));
         let key = FrontendKey::new(front, Protocol::Udp);
         let mut t = Table {
             version,

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
+    Affinity, Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort,
+    ServicePortName, Table,
 };
 use lightpath::drain;
 use lightpath::server::{Server, ServerConfig};
@@ -31,26 +31,11 @@ pub fn service_port(
     eps: &[SocketAddr],
     annotations: BTreeMap<String, String>,
 ) -> Arc<ServicePort> {
-    let eps: Arc<[Endpoint]> = eps
-        .iter()
-        .map(|a| Endpoint {
-            addr: *a,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        })
-        .collect();
+    let eps: Arc<[Endpoint]> = eps.iter().copied().map(Endpoint::ready).collect();
     Arc::new(ServicePort {
-        name,
-        protocol: Protocol::Tcp,
-        mode,
         affinity,
-        cluster_endpoints: eps,
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
         annotations,
+        ..ServicePort::new(name, Protocol::Tcp, mode, eps)
     })
 }
 

@@ -2,38 +2,20 @@
 //! local address is the frontend key, endpoints are UDP echo sockets.
 
 use super::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
-use control::{Affinity, Endpoint, EndpointState, Mode, Protocol, ServicePort, ServicePortName};
+use control::{Endpoint, Mode, Protocol, ServicePort, ServicePortName};
 
 use crate::balance::{BalanceConfig, Balancers};
 
 fn service(eps: &[SocketAddr]) -> Arc<ServicePort> {
-    let eps: Arc<[Endpoint]> = eps
-        .iter()
-        .map(|a| Endpoint {
-            addr: *a,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        })
-        .collect();
-    Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "default".into(),
-            name: "dns".into(),
-            port: "dns".into(),
-        },
-        protocol: Protocol::Udp,
-        mode: Mode::L4,
-        affinity: Affinity::None,
-        cluster_endpoints: eps,
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
-    })
+    let eps: Arc<[Endpoint]> = eps.iter().copied().map(Endpoint::ready).collect();
+    Arc::new(ServicePort::new(
+        ServicePortName::new("default", "dns", "dns"),
+        Protocol::Udp,
+        Mode::L4,
+        eps,
+    ))
 }
 
 /// A UDP echo endpoint that prefixes replies with its own port, so the
