@@ -219,22 +219,52 @@ async fn warm_up(c: &HttpClient, url: &str, dying: &Dying) {
 /// every held request meets the failure on the request path.
 const NO_EJECTION: (&str, &str) = ("lightpath.io/ejection-consecutive-failures", "0");
 
-#[tokio::test]
-async fn gets_in_flight_on_a_dying_keep_alive_backend_are_retried_without_errors() {
+/// Two recording backends and the dying one behind one HTTP service port
+/// (ejection off), with the proxy's pool to the dying one warmed up. Fields
+/// drop in order: client, proxy, then the backends.
+struct Rig {
+    client: HttpClient,
+    url: String,
+    _proxy: Proxy,
+    dying: Dying,
+    _backends: [Backend; 2],
+    /// Request ids the recording backends received.
+    seen: Arc<Mutex<HashSet<String>>>,
+}
+
+async fn warmed_rig(name: &str) -> Rig {
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let a = recording_backend("a", seen.clone()).await;
     let b = recording_backend("b", seen.clone()).await;
     let dying = Dying::start().await;
-    let p = Proxy::start(service(
-        "dying-get",
+    let proxy = Proxy::start(service(
+        name,
         &[a.addr, b.addr, dying.addr],
         Mode::Http,
         &[NO_EJECTION],
     ))
     .await;
-    let c = client();
-    let url = p.url("/");
-    warm_up(&c, &url, &dying).await;
+    let client = client();
+    let url = proxy.url("/");
+    warm_up(&client, &url, &dying).await;
+    Rig {
+        client,
+        url,
+        _proxy: proxy,
+        dying,
+        _backends: [a, b],
+        seen,
+    }
+}
+
+#[tokio::test]
+async fn gets_in_flight_on_a_dying_keep_alive_backend_are_retried_without_errors() {
+    let Rig {
+        client: c,
+        url,
+        dying,
+        ..
+    } = &warmed_rig("dying-get").await;
 
     dying.doom();
     // Enough GETs in flight on the dying endpoint to exceed any small
@@ -268,20 +298,13 @@ async fn gets_in_flight_on_a_dying_keep_alive_backend_are_retried_without_errors
 
 #[tokio::test]
 async fn posts_sent_to_a_dying_keep_alive_backend_get_502_and_are_not_resent() {
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let a = recording_backend("a", seen.clone()).await;
-    let b = recording_backend("b", seen.clone()).await;
-    let dying = Dying::start().await;
-    let p = Proxy::start(service(
-        "dying-post",
-        &[a.addr, b.addr, dying.addr],
-        Mode::Http,
-        &[NO_EJECTION],
-    ))
-    .await;
-    let c = client();
-    let url = p.url("/");
-    warm_up(&c, &url, &dying).await;
+    let Rig {
+        client: c,
+        url,
+        dying,
+        seen,
+        ..
+    } = &warmed_rig("dying-post").await;
 
     dying.doom();
     let tasks = spawn_until(

@@ -264,6 +264,17 @@ async fn scrape() -> String {
     body
 }
 
+/// How many A queries pod 2's resolver has logged so far.
+fn pod2_queries(sb: &Sandbox) -> usize {
+    sb.backends[1]
+        .as_ref()
+        .expect("pod 2 resolver")
+        .lines
+        .text()
+        .matches("query[A]")
+        .count()
+}
+
 /// The value of the `dns` service port's series `name` (with `extra` in
 /// its labels).
 fn value(metrics: &str, name: &str, extra: &str) -> f64 {
@@ -322,13 +333,7 @@ fn removed_endpoint_gets_no_new_datagrams_after_one_update_and_metrics_count_it(
         first.contains(&1) && first.contains(&2),
         "flows on both pods before the edit: {first:?}"
     );
-    let p2_queries_before = sb.backends[1]
-        .as_ref()
-        .expect("pod 2 resolver")
-        .lines
-        .text()
-        .matches("query[A]")
-        .count();
+    let p2_queries_before = pod2_queries(&sb);
 
     // Pod 2 leaves the endpoints (its resolver keeps running: it would
     // answer, so any datagram reaching it would show in its log).
@@ -352,13 +357,7 @@ fn removed_endpoint_gets_no_new_datagrams_after_one_update_and_metrics_count_it(
         "new flows only on pod 1: {fresh:?}"
     );
     std::thread::sleep(Duration::from_millis(200));
-    let p2_queries_after = sb.backends[1]
-        .as_ref()
-        .expect("pod 2 resolver")
-        .lines
-        .text()
-        .matches("query[A]")
-        .count();
+    let p2_queries_after = pod2_queries(&sb);
     assert_eq!(
         p2_queries_after, p2_queries_before,
         "pod 2 received datagrams after it left the endpoints"
