@@ -10,15 +10,14 @@
 //! flow table, reply path and metrics are exactly those of `lightpath run`,
 //! without needing TPROXY (or root).
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
+    Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
+    Table,
 };
 use lightpath::balance::{BalanceConfig, Balancers};
 use lightpath::udp::{serve, FlowConfig, FlowTable};
@@ -32,27 +31,12 @@ const IDLE: Duration = Duration::from_millis(800);
 const WINDOW: u64 = 128;
 
 fn table(front: SocketAddr, endpoint: SocketAddr) -> Arc<Table> {
-    let svc = Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "flood".into(),
-            name: "udp-cap".into(),
-            port: "dns".into(),
-        },
-        protocol: Protocol::Udp,
-        mode: Mode::L4,
-        affinity: Affinity::None,
-        cluster_endpoints: Arc::from(vec![Endpoint {
-            addr: endpoint,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        }]),
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
-    });
+    let svc = Arc::new(ServicePort::new(
+        ServicePortName::new("flood", "udp-cap", "dns"),
+        Protocol::Udp,
+        Mode::L4,
+        Arc::from([Endpoint::ready(endpoint)]),
+    ));
     let key = FrontendKey::new(front, Protocol::Udp);
     let mut t = Table {
         version: 1,
