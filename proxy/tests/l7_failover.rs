@@ -270,7 +270,7 @@ async fn gets_in_flight_on_a_dying_keep_alive_backend_are_retried_without_errors
     // Enough GETs in flight on the dying endpoint to exceed any small
     // concurrent-retry limit when they all fail at once.
     let tasks = spawn_until(
-        &c,
+        c,
         400,
         |_| Request::get(url.as_str()).body(full("")).expect("req"),
         || dying.held().len() >= 8,
@@ -308,7 +308,7 @@ async fn posts_sent_to_a_dying_keep_alive_backend_get_502_and_are_not_resent() {
 
     dying.doom();
     let tasks = spawn_until(
-        &c,
+        c,
         400,
         |i| {
             Request::post(url.as_str())

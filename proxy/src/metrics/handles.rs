@@ -69,11 +69,7 @@ mod tests {
     use super::*;
 
     fn spn(n: &str) -> ServicePortName {
-        ServicePortName {
-            namespace: "unit".into(),
-            name: n.into(),
-            port: "p".into(),
-        }
+        ServicePortName::new("unit", n, "p")
     }
 
     #[test]

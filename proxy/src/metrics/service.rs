@@ -229,11 +229,7 @@ mod tests {
     use super::*;
 
     fn spn(n: &str) -> ServicePortName {
-        ServicePortName {
-            namespace: "unit".into(),
-            name: n.into(),
-            port: "web".into(),
-        }
+        ServicePortName::new("unit", n, "web")
     }
 
     #[test]

@@ -162,11 +162,7 @@ mod tests {
     use super::*;
 
     fn spn(n: &str) -> ServicePortName {
-        ServicePortName {
-            namespace: "unit".into(),
-            name: n.into(),
-            port: "dns".into(),
-        }
+        ServicePortName::new("unit", n, "dns")
     }
 
     #[test]
