@@ -4,7 +4,6 @@
 //!
 //! Run: `cargo bench -p lightpath-benches --bench l7`.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
@@ -12,8 +11,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
+    Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
+    Table,
 };
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -43,27 +42,12 @@ fn typical_headers() -> HeaderMap {
 }
 
 fn service(backend: SocketAddr) -> Arc<ServicePort> {
-    Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "bench".into(),
-            name: "l7".into(),
-            port: "http".into(),
-        },
-        protocol: Protocol::Tcp,
-        mode: Mode::Http,
-        affinity: Affinity::None,
-        cluster_endpoints: Arc::from(vec![Endpoint {
-            addr: backend,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        }]),
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
-    })
+    Arc::new(ServicePort::new(
+        ServicePortName::new("bench", "l7", "http"),
+        Protocol::Tcp,
+        Mode::Http,
+        Arc::from(vec![Endpoint::ready(backend)]),
+    ))
 }
 
 async fn backend() -> SocketAddr {

@@ -6,14 +6,13 @@
 //!
 //! Run: `cargo bench -p lightpath-benches --bench relay`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
+    Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
+    Table,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lightpath::drain;
@@ -42,27 +41,12 @@ async fn proxy_to(backend: SocketAddr) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let key = FrontendKey::new(addr, Protocol::Tcp);
-    let svc = Arc::new(ServicePort {
-        name: ServicePortName {
-            namespace: "bench".into(),
-            name: "echo".into(),
-            port: String::new(),
-        },
-        protocol: Protocol::Tcp,
-        mode: Mode::L4,
-        affinity: Affinity::None,
-        cluster_endpoints: Arc::from(vec![Endpoint {
-            addr: backend,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        }]),
-        local_endpoints: Arc::from(Vec::new()),
-        internal_local: false,
-        external_local: false,
-        health_check_node_port: None,
-        annotations: BTreeMap::new(),
-    });
+    let svc = Arc::new(ServicePort::new(
+        ServicePortName::new("bench", "echo", ""),
+        Protocol::Tcp,
+        Mode::L4,
+        Arc::from(vec![Endpoint::ready(backend)]),
+    ));
     let mut t = Table::default();
     t.frontends.insert(
         key,
