@@ -125,6 +125,10 @@ impl L7 {
             .http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
+            // Flattened writes: head and a small body go out in one `write`
+            // from one buffer; vectored writes only pay off for large bodies,
+            // which the proxy streams chunk by chunk either way.
+            .writev(false)
             .max_buf_size(MAX_HEADER_BYTES)
             .header_read_timeout(HEADER_READ_TIMEOUT);
         server

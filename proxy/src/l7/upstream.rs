@@ -12,6 +12,12 @@
 //!   when the peer closed it), otherwise it is dropped and the next one (or a
 //!   new one) is used. A connection goes back to the pool only once its
 //!   response body was read to the end.
+//! * Thread affinity: each connection's task runs on the data thread that
+//!   opened it, so a request on another thread would wake that thread twice
+//!   (request over, response back: an eventfd write and an epoll wakeup
+//!   each way). A request therefore takes an idle connection opened on its
+//!   own thread, and opens one when there is none; another thread's idle
+//!   connection is used only when `max-connections` allows no new one.
 //! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint, replaced
 //!   when it closes.
 //! * Every connection counts against the service's `max-connections` for as
@@ -21,11 +27,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::FutureExt as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -99,16 +106,40 @@ pub struct SendFailure {
     pub request: Option<Request<Body>>,
 }
 
+/// The thread a task runs on, as a small number (see the module doc:
+/// thread affinity).
+fn thread_tag() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        static TAG: u32 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TAG.with(|t| *t)
+}
+
+/// An HTTP/1.1 connection and the thread its task runs on.
+#[derive(Debug)]
+struct H1 {
+    sender: http1::SendRequest<Body>,
+    tag: u32,
+}
+
+/// An idle pooled HTTP/1.1 connection.
+#[derive(Debug)]
+struct Idle {
+    conn: H1,
+    since: Instant,
+}
+
 /// Returns an HTTP/1.1 connection to its pool once its response is done.
 #[derive(Debug)]
 pub struct Checkin {
     pool: Arc<EndpointPool>,
-    sender: http1::SendRequest<Body>,
+    conn: H1,
 }
 
 impl Checkin {
     pub fn finish(self) {
-        self.pool.checkin(self.sender);
+        self.pool.checkin(self.conn);
     }
 }
 
@@ -118,7 +149,8 @@ pub struct EndpointPool {
     addr: SocketAddr,
     http2: bool,
     idle_timeout: Duration,
-    idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    /// Oldest first (checked in in time order; taken from the back).
+    idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
     h2_connect: tokio::sync::Mutex<()>,
 }
@@ -151,30 +183,44 @@ impl EndpointPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn checkin(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
+    fn checkin(&self, conn: H1) {
+        if conn.sender.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(s, at)| {
-            !s.is_closed() && now.saturating_duration_since(*at) < self.idle_timeout
-        });
+        // Only when the oldest has expired (or the list is full) is the
+        // whole list swept; closed ones are otherwise skipped at checkout.
+        let stale = |i: &Idle| {
+            i.conn.sender.is_closed() || now.saturating_duration_since(i.since) >= self.idle_timeout
+        };
+        if idle.first().is_some_and(stale) || idle.len() >= MAX_IDLE_PER_ENDPOINT {
+            idle.retain(|i| !stale(i));
+        }
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push((sender, now));
+            idle.push(Idle { conn, since: now });
         }
     }
 
-    /// The most recently used open, ready idle connection (LIFO keeps the
-    /// set of warm connections small).
-    fn checkout(&self) -> Option<http1::SendRequest<Body>> {
+    /// The most recently used open idle connection of thread `tag` (any
+    /// thread's with `None`); LIFO keeps the set of warm connections small.
+    /// Closed and expired ones met on the way are dropped.
+    fn checkout(&self, tag: Option<u32>) -> Option<H1> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((s, at)) = idle.pop() {
-            if s.is_closed() || now.saturating_duration_since(at) >= self.idle_timeout {
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let e = &idle[i];
+            if e.conn.sender.is_closed()
+                || now.saturating_duration_since(e.since) >= self.idle_timeout
+            {
+                idle.remove(i);
                 continue;
             }
-            return Some(s);
+            if tag.is_none_or(|t| t == e.conn.tag) {
+                return Some(idle.remove(i).conn);
+            }
         }
         None
     }
@@ -237,22 +283,40 @@ impl EndpointPool {
                 }
             };
         }
-        // HTTP/1.1: pooled connections first; one that turns out not ready
-        // hands the request back and is dropped.
-        while let Some(mut sender) = self.checkout() {
+        // HTTP/1.1: pooled connections of this thread first, then a new
+        // one; another thread's only when no new one is allowed. One that
+        // turns out not ready hands the request back and is dropped.
+        let tag = thread_tag();
+        let mut scope = Some(tag);
+        loop {
+            let Some(mut conn) = self.checkout(scope) else {
+                if scope.is_some() && limits.connections.get() >= cs.max_connections {
+                    scope = None;
+                    continue;
+                }
+                break;
+            };
             // A connection checked in the moment its response ended may not
             // have signalled readiness yet; an open idle one does so at once.
-            match tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                Ok(Ok(())) => {}
-                _ => continue,
+            // Polled once first: a ready one needs no timer.
+            let now = std::future::poll_fn(|cx| conn.sender.poll_ready(cx)).now_or_never();
+            let ready = match now {
+                Some(r) => r.is_ok(),
+                None => matches!(
+                    tokio::time::timeout(READY_WAIT, conn.sender.ready()).await,
+                    Ok(Ok(()))
+                ),
+            };
+            if !ready {
+                continue;
             }
-            match sender.try_send_request(req).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok((
                         resp,
                         Some(Checkin {
                             pool: self.clone(),
-                            sender,
+                            conn,
                         }),
                     ));
                 }
@@ -281,7 +345,7 @@ impl EndpointPool {
                 resp,
                 Some(Checkin {
                     pool: self.clone(),
-                    sender,
+                    conn: H1 { sender, tag },
                 }),
             )),
             Err(mut e) => {
@@ -351,6 +415,9 @@ impl EndpointPool {
     ) -> Result<http1::SendRequest<Body>, FailKind> {
         let (io, slot) = self.tcp(cs, limits).await?;
         let (sender, conn) = http1::Builder::new()
+            // Small messages: one flattened `write` instead of a `writev`
+            // of head and body (see `L7::new`).
+            .writev(false)
             .handshake(io)
             .await
             .map_err(FailKind::Http)?;
