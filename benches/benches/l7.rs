@@ -7,21 +7,16 @@
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use bytes::Bytes;
-use control::{
-    Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
-    Table,
-};
+use control::Mode;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lightpath::drain;
 use lightpath::l7::headers;
-use lightpath::server::{Server, ServerConfig};
+use lightpath_benches::{runtime, service, Proxy};
 use tokio::net::TcpListener;
 
 fn typical_headers() -> HeaderMap {
@@ -39,15 +34,6 @@ fn typical_headers() -> HeaderMap {
         h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
     }
     h
-}
-
-fn service(backend: SocketAddr) -> Arc<ServicePort> {
-    Arc::new(ServicePort::new(
-        ServicePortName::new("bench", "l7", "http"),
-        Protocol::Tcp,
-        Mode::Http,
-        Arc::from(vec![Endpoint::ready(backend)]),
-    ))
 }
 
 async fn backend() -> SocketAddr {
@@ -71,32 +57,6 @@ async fn backend() -> SocketAddr {
     addr
 }
 
-async fn proxy(backend: SocketAddr) -> (SocketAddr, drain::Signal) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let key = FrontendKey::new(addr, Protocol::Tcp);
-    let mut t = Table {
-        version: 1,
-        ..Table::default()
-    };
-    t.frontends.insert(
-        key,
-        Frontend {
-            key,
-            kind: FrontendKind::ClusterIp,
-            service: service(backend),
-        },
-    );
-    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(t));
-    let server = Server::new(rx, ServerConfig::default());
-    let (signal, watch) = drain::channel();
-    tokio::spawn(async move {
-        let _keep = _tx;
-        let _ = server.run(vec![l], watch).await;
-    });
-    (addr, signal)
-}
-
 fn bench(c: &mut Criterion) {
     let client_ip = IpAddr::from([10, 0, 0, 7]);
     let base = typical_headers();
@@ -108,16 +68,15 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (backend, front, _signal) = rt.block_on(async {
+    let rt = runtime();
+    let (backend, proxy) = rt.block_on(async {
         let b = backend().await;
-        let (f, s) = proxy(b).await;
-        (b, f, s)
+        (
+            b,
+            Proxy::start(service("l7", "http", Mode::Http, &[b])).await,
+        )
     });
+    let front = proxy.addr;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut g = c.benchmark_group("l7/roundtrip");
     for (name, addr) in [("direct", backend), ("lightpath", front)] {

@@ -15,24 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
-};
+use control::{Mode, ServicePortName};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lightpath::admin::{self, AdminConfig, AdminState};
 use lightpath::health::{ProxyHealth, DEFAULT_HEALTH_TIMEOUT};
 use lightpath::lifecycle::Readiness;
-use lightpath::server::{Server, ServerConfig};
+use lightpath_benches::{echo_backend, runtime, service, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn spn(name: &str) -> ServicePortName {
-    ServicePortName {
-        namespace: "bench".into(),
-        name: name.into(),
-        port: "tcp".into(),
-    }
+    ServicePortName::new("bench", name, "tcp")
 }
 
 fn handles(c: &mut Criterion) {
@@ -60,22 +53,6 @@ fn handles(c: &mut Criterion) {
     g.finish();
 }
 
-async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 /// One proxied connection: connect, 64 bytes there and back, close.
 async fn exchange(frontend: SocketAddr) {
     let mut s = TcpStream::connect(frontend).await.expect("connect");
@@ -101,61 +78,18 @@ async fn scrape(admin: SocketAddr) -> usize {
 
 fn l4_connections(c: &mut Criterion) {
     // The data plane: its own multi-thread runtime, as in `lightpath run`.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let (frontend, admin_addr, _keep) = rt.block_on(async {
         let b1 = echo_backend().await;
         let b2 = echo_backend().await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let frontend = listener.local_addr().expect("addr");
-        let key = FrontendKey::new(frontend, Protocol::Tcp);
-        let ep = |addr| Endpoint {
-            addr,
-            state: EndpointState::Ready,
-            node_name: None,
-            zone: None,
-        };
-        let service = Arc::new(ServicePort {
-            name: spn("l4"),
-            protocol: Protocol::Tcp,
-            mode: Mode::L4,
-            affinity: Affinity::None,
-            cluster_endpoints: vec![ep(b1), ep(b2)].into(),
-            local_endpoints: Vec::new().into(),
-            internal_local: false,
-            external_local: false,
-            health_check_node_port: None,
-            annotations: Default::default(),
-        });
-        let mut table = Table {
-            version: 1,
-            ..Default::default()
-        };
-        table.frontends.insert(
-            key,
-            Frontend {
-                key,
-                kind: FrontendKind::ClusterIp,
-                service,
-            },
-        );
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(table));
-        let server = Server::new(rx.clone(), ServerConfig::default());
-        let (signal, watch) = lightpath::drain::channel();
-        {
-            let server = server.clone();
-            tokio::spawn(async move { server.run(vec![listener], watch).await });
-        }
+        let proxy = Proxy::start(service("l4", "tcp", Mode::L4, &[b1, b2])).await;
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut state = AdminState::new(
-            rx,
+            proxy.table.clone(),
             Readiness::new(),
             ProxyHealth::new(DEFAULT_HEALTH_TIMEOUT),
         );
-        state.balancers = Some(server.balancers().clone());
+        state.balancers = Some(proxy.server.balancers().clone());
         state.data_plane = Some(tokio::runtime::Handle::current());
         let handle = admin::spawn(
             AdminConfig {
@@ -169,7 +103,7 @@ fn l4_connections(c: &mut Criterion) {
         )
         .expect("admin");
         let admin_addr = handle.admin_addr().expect("admin addr");
-        (frontend, admin_addr, (tx, signal, handle))
+        (proxy.addr, admin_addr, (proxy, handle))
     });
 
     let mut g = c.benchmark_group("l4_connections");

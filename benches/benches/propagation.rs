@@ -253,11 +253,7 @@ fn main() {
     let updates = env_usize("LP_BENCH_UPDATES", if full { 2_000 } else { 20 });
 
     let fake = spawn_fake(services, per);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = lightpath_benches::runtime();
     let (rss0, _) = rss_mib();
     let cpu0 = cpu_time();
     let start = Instant::now();

@@ -7,64 +7,15 @@
 //! Run: `cargo bench -p lightpath-benches --bench relay`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use control::{
-    Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
-    Table,
-};
+use control::Mode;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lightpath::drain;
-use lightpath::server::{Server, ServerConfig};
+use lightpath_benches::{echo_backend, runtime, service, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const BULK: usize = 64 * 1024 * 1024;
-
-async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-async fn proxy_to(backend: SocketAddr) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let key = FrontendKey::new(addr, Protocol::Tcp);
-    let svc = Arc::new(ServicePort::new(
-        ServicePortName::new("bench", "echo", ""),
-        Protocol::Tcp,
-        Mode::L4,
-        Arc::from(vec![Endpoint::ready(backend)]),
-    ));
-    let mut t = Table::default();
-    t.frontends.insert(
-        key,
-        Frontend {
-            key,
-            kind: FrontendKind::ClusterIp,
-            service: svc,
-        },
-    );
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(t));
-    let (signal, watch) = drain::channel();
-    tokio::spawn(async move {
-        let _keep = (tx, signal);
-        let server = Server::new(rx, ServerConfig::default());
-        let _ = server.run(vec![l], watch).await;
-    });
-    addr
-}
 
 async fn connect_roundtrip(addr: SocketAddr) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -98,15 +49,15 @@ async fn bulk(addr: SocketAddr) {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (direct, proxied) = rt.block_on(async {
+    let rt = runtime();
+    let (direct, proxy) = rt.block_on(async {
         let backend = echo_backend().await;
-        (backend, proxy_to(backend).await)
+        (
+            backend,
+            Proxy::start(service("echo", "", Mode::L4, &[backend])).await,
+        )
     });
+    let proxied = proxy.addr;
 
     let mut g = c.benchmark_group("relay/connect");
     for (name, addr) in [("direct", direct), ("lightpath-l4", proxied)] {

@@ -64,11 +64,7 @@ fn answer(c: &mut Criterion) {
 }
 
 fn https_round_trip(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = lightpath_benches::runtime();
     let target = Target {
         namespace: "lightpath-system".into(),
         secret: "lightpath-webhook-tls".into(),

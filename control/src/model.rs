@@ -309,6 +309,16 @@ pub struct Frontend {
 }
 
 impl Frontend {
+    /// A frontend at `addr` for `service`, keyed by the service port's own
+    /// protocol, as translation keys every frontend.
+    pub fn new(addr: SocketAddr, kind: FrontendKind, service: Arc<ServicePort>) -> Self {
+        Frontend {
+            key: FrontendKey::new(addr, service.protocol),
+            kind,
+            service,
+        }
+    }
+
     pub fn endpoints(&self) -> &Arc<[Endpoint]> {
         self.service.endpoints_for(self.kind)
     }
@@ -334,6 +344,16 @@ pub struct Table {
 }
 
 impl Table {
+    /// A snapshot at `version` holding `frontends` (a later frontend with the
+    /// same key replaces an earlier one): for fixed tables such as test
+    /// fixtures and benches; sources publish through `control::state`.
+    pub fn new(version: u64, frontends: impl IntoIterator<Item = Frontend>) -> Self {
+        Table {
+            version,
+            frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
+        }
+    }
+
     /// The hot-path lookup.
     #[inline]
     pub fn lookup(&self, key: &FrontendKey) -> Option<&Frontend> {

@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control::{
-    Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
-    Table,
+    Endpoint, Frontend, FrontendKind, Mode, Protocol, ServicePort, ServicePortName, Table,
 };
 use lightpath::balance::{BalanceConfig, Balancers};
 use lightpath::udp::{serve, FlowConfig, FlowTable};
@@ -37,20 +36,10 @@ fn table(front: SocketAddr, endpoint: SocketAddr) -> Arc<Table> {
         Mode::L4,
         Arc::from([Endpoint::ready(endpoint)]),
     ));
-    let key = FrontendKey::new(front, Protocol::Udp);
-    let mut t = Table {
-        version: 1,
-        ..Table::default()
-    };
-    t.frontends.insert(
-        key,
-        Frontend {
-            key,
-            kind: FrontendKind::ClusterIp,
-            service: svc,
-        },
-    );
-    Arc::new(t)
+    Arc::new(Table::new(
+        1,
+        [Frontend::new(front, FrontendKind::ClusterIp, svc)],
+    ))
 }
 
 /// The `udp-cap` series `name` (with `extra` in its labels) in `text`.

@@ -222,20 +222,10 @@ mod tests {
             Mode::L4,
             eps,
         ));
-        let key = FrontendKey::new(front, Protocol::Udp);
-        let mut t = Table {
+        Arc::new(Table::new(
             version,
-            ..Table::default()
-        };
-        t.frontends.insert(
-            key,
-            Frontend {
-                key,
-                kind: FrontendKind::ClusterIp,
-                service: svc,
-            },
-        );
-        Arc::new(t)
+            [Frontend::new(front, FrontendKind::ClusterIp, svc)],
+        ))
     }
 
     async fn echo(tag: u8) -> SocketAddr {

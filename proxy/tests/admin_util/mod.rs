@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
-    ServicePort, ServicePortName, Table,
+    Affinity, Endpoint, EndpointState, Frontend, FrontendKind, Mode, Protocol, ServicePort,
+    ServicePortName, Table,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -175,15 +175,10 @@ pub fn table(
     version: u64,
     frontends: Vec<(SocketAddr, FrontendKind, Arc<ServicePort>)>,
 ) -> Arc<Table> {
-    let mut t = Table {
-        version,
-        ..Default::default()
-    };
-    for (addr, kind, service) in frontends {
-        let key = FrontendKey::new(addr, Protocol::Tcp);
-        t.frontends.insert(key, Frontend { key, kind, service });
-    }
-    Arc::new(t)
+    let frontends = frontends
+        .into_iter()
+        .map(|(addr, kind, service)| Frontend::new(addr, kind, service));
+    Arc::new(Table::new(version, frontends))
 }
 
 /// A free loopback port (bound then released).
