@@ -5,23 +5,24 @@
 //! was sent, and so do the connection counters underneath.
 
 mod admin_util;
+mod support {
+    pub mod loopback;
+    pub mod scrape;
+}
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use admin_util::*;
 use bytes::Bytes;
-use control::{EndpointState, FrontendKind, Mode, ServicePort};
+use control::{Affinity, Mode, ServicePortName};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lightpath::admin::{self, AdminState};
-use lightpath::health::{ProxyHealth, DEFAULT_HEALTH_TIMEOUT};
-use lightpath::lifecycle::Readiness;
-use lightpath::server::{Server, ServerConfig};
+use support::loopback::service_port;
+use support::scrape::{scrape_until, Rig};
 use tokio::net::{TcpListener, TcpStream};
 
 /// `/missing` → 404, anything else → 200 "ok".
@@ -54,36 +55,10 @@ async fn http_backend() -> SocketAddr {
 async fn http_request_counters_match_the_requests_sent() {
     let b1 = http_backend().await;
     let b2 = http_backend().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let frontend = listener.local_addr().unwrap();
-    let name = spn("metrics-l7", "web", "http");
-    let mut sp: ServicePort = (*service_port(
-        name.clone(),
-        vec![ep(b1, EndpointState::Ready), ep(b2, EndpointState::Ready)],
-        vec![],
-        None,
-    ))
-    .clone();
-    sp.mode = Mode::Http;
-    let (_tx, rx) = tokio::sync::watch::channel(table(
-        1,
-        vec![(frontend, FrontendKind::ClusterIp, Arc::new(sp))],
-    ));
-    let server = Server::new(rx.clone(), ServerConfig::default());
-    let (drain_signal, drain_watch) = lightpath::drain::channel();
-    let serving = {
-        let server = server.clone();
-        tokio::spawn(async move { server.run(vec![listener], drain_watch).await })
-    };
-    let srv = admin::spawn(
-        loopback_config(),
-        AdminState::new(
-            rx,
-            Readiness::new(),
-            ProxyHealth::new(DEFAULT_HEALTH_TIMEOUT),
-        ),
-    )
-    .expect("admin spawn");
+    let name = ServicePortName::new("metrics-l7", "web", "http");
+    let sp = service_port(name, Mode::Http, Affinity::None, &[b1, b2], BTreeMap::new());
+    let rig = Rig::start(1, |a| vec![(a[0], sp)], serde_json::Value::Null).await;
+    let frontend = rig.served.addrs[0];
 
     // 3 keep-alive client connections: 30 × 200 and 12 × 404 in total.
     const CONNS: usize = 3;
@@ -123,20 +98,8 @@ async fn http_request_counters_match_the_requests_sent() {
         ("service", "web"),
         ("port", "http"),
     ];
-    let start = Instant::now();
-    let s = loop {
-        let r = get(srv.metrics_addr().unwrap(), "/metrics").await;
-        assert_eq!(r.status, 200);
-        let s = parse_prometheus(&r.body);
-        if sample(&s, "lightpath_tcp_connections_closed_total", &labels) == Some(CONNS as f64) {
-            break s;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "connections never closed in metrics"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let closed = |s: &_| sample(s, "lightpath_tcp_connections_closed_total", &labels);
+    let s = scrape_until(rig.metrics_addr(), closed, Some(CONNS as f64)).await;
     let class = |c: &str| {
         let mut l = labels.to_vec();
         l.push(("class", c));
@@ -163,11 +126,5 @@ async fn http_request_counters_match_the_requests_sent() {
         Some(0.0)
     );
 
-    drain_signal.drain(Duration::from_secs(2)).await;
-    tokio::time::timeout(DEADLINE, serving)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    drop(srv);
+    rig.shutdown().await;
 }

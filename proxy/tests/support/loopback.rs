@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use control::{
-    Affinity, Endpoint, Frontend, FrontendKey, FrontendKind, Mode, Protocol, ServicePort,
-    ServicePortName, Table,
+    Affinity, Endpoint, Frontend, FrontendKind, Mode, Protocol, ServicePort, ServicePortName, Table,
 };
 use lightpath::drain;
 use lightpath::server::{Server, ServerConfig};
@@ -42,22 +42,10 @@ pub fn service_port(
 /// A table mapping each `(frontend address, service)` pair (ClusterIP
 /// frontends, TCP).
 pub fn table(version: u64, rows: &[(SocketAddr, Arc<ServicePort>)]) -> Arc<Table> {
-    let mut t = Table {
-        version,
-        ..Table::default()
-    };
-    for (addr, svc) in rows {
-        let key = FrontendKey::new(*addr, Protocol::Tcp);
-        t.frontends.insert(
-            key,
-            Frontend {
-                key,
-                kind: FrontendKind::ClusterIp,
-                service: svc.clone(),
-            },
-        );
-    }
-    Arc::new(t)
+    let frontends = rows
+        .iter()
+        .map(|(addr, svc)| Frontend::new(*addr, FrontendKind::ClusterIp, svc.clone()));
+    Arc::new(Table::new(version, frontends))
 }
 
 /// A running server with its listeners, table sender and drain signal;
@@ -100,6 +88,18 @@ impl Served {
             signal: Some(signal),
             task,
         }
+    }
+
+    /// Drains the server (work in flight gets `grace`) and waits, bounded,
+    /// for its serve task to end; a serve error fails the test.
+    pub async fn drain(&mut self, grace: Duration) {
+        if let Some(signal) = self.signal.take() {
+            signal.drain(grace).await;
+        }
+        tokio::time::timeout(grace + Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("server stopped serving after the drain")
+            .expect("serve task");
     }
 
     /// Publishes the next table version with `rows`.
