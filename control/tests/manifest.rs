@@ -81,6 +81,13 @@ endpoints:
   - addresses: [10.244.1.5]
 "#;
 
+/// Loading `text` fails with an error whose message contains `want`.
+#[track_caller]
+fn assert_fails_with(text: &str, want: &str) {
+    let e = err_of(text);
+    assert!(e.contains(want), "{e}");
+}
+
 fn err_of(text: &str) -> String {
     let d = TempDir::new();
     let p = d.write("m.yaml", text);
@@ -165,10 +172,9 @@ items:
 
 #[test]
 fn unknown_kind_is_an_error_with_location() {
-    let e = err_of("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x, namespace: ns}\n");
-    assert!(
-        e.contains("m.yaml: document 1: Deployment ns/x: unsupported kind \"Deployment\""),
-        "{e}"
+    assert_fails_with(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x, namespace: ns}\n",
+        "m.yaml: document 1: Deployment ns/x: unsupported kind \"Deployment\"",
     );
 }
 
@@ -176,138 +182,124 @@ fn unknown_kind_is_an_error_with_location() {
 fn missing_kind_and_non_mapping_documents() {
     let e = err_of("apiVersion: v1\nmetadata: {name: x}\n");
     assert!(e.ends_with("document 1: missing field `kind`"), "{e}");
-    let e = err_of(&format!("{SVC}---\n- just\n- a list\n"));
-    assert!(e.contains("document 2: not a mapping"), "{e}");
+    assert_fails_with(
+        &format!("{SVC}---\n- just\n- a list\n"),
+        "document 2: not a mapping",
+    );
 }
 
 #[test]
 fn wrong_api_version() {
-    let e = err_of(&SVC.replace("apiVersion: v1", "apiVersion: v2"));
-    assert!(
-        e.contains("Service default/web: apiVersion: Service must be \"v1\", got \"v2\""),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("apiVersion: v1", "apiVersion: v2"),
+        "Service default/web: apiVersion: Service must be \"v1\", got \"v2\"",
     );
 }
 
 #[test]
 fn wrong_types_name_the_field() {
-    let e = err_of(&SVC.replace("port: 80", "port: eighty"));
-    assert!(
-        e.contains("Service default/web: spec.ports[0].port: invalid type: string \"eighty\""),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("port: 80", "port: eighty"),
+        "Service default/web: spec.ports[0].port: invalid type: string \"eighty\"",
     );
-    let e = err_of(&SLICE.replace("addresses: [10.244.1.5]", "addresses: 10.244.1.5"));
-    assert!(
-        e.contains("EndpointSlice default/web-1: endpoints[0].addresses: invalid type"),
-        "{e}"
+    assert_fails_with(
+        &SLICE.replace("addresses: [10.244.1.5]", "addresses: 10.244.1.5"),
+        "EndpointSlice default/web-1: endpoints[0].addresses: invalid type",
     );
 }
 
 #[test]
 fn missing_fields() {
-    let e = err_of(&SVC.replace("name: web", "nom: web"));
-    assert!(
-        e.contains("document 1: Service: metadata.name: missing"),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("name: web", "nom: web"),
+        "document 1: Service: metadata.name: missing",
     );
-    let e = err_of(&SVC.replace("ports: [{name: http, port: 80}]", "ports: [{name: http}]"));
-    assert!(
-        e.contains("Service default/web: spec.ports[0].port: missing or 0 (want 1-65535)"),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("ports: [{name: http, port: 80}]", "ports: [{name: http}]"),
+        "Service default/web: spec.ports[0].port: missing or 0 (want 1-65535)",
     );
-    let e = err_of(&SLICE.replace("addressType: IPv4\n", ""));
-    assert!(
-        e.contains("EndpointSlice default/web-1: addressType: missing"),
-        "{e}"
+    assert_fails_with(
+        &SLICE.replace("addressType: IPv4\n", ""),
+        "EndpointSlice default/web-1: addressType: missing",
     );
-    let e = err_of("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n");
-    assert!(e.contains("Service default/s: spec: missing"), "{e}");
+    assert_fails_with(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+        "Service default/s: spec: missing",
+    );
 }
 
 #[test]
 fn malformed_ips() {
-    let e = err_of(&SVC.replace("10.96.0.10", "10.96.0.300"));
-    assert!(
-        e.contains("Service default/web: spec.clusterIP: invalid IP address \"10.96.0.300\""),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("10.96.0.10", "10.96.0.300"),
+        "Service default/web: spec.clusterIP: invalid IP address \"10.96.0.300\"",
     );
-    let e = err_of(&format!(
-        "{SVC}---{}",
-        SLICE.replace("10.244.1.5", "10.0.0.300")
-    ));
-    assert!(
-        e.contains("m.yaml: document 2: EndpointSlice default/web-1: endpoints[0].addresses[0]: invalid IPv4 address \"10.0.0.300\""),
-        "{e}"
+    let doc = format!("{SVC}---{}", SLICE.replace("10.244.1.5", "10.0.0.300"));
+    assert_fails_with(&doc, "m.yaml: document 2: EndpointSlice default/web-1: endpoints[0].addresses[0]: invalid IPv4 address \"10.0.0.300\"");
+    assert_fails_with(
+        &SLICE.replace("10.244.1.5", "fd00::5"),
+        "invalid IPv4 address \"fd00::5\"",
     );
-    let e = err_of(&SLICE.replace("10.244.1.5", "fd00::5"));
-    assert!(e.contains("invalid IPv4 address \"fd00::5\""), "{e}");
-    let e = err_of(&SVC.replace("spec:\n", "spec:\n  externalIPs: [1.2.3]\n"));
-    assert!(
-        e.contains("spec.externalIPs[0]: invalid IP address \"1.2.3\""),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("spec:\n", "spec:\n  externalIPs: [1.2.3]\n"),
+        "spec.externalIPs[0]: invalid IP address \"1.2.3\"",
     );
     let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: nope}]}\n";
-    let e = err_of(node);
-    assert!(
-        e.contains("Node node-a: status.addresses[0].address: invalid IP address \"nope\""),
-        "{e}"
+    assert_fails_with(
+        node,
+        "Node node-a: status.addresses[0].address: invalid IP address \"nope\"",
     );
 }
 
 #[test]
 fn ports_out_of_range() {
-    let e = err_of(&SVC.replace("port: 80", "port: 70000"));
-    assert!(
-        e.contains("spec.ports[0].port: port 70000 out of range 1-65535"),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("port: 80", "port: 70000"),
+        "spec.ports[0].port: port 70000 out of range 1-65535",
     );
-    let e = err_of(&SVC.replace("port: 80", "port: 0"));
-    assert!(e.contains("spec.ports[0].port: missing or 0"), "{e}");
-    let e = err_of(&SVC.replace("port: 80}", "port: 80, nodePort: -1}"));
-    assert!(
-        e.contains("spec.ports[0].nodePort: port -1 out of range"),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("port: 80", "port: 0"),
+        "spec.ports[0].port: missing or 0",
     );
-    let e = err_of(&SLICE.replace("port: 8080", "port: 65536"));
-    assert!(
-        e.contains("EndpointSlice default/web-1: ports[0].port: port 65536 out of range"),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("port: 80}", "port: 80, nodePort: -1}"),
+        "spec.ports[0].nodePort: port -1 out of range",
     );
-    let e = err_of(&SVC.replace("port: 80", "port: 99999999999"));
-    assert!(e.contains("spec.ports[0].port: invalid value"), "{e}");
+    assert_fails_with(
+        &SLICE.replace("port: 8080", "port: 65536"),
+        "EndpointSlice default/web-1: ports[0].port: port 65536 out of range",
+    );
+    assert_fails_with(
+        &SVC.replace("port: 80", "port: 99999999999"),
+        "spec.ports[0].port: invalid value",
+    );
 }
 
 #[test]
 fn bad_enums() {
-    let e = err_of(&SVC.replace("port: 80}", "port: 80, protocol: QUIC}"));
-    assert!(
-        e.contains("spec.ports[0].protocol: unknown protocol \"QUIC\""),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("port: 80}", "port: 80, protocol: QUIC}"),
+        "spec.ports[0].protocol: unknown protocol \"QUIC\"",
     );
-    let e = err_of(&SVC.replace("spec:\n", "spec:\n  type: Magic\n"));
-    assert!(e.contains("spec.type: unknown type \"Magic\""), "{e}");
-    let e = err_of(&SVC.replace("spec:\n", "spec:\n  internalTrafficPolicy: Nearby\n"));
-    assert!(
-        e.contains("spec.internalTrafficPolicy: unknown policy \"Nearby\""),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("spec:\n", "spec:\n  type: Magic\n"),
+        "spec.type: unknown type \"Magic\"",
     );
-    let e = err_of(&SVC.replace("spec:\n", "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"));
-    assert!(
-        e.contains("spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 out of range 1-86400"),
-        "{e}"
+    assert_fails_with(
+        &SVC.replace("spec:\n", "spec:\n  internalTrafficPolicy: Nearby\n"),
+        "spec.internalTrafficPolicy: unknown policy \"Nearby\"",
     );
-    let e = err_of(&SVC.replace(
-        "metadata: {",
-        "metadata: {annotations: {lightpath.io/protocol: quic}, ",
-    ));
-    assert!(
-        e.contains("metadata.annotations[lightpath.io/protocol]: unknown protocol \"quic\""),
-        "{e}"
+    assert_fails_with(&SVC.replace("spec:\n", "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"), "spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 out of range 1-86400");
+    assert_fails_with(
+        &SVC.replace(
+            "metadata: {",
+            "metadata: {annotations: {lightpath.io/protocol: quic}, ",
+        ),
+        "metadata.annotations[lightpath.io/protocol]: unknown protocol \"quic\"",
     );
-    let e = err_of(&SLICE.replace("addressType: IPv4", "addressType: IPv5"));
-    assert!(
-        e.contains("addressType: unknown address type \"IPv5\""),
-        "{e}"
+    assert_fails_with(
+        &SLICE.replace("addressType: IPv4", "addressType: IPv5"),
+        "addressType: unknown address type \"IPv5\"",
     );
 }
 
@@ -344,8 +336,10 @@ fn duplicates_across_files_and_documents() {
 
 #[test]
 fn syntax_errors_and_missing_files() {
-    let e = err_of("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
-    assert!(e.contains("m.yaml: document 1: syntax:"), "{e}");
+    assert_fails_with(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+        "m.yaml: document 1: syntax:",
+    );
     let e = load_manifests(&[PathBuf::from("/nonexistent/lp.yaml")], &opts()).unwrap_err();
     assert!(matches!(e, ManifestError::Read { .. }));
     assert!(e.to_string().starts_with("/nonexistent/lp.yaml: "), "{e}");

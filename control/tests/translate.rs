@@ -27,15 +27,20 @@ fn web_slice(name: &str, endpoints: Vec<serde_json::Value>) -> serde_json::Value
     v4_slice("default", name, "web", &[("http", 8080)], endpoints)
 }
 
+/// `web` with one ready endpoint, 10.244.1.5, in slice `web-1`.
+fn web_with_one_endpoint() -> ClusterState {
+    state_with(vec![
+        web(),
+        web_slice("web-1", vec![ep("10.244.1.5", None)]),
+    ])
+}
+
 // ---------- endpointslicecache: join, union, dedupe ----------
 
 #[test]
 fn slice_joins_by_port_name_using_the_slices_port_number() {
     // targetPort is named ("http-alt"); the slice carries the resolved 8080.
-    let mut st = state_with(vec![
-        web(),
-        web_slice("web-1", vec![ep("10.244.1.5", None)]),
-    ]);
+    let mut st = web_with_one_endpoint();
     let t = st.snapshot();
     assert_eq!(used(&t, "10.96.0.10:80"), vec!["10.244.1.5:8080"]);
 }
@@ -280,10 +285,7 @@ fn slice_arriving_before_its_service_is_applied_when_the_service_comes() {
 
 #[test]
 fn deleting_slice_and_service() {
-    let mut st = state_with(vec![
-        web(),
-        web_slice("web-1", vec![ep("10.244.1.5", None)]),
-    ]);
+    let mut st = web_with_one_endpoint();
     assert_eq!(used(&st.snapshot(), "10.96.0.10:80").len(), 1);
     st.delete_slice("default", "web-1");
     let t = st.snapshot();
@@ -816,10 +818,7 @@ fn one_slice_change_touches_only_its_service() {
 
 #[test]
 fn invalid_update_keeps_the_previous_object() {
-    let mut st = state_with(vec![
-        web(),
-        web_slice("web-1", vec![ep("10.244.1.5", None)]),
-    ]);
+    let mut st = web_with_one_endpoint();
     let good = st.snapshot();
     let mut bad_svc = web();
     bad_svc["spec"]["ports"][0]["port"] = json!(70000);
