@@ -80,6 +80,11 @@ fn connector(trusted_pem: &str, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+/// `GET path` over HTTP/1.1 on a new TLS connection; status and body.
+async fn get(addr: SocketAddr, trusted_pem: &str, path: &str) -> Result<(u16, Vec<u8>), String> {
+    request(addr, trusted_pem, "GET", path, vec![], false).await
+}
+
 /// One HTTPS request over a new TLS connection; returns status and body.
 async fn request(
     addr: SocketAddr,
@@ -370,18 +375,11 @@ async fn malformed_reviews_get_clean_errors_and_the_server_keeps_serving() {
     let _idle = TcpStream::connect(server.addr).await.expect("connect");
     // Still serving, and health answers.
     assert_unlabelled_service_gets_the_label_map(&server, &cert).await;
-    let (status, _) = request(
-        server.addr,
-        &cert.cert_pem,
-        "GET",
-        "/healthz",
-        vec![],
-        false,
-    )
-    .await
-    .expect("healthz");
+    let (status, _) = get(server.addr, &cert.cert_pem, "/healthz")
+        .await
+        .expect("healthz");
     assert_eq!(status, 200);
-    let (status, _) = request(server.addr, &cert.cert_pem, "GET", "/mutate", vec![], false)
+    let (status, _) = get(server.addr, &cert.cert_pem, "/mutate")
         .await
         .expect("wrong method");
     assert_eq!(status, 405);
@@ -423,9 +421,7 @@ async fn rewritten_certificate_files_are_served_without_restart() {
             .watch(certs.clone(), Duration::from_millis(50)),
     );
     let server = start_with(certs, Policy::default()).await;
-    let health = |pem: String| async move {
-        request(server.addr, &pem, "GET", "/healthz", vec![], false).await
-    };
+    let health = |pem: String| async move { get(server.addr, &pem, "/healthz").await };
     assert_eq!(health(first.cert_pem.clone()).await.expect("first").0, 200);
 
     // A half-written pair is ignored: the last good certificate keeps serving.
@@ -521,16 +517,7 @@ async fn carried_protocols_flag_of_the_binary() {
         if let Some(exit) = child.0.try_wait().expect("status") {
             panic!("lightpath webhook exited: {exit}");
         }
-        if let Ok((200, _)) = request(
-            server.addr,
-            &cert.cert_pem,
-            "GET",
-            "/healthz",
-            vec![],
-            false,
-        )
-        .await
-        {
+        if let Ok((200, _)) = get(server.addr, &cert.cert_pem, "/healthz").await {
             break;
         }
         assert!(

@@ -43,6 +43,53 @@ fn cfg(max_flows: usize, idle: Duration) -> FlowConfig {
     }
 }
 
+/// A flow table in front of one service's endpoints, with the frontend
+/// socket that replies leave from (its address is the flows' `orig_dst`).
+struct Rig {
+    _balancers: Balancers,
+    b: Arc<Balancer>,
+    front: Arc<UdpSocket>,
+    front_addr: SocketAddr,
+    table: Arc<FlowTable>,
+}
+
+impl Rig {
+    async fn new(eps: &[SocketAddr], cfg: FlowConfig) -> Rig {
+        let balancers = Balancers::new(BalanceConfig::default());
+        let b = balancers.for_service(&service(eps));
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        Rig {
+            _balancers: balancers,
+            b,
+            front_addr: front.local_addr().unwrap(),
+            front,
+            table: FlowTable::new(cfg),
+        }
+    }
+
+    /// The flow from `client` to this frontend.
+    fn key(&self, client: impl Into<SocketAddr>) -> FlowKey {
+        FlowKey {
+            client: client.into(),
+            orig_dst: self.front_addr,
+        }
+    }
+
+    /// Relays one datagram of flow `key` (cluster scope).
+    fn forward(&self, key: FlowKey, payload: &[u8]) -> Result<SocketAddr, UdpError> {
+        self.table
+            .forward(key, &self.b, Scope::Cluster, payload, &self.front)
+    }
+}
+
+/// A silent endpoint (bound, never answers): only the clients' datagrams
+/// count as activity. Keep the socket alive for the test.
+fn silent() -> (std::net::UdpSocket, SocketAddr) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    (s, addr)
+}
+
 async fn recv_within(sock: &UdpSocket) -> Vec<u8> {
     let mut buf = vec![0u8; 2048];
     let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
@@ -56,31 +103,21 @@ async fn recv_within(sock: &UdpSocket) -> Vec<u8> {
 #[tokio::test]
 async fn replies_come_from_the_frontend_and_flows_stick() {
     let (e1, e2) = (echo().await, echo().await);
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[e1, e2]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let front_addr = front.local_addr().unwrap();
-    let table = FlowTable::new(cfg(1024, Duration::from_secs(30)));
+    let rig = Rig::new(&[e1, e2], cfg(1024, Duration::from_secs(30))).await;
+    let table = &rig.table;
 
     let mut used = HashSet::new();
     for _ in 0..8 {
         // A connect()ed client accepts only datagrams from the frontend.
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        client.connect(front_addr).await.unwrap();
-        let key = FlowKey {
-            client: client.local_addr().unwrap(),
-            orig_dst: front_addr,
-        };
-        let first = table
-            .forward(key, &b, Scope::Cluster, b"q0", &front)
-            .unwrap();
+        client.connect(rig.front_addr).await.unwrap();
+        let key = rig.key(client.local_addr().unwrap());
+        let first = rig.forward(key, b"q0").unwrap();
         let r = recv_within(&client).await;
         assert_eq!(&r[2..], b"q0");
         assert_eq!(u16::from_be_bytes([r[0], r[1]]), first.port());
         for i in 1..5u8 {
-            let ep = table
-                .forward(key, &b, Scope::Cluster, &[b'q', i], &front)
-                .unwrap();
+            let ep = rig.forward(key, &[b'q', i]).unwrap();
             assert_eq!(ep, first, "a flow keeps its endpoint");
             let r = recv_within(&client).await;
             assert_eq!(u16::from_be_bytes([r[0], r[1]]), first.port());
@@ -96,19 +133,10 @@ async fn replies_come_from_the_frontend_and_flows_stick() {
 
 #[tokio::test]
 async fn flows_expire_after_idle_timeout() {
-    let e = echo().await;
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[e]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let front_addr = front.local_addr().unwrap();
-    let table = FlowTable::new(cfg(1024, Duration::from_millis(200)));
+    let rig = Rig::new(&[echo().await], cfg(1024, Duration::from_millis(200))).await;
+    let table = &rig.table;
     for port in 1..=50u16 {
-        let key = FlowKey {
-            client: SocketAddr::from(([127, 0, 0, 1], 40_000 + port)),
-            orig_dst: front_addr,
-        };
-        table
-            .forward(key, &b, Scope::Cluster, b"x", &front)
+        rig.forward(rig.key(([127, 0, 0, 1], 40_000 + port)), b"x")
             .unwrap();
     }
     assert_eq!(table.len(), 50);
@@ -126,22 +154,13 @@ async fn flows_expire_after_idle_timeout() {
 
 #[tokio::test]
 async fn hundred_thousand_flows_stay_under_the_cap() {
-    let e = echo().await;
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[e]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let front_addr = front.local_addr().unwrap();
     const CAP: usize = 512;
-    let table = FlowTable::new(cfg(CAP, Duration::from_secs(60)));
+    let rig = Rig::new(&[echo().await], cfg(CAP, Duration::from_secs(60))).await;
+    let table = &rig.table;
     for i in 0..100_000u32 {
-        let [_, a, b2, c] = i.to_be_bytes();
-        let key = FlowKey {
-            client: SocketAddr::from(([127, a, b2, c.max(1)], 1000 + (i % 50_000) as u16)),
-            orig_dst: front_addr,
-        };
-        table
-            .forward(key, &b, Scope::Cluster, b"x", &front)
-            .unwrap();
+        let [_, a, b, c] = i.to_be_bytes();
+        let key = rig.key(([127, a, b, c.max(1)], 1000 + (i % 50_000) as u16));
+        rig.forward(key, b"x").unwrap();
         assert!(table.len() <= CAP);
         if i % 10 == 0 {
             // Let aborted reply tasks run their drop, closing their sockets.
@@ -157,20 +176,12 @@ async fn hundred_thousand_flows_stay_under_the_cap() {
 #[tokio::test]
 async fn flows_of_a_removed_endpoint_are_evicted() {
     let (e1, e2) = (echo().await, echo().await);
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[e1, e2]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let front_addr = front.local_addr().unwrap();
-    let table = FlowTable::new(cfg(1024, Duration::from_secs(30)));
+    let rig = Rig::new(&[e1, e2], cfg(1024, Duration::from_secs(30))).await;
+    let table = &rig.table;
     let mut keys = Vec::new();
     for port in 1..=40u16 {
-        let key = FlowKey {
-            client: SocketAddr::from(([127, 0, 0, 1], 41_000 + port)),
-            orig_dst: front_addr,
-        };
-        table
-            .forward(key, &b, Scope::Cluster, b"x", &front)
-            .unwrap();
+        let key = rig.key(([127, 0, 0, 1], 41_000 + port));
+        rig.forward(key, b"x").unwrap();
         keys.push(key);
     }
     let on_e2 = keys
@@ -180,12 +191,12 @@ async fn flows_of_a_removed_endpoint_are_evicted() {
     assert!(on_e2 > 0 && on_e2 < 40, "{on_e2} of 40 flows on e2");
     assert_eq!(table.evict_missing(), 0, "nothing left the set yet");
 
-    b.update(&service(&[e1]));
+    rig.b.update(&service(&[e1]));
     assert_eq!(table.evict_missing(), on_e2);
     assert_eq!(table.len(), 40 - on_e2);
     for k in &keys {
         // Survivors keep e1; evicted flows re-pick, and only e1 is left.
-        let ep = table.forward(*k, &b, Scope::Cluster, b"y", &front).unwrap();
+        let ep = rig.forward(*k, b"y").unwrap();
         assert_eq!(ep, e1);
     }
     assert_eq!(
@@ -196,50 +207,29 @@ async fn flows_of_a_removed_endpoint_are_evicted() {
 
 #[tokio::test]
 async fn no_endpoint_is_an_error_naming_the_service() {
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let table = FlowTable::new(FlowConfig::default());
-    let key = FlowKey {
-        client: "127.0.0.1:5000".parse().unwrap(),
-        orig_dst: front.local_addr().unwrap(),
-    };
-    let e = table
-        .forward(key, &b, Scope::Cluster, b"x", &front)
+    let rig = Rig::new(&[], FlowConfig::default()).await;
+    let e = rig
+        .forward(rig.key(([127, 0, 0, 1], 5000)), b"x")
         .unwrap_err();
     assert!(e.to_string().contains("default/dns:dns"), "{e}");
-    assert!(table.is_empty());
+    assert!(rig.table.is_empty());
 }
 
 #[tokio::test]
 async fn a_full_table_evicts_idle_flows_before_busy_ones() {
-    // A silent endpoint: only the clients' datagrams count as activity.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let e = silent.local_addr().unwrap();
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[e]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let front_addr = front.local_addr().unwrap();
-    let table = FlowTable::new(cfg(4, Duration::from_secs(30)));
-    let key = |port: u16| FlowKey {
-        client: SocketAddr::from(([127, 0, 0, 1], 42_000 + port)),
-        orig_dst: front_addr,
-    };
+    let (_silent, e) = silent();
+    let rig = Rig::new(&[e], cfg(4, Duration::from_secs(30))).await;
+    let table = &rig.table;
+    let key = |port: u16| rig.key(([127, 0, 0, 1], 42_000 + port));
     for port in 1..=4 {
-        table
-            .forward(key(port), &b, Scope::Cluster, b"x", &front)
-            .unwrap();
+        rig.forward(key(port), b"x").unwrap();
     }
     // Flow 1, the oldest, stays busy; 2..4 go quiet.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    table
-        .forward(key(1), &b, Scope::Cluster, b"again", &front)
-        .unwrap();
+    rig.forward(key(1), b"again").unwrap();
     // Two newcomers push out the two oldest idle flows, not the busy one.
     for port in 5..=6 {
-        table
-            .forward(key(port), &b, Scope::Cluster, b"x", &front)
-            .unwrap();
+        rig.forward(key(port), b"x").unwrap();
     }
     assert_eq!(table.len(), 4);
     let alive: Vec<u16> = (1..=6)
@@ -249,9 +239,7 @@ async fn a_full_table_evicts_idle_flows_before_busy_ones() {
     assert_eq!(table.stats().evicted_cap.load(Ordering::Relaxed), 2);
     // Without further activity its second chance is spent: next in line.
     for port in 7..=9 {
-        table
-            .forward(key(port), &b, Scope::Cluster, b"x", &front)
-            .unwrap();
+        rig.forward(key(port), b"x").unwrap();
     }
     assert!(table.endpoint(&key(1)).is_none(), "idle now, so evicted");
 }
@@ -261,14 +249,10 @@ async fn concurrent_relays_and_new_flows_keep_the_cap_and_the_counts() {
     // Busy flows relay from several threads while others flood the table
     // with new flows: existing-flow datagrams take no table-wide lock, yet
     // the cap holds at every moment and every flow is accounted for.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let e = silent.local_addr().unwrap();
-    let balancers = Balancers::new(BalanceConfig::default());
-    let b = balancers.for_service(&service(&[e]));
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let front_addr = front.local_addr().unwrap();
+    let (_silent, e) = silent();
     const CAP: usize = 64;
-    let table = FlowTable::new(cfg(CAP, Duration::from_secs(60)));
+    let rig = Rig::new(&[e], cfg(CAP, Duration::from_secs(60))).await;
+    let (table, b, front, front_addr) = (&rig.table, &rig.b, &rig.front, rig.front_addr);
     let key = move |task: u16, n: u16| FlowKey {
         client: SocketAddr::from(([127, 0, 1, task as u8], 1000 + n)),
         orig_dst: front_addr,
