@@ -6,6 +6,8 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 use control::{synth, ClusterState, Options};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
@@ -17,6 +19,19 @@ fn opts() -> Options {
     }
 }
 
+/// A store for this node holding `svcs` and `slices` (the objects as a
+/// fresh watch would deliver them: every Service, then every slice).
+fn loaded(svcs: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
+    let mut st = ClusterState::new(opts());
+    for s in svcs {
+        st.upsert_service(s).unwrap();
+    }
+    for s in slices {
+        st.upsert_slice(s).unwrap();
+    }
+    st
+}
+
 fn full_build(c: &mut Criterion) {
     let mut g = c.benchmark_group("table");
     g.sample_size(10);
@@ -24,13 +39,7 @@ fn full_build(c: &mut Criterion) {
         b.iter_batched(
             || synth::cluster(SERVICES, ENDPOINTS),
             |(svcs, slices)| {
-                let mut st = ClusterState::new(opts());
-                for s in svcs {
-                    st.upsert_service(s).unwrap();
-                }
-                for s in slices {
-                    st.upsert_slice(s).unwrap();
-                }
+                let mut st = loaded(svcs, slices);
                 // Returned, so dropping the store is not timed.
                 let table = st.snapshot();
                 (st, table)
@@ -43,13 +52,7 @@ fn full_build(c: &mut Criterion) {
 
 fn one_slice_update(c: &mut Criterion) {
     let (svcs, slices) = synth::cluster(SERVICES, ENDPOINTS);
-    let mut st = ClusterState::new(opts());
-    for s in svcs {
-        st.upsert_service(s).unwrap();
-    }
-    for s in slices {
-        st.upsert_slice(s).unwrap();
-    }
+    let mut st = loaded(svcs, slices);
     let base = st.snapshot();
     assert_eq!(base.len(), SERVICES as usize);
     let mut g = c.benchmark_group("table");
