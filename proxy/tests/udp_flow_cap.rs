@@ -10,11 +10,14 @@
 //! flow table, reply path and metrics are exactly those of `lightpath run`,
 //! without needing TPROXY (or root).
 
+mod admin_util;
+
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin_util::{parse_prometheus, sample};
 use control::{
     Endpoint, Frontend, FrontendKind, Mode, Protocol, ServicePort, ServicePortName, Table,
 };
@@ -40,19 +43,6 @@ fn table(front: SocketAddr, endpoint: SocketAddr) -> Arc<Table> {
         1,
         [Frontend::new(front, FrontendKind::ClusterIp, svc)],
     ))
-}
-
-/// The `udp-cap` series `name` (with `extra` in its labels) in `text`.
-fn value(text: &str, name: &str, extra: &str) -> f64 {
-    text.lines()
-        .find(|l| {
-            l.starts_with(&format!("{name}{{"))
-                && l.contains("service=\"udp-cap\"")
-                && l.contains(extra)
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}{{..{extra}..}}:\n{text}"))
 }
 
 /// Resident set size of this process, in bytes.
@@ -174,20 +164,25 @@ async fn hundred_thousand_clients_stay_under_the_cap_and_idle_out() {
         max_fds < fds_before + 2 * CAP + 512,
         "{max_fds} open fds for a cap of {CAP}"
     );
-    let text = metrics.render();
-    let evicted = value(
-        &text,
+    let udp_cap = [("service", "udp-cap")];
+    let s = parse_prometheus(&metrics.render());
+    let evicted = sample(
+        &s,
         "lightpath_udp_flow_evictions_total",
-        "reason=\"cap\"",
-    );
-    assert_eq!(evicted, (created - CAP as u64) as f64, "evictions counted");
-    assert_eq!(
-        value(&text, "lightpath_udp_flows_created_total", ""),
-        created as f64
+        &[("service", "udp-cap"), ("reason", "cap")],
     );
     assert_eq!(
-        value(&text, "lightpath_udp_received_datagrams_total", ""),
-        created as f64
+        evicted,
+        Some((created - CAP as u64) as f64),
+        "evictions counted"
+    );
+    assert_eq!(
+        sample(&s, "lightpath_udp_flows_created_total", &udp_cap),
+        Some(created as f64)
+    );
+    assert_eq!(
+        sample(&s, "lightpath_udp_received_datagrams_total", &udp_cap),
+        Some(created as f64)
     );
 
     // Quiet now: every flow idles out.
@@ -201,15 +196,14 @@ async fn hundred_thousand_clients_stay_under_the_cap_and_idle_out() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = metrics.render();
+    let s = parse_prometheus(&metrics.render());
     assert_eq!(
-        value(&text, "lightpath_udp_flows_active", ""),
-        0.0,
-        "{text}"
+        sample(&s, "lightpath_udp_flows_active", &udp_cap),
+        Some(0.0)
     );
     assert_eq!(
-        value(&text, "lightpath_udp_flows_expired_total", ""),
-        CAP as f64
+        sample(&s, "lightpath_udp_flows_expired_total", &udp_cap),
+        Some(CAP as f64)
     );
     server.abort();
 }

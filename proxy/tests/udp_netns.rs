@@ -8,6 +8,7 @@
 //! Needs root (see `support::netns::require_root`) and dnsmasq
 //! (`dnsmasq-base`, installed by `.ci/run`).
 
+mod admin_util;
 mod support {
     pub mod netns;
 }
@@ -17,8 +18,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use admin_util::{get, parse_prometheus, sample};
+use prometheus_parse::Scrape;
 use support::netns::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 const VIP4: &str = "10.96.0.10";
@@ -248,20 +250,12 @@ fn dns_answers_through_clusterip_nodeport_and_ipv6_from_the_service_address() {
     assert_eq!(local.values().sum::<usize>(), 4, "node-local: {local:?}");
 }
 
-/// Reads `/metrics` from lightpath's metrics port in the node namespace.
-async fn scrape() -> String {
-    let mut s = tokio::net::TcpStream::connect("127.0.0.1:15090")
-        .await
-        .expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut body = String::new();
-    tokio::time::timeout(IO_TIMEOUT, s.read_to_string(&mut body))
-        .await
-        .expect("scrape timed out")
-        .expect("scrape");
-    body
+/// `/metrics` from lightpath's metrics port in the node namespace,
+/// strictly parsed.
+async fn scrape() -> Scrape {
+    let r = get("127.0.0.1:15090".parse().expect("literal"), "/metrics").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    parse_prometheus(&r.body)
 }
 
 /// How many A queries pod 2's resolver has logged so far.
@@ -275,19 +269,12 @@ fn pod2_queries(sb: &Sandbox) -> usize {
         .count()
 }
 
-/// The value of the `dns` service port's series `name` (with `extra` in
-/// its labels).
-fn value(metrics: &str, name: &str, extra: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| {
-            l.starts_with(&format!("{name}{{"))
-                && l.contains("service=\"dns\"")
-                && l.contains(extra)
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}{{..{extra}..}} for dns:\n{metrics}"))
+/// The value of the `dns` service port's series `name` (with `labels`
+/// among its labels too).
+fn value(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut all = vec![("service", "dns")];
+    all.extend_from_slice(labels);
+    sample(m, name, &all).unwrap_or_else(|| panic!("no {name} with {all:?}"))
 }
 
 #[test]
@@ -367,31 +354,32 @@ fn removed_endpoint_gets_no_new_datagrams_after_one_update_and_metrics_count_it(
     let m = sb.node.run(scrape);
     let on_p2 = first.iter().filter(|&&p| p == 2).count() as f64;
     let total_queries = (16 + 16 + 16) as f64;
-    assert!(
-        value(&m, "lightpath_udp_received_datagrams_total", "") >= total_queries,
-        "{m}"
-    );
-    assert!(
-        value(&m, "lightpath_udp_sent_datagrams_total", "") >= total_queries,
-        "{m}"
-    );
-    assert!(value(&m, "lightpath_udp_received_bytes_total", "") >= total_queries * 30.0);
-    assert!(value(&m, "lightpath_udp_sent_bytes_total", "") >= total_queries * 46.0);
-    assert!(value(&m, "lightpath_udp_flows_active", "") >= 16.0);
-    assert!(value(&m, "lightpath_udp_flows_created_total", "") >= 32.0 + on_p2);
-    assert!(
+    let v = |name: &str| value(&m, name, &[]);
+    let at_least = [
+        ("lightpath_udp_received_datagrams_total", total_queries),
+        ("lightpath_udp_sent_datagrams_total", total_queries),
+        ("lightpath_udp_received_bytes_total", total_queries * 30.0),
+        ("lightpath_udp_sent_bytes_total", total_queries * 46.0),
+        ("lightpath_udp_flows_active", 16.0),
+        ("lightpath_udp_flows_created_total", 32.0 + on_p2),
+    ];
+    for (name, min) in at_least {
+        assert!(v(name) >= min, "{name} = {}, want >= {min}", v(name));
+    }
+    let evicted = |reason| {
         value(
             &m,
             "lightpath_udp_flow_evictions_total",
-            "reason=\"endpoint\""
-        ) >= on_p2,
-        "{m}"
+            &[("reason", reason)],
+        )
+    };
+    assert!(
+        evicted("endpoint") >= on_p2,
+        "{} flows evicted for their endpoint, {on_p2} on pod 2",
+        evicted("endpoint")
     );
-    assert_eq!(
-        value(&m, "lightpath_udp_flow_evictions_total", "reason=\"cap\""),
-        0.0
-    );
-    assert_eq!(value(&m, "lightpath_udp_dropped_datagrams_total", ""), 0.0);
+    assert_eq!(evicted("cap"), 0.0);
+    assert_eq!(value(&m, "lightpath_udp_dropped_datagrams_total", &[]), 0.0);
 }
 
 /// A ClusterIP Service `echo` (UDP 9000 → the backends' UDP echo) with
