@@ -599,31 +599,13 @@ async fn invalid_slice_is_reported_and_the_rest_still_updates() {
     .await;
     // One read: the debugging recorder's snapshot drains what it reports.
     let (counters, histogram_samples) = read();
-    assert_eq!(
-        counter(
-            &counters,
-            control::kube::metrics::INVALID_OBJECTS,
-            ("resource", "endpointslices")
-        ),
-        1,
-        "invalid slice not counted: {counters:?}"
-    );
-    assert!(
-        counter(
-            &counters,
-            control::kube::metrics::WATCH_EVENTS,
-            ("event", "apply")
-        ) >= 3,
-        "{counters:?}"
-    );
-    assert!(
-        counter(
-            &counters,
-            control::kube::metrics::WATCH_EVENTS,
-            ("event", "init_done")
-        ) >= 3,
-        "{counters:?}"
-    );
+    use control::kube::metrics::{INVALID_OBJECTS, WATCH_EVENTS};
+    let invalid_slices = counter(&counters, INVALID_OBJECTS, ("resource", "endpointslices"));
+    assert_eq!(invalid_slices, 1, "invalid slice not counted: {counters:?}");
+    for event in ["apply", "init_done"] {
+        let n = counter(&counters, WATCH_EVENTS, ("event", event));
+        assert!(n >= 3, "{n} {event} events: {counters:?}");
+    }
     assert!(histogram_samples >= 2, "propagation histogram not recorded");
 }
 
