@@ -3,6 +3,11 @@
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: per-request allocations of the L7 path are cheaper than with
+/// glibc malloc (see BENCHMARKS.md, "L7 per-request cost").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "lightpath",

@@ -4,7 +4,9 @@
 //! Why: a request is not over when its headers arrive. The balancer's
 //! in-flight slot (the `Pick`), the `max-requests` slot and, for HTTP/1.1,
 //! the pooled connection all belong to the request until its body has been
-//! read to the end (the limit slots ride along in `proxy::attach`). Frames (data and trailers) pass through untouched, so
+//! read to the end; the `max-requests` and `max-retries` slots until the
+//! body is dropped (`proxy::attach` hands them over, so the response body is
+//! one boxed layer, not two). Frames (data and trailers) pass through untouched, so
 //! bodies stream without buffering and gRPC trailers reach the client. A
 //! body that ends early (client gone, upstream error) drops its connection
 //! instead of returning it to the pool.
@@ -15,7 +17,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::upstream::Checkin;
+use super::upstream::{Checkin, GaugeGuard};
 use crate::balance::Pick;
 
 /// What a finished response releases.
@@ -25,10 +27,16 @@ pub struct Done {
     pub checkin: Option<Checkin>,
 }
 
+/// The request's limit slots: `max-requests`, and `max-retries` when the
+/// request was retried.
+pub type Slots = (GaugeGuard, Option<GaugeGuard>);
+
 #[derive(Debug)]
 pub struct Tracked {
     inner: Incoming,
     done: Option<Done>,
+    /// Released when the body is dropped.
+    slots: Option<Slots>,
 }
 
 impl Tracked {
@@ -36,12 +44,18 @@ impl Tracked {
         let mut t = Tracked {
             inner,
             done: Some(done),
+            slots: None,
         };
         // Empty bodies (HEAD, 204, 304) may never be polled.
         if t.inner.is_end_stream() {
             t.finish();
         }
         t
+    }
+
+    /// Keeps the request's limit slots until the body is dropped.
+    pub fn hold(&mut self, slots: Slots) {
+        self.slots = Some(slots);
     }
 
     fn finish(&mut self) {

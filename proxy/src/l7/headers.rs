@@ -39,8 +39,50 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// What one pass over a head found (no hashing: standard names compare as
+/// enum values, the three custom ones as bytes).
+#[derive(Default)]
+struct Found {
+    hop_by_hop: bool,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    request_id: bool,
+}
+
+fn scan(headers: &HeaderMap) -> Found {
+    let mut f = Found::default();
+    for name in headers.keys() {
+        if *name == header::CONNECTION
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::TE
+            || *name == header::UPGRADE
+            || *name == KEEP_ALIVE
+            || *name == PROXY_CONNECTION
+        {
+            f.hop_by_hop = true;
+        } else if *name == X_FORWARDED_FOR {
+            f.forwarded_for = true;
+        } else if *name == X_FORWARDED_PROTO {
+            f.forwarded_proto = true;
+        } else if *name == X_REQUEST_ID {
+            f.request_id = true;
+        }
+    }
+    f
+}
+
 /// Removes hop-by-hop headers; with `upgrade`, keeps the upgrade handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if !scan(headers).hop_by_hop {
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
+    strip_found(headers, upgrade);
+}
+
+fn strip_found(headers: &mut HeaderMap, upgrade: bool) {
     // Headers named by Connection are hop-by-hop too.
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
@@ -75,12 +117,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Rewrites a request's headers for the upstream hop.
 pub fn prepare_request(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) {
-    strip_hop_by_hop(headers, upgrade);
-    append_forwarded_for(headers, client);
-    if !headers.contains_key(X_FORWARDED_PROTO) {
+    // One pass decides every step below (this runs on every request).
+    let found = scan(headers);
+    if found.hop_by_hop {
+        strip_found(headers, upgrade);
+    } else if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    headers.reserve(3);
+    append_forwarded_for(headers, client, found.forwarded_for);
+    if !found.forwarded_proto {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if !headers.contains_key(X_REQUEST_ID) {
+    if !found.request_id {
         headers.insert(X_REQUEST_ID, request_id());
     }
 }
@@ -90,8 +139,8 @@ pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    if !headers.contains_key(X_FORWARDED_FOR) {
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, present: bool) {
+    if !present {
         // The common case: the client address alone, formatted on the stack
         // (an IPv6 address is at most 45 characters).
         let mut buf = [0u8; 64];
@@ -143,7 +192,15 @@ fn request_id() -> HeaderValue {
 
 /// Adds the attempt count to a response.
 pub fn set_attempts(headers: &mut HeaderMap, attempts: u32) {
-    headers.insert(X_ATTEMPTS, HeaderValue::from(attempts));
+    // The usual counts need no formatting (and no allocation).
+    let v = match attempts {
+        0 => HeaderValue::from_static("0"),
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n),
+    };
+    headers.insert(X_ATTEMPTS, v);
 }
 
 #[cfg(test)]

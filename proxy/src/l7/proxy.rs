@@ -13,13 +13,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 use tower::retry::budget::Budget as _;
 
+use super::body::Tracked;
 use super::headers;
 use super::rescue::{Limit, ProxyError, Timeout};
 use super::retry::{Attempt, Attempts, Head, Replay, RetryPolicy};
@@ -61,13 +61,15 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
         // service state that came with it.
         let s = &svc.settings;
         let queued = &svc.shared.limits.queued;
-        let waited = super::queue::wait_for_endpoint(
+        // Boxed: a rare path, kept out of every request's future (which
+        // hyper moves into place per request).
+        let waited = Box::pin(super::queue::wait_for_endpoint(
             &conn.balancer,
             conn.scope,
             queued,
             s.queue_capacity,
             s.queue_timeout,
-        )
+        ))
         .await;
         if let Err(e) = waited {
             tracing::debug!(service = %svc.port.name, peer = %conn.peer, error = %e, "request failed");
@@ -149,7 +151,8 @@ async fn proxy(
     shared.budget.deposit();
     let work = async {
         if req.method() == Method::CONNECT || headers::is_upgrade(req.headers()) {
-            return super::upgrade::proxy(ctx, req, request_slot).await;
+            // Boxed: rare, and its future would size every request's.
+            return Box::pin(super::upgrade::proxy(ctx, req, request_slot)).await;
         }
         forward(ctx, req, request_slot).await
     };
@@ -203,11 +206,14 @@ pub(crate) fn upstream_request(
                 req.headers_mut().insert(http::header::HOST, v);
             }
         }
-        *req.uri_mut() = if method == Method::CONNECT {
-            uri.clone()
-        } else {
-            path.parse().unwrap_or_else(|_| Uri::from_static("/"))
-        };
+        *req.uri_mut() =
+            if method == Method::CONNECT || (uri.scheme().is_none() && uri.authority().is_none()) {
+                // Already origin-form (`/path?query`, what HTTP/1.1 clients
+                // send): shared, not parsed again.
+                uri.clone()
+            } else {
+                path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+            };
         *req.version_mut() = Version::HTTP_11;
     }
     req
@@ -291,43 +297,14 @@ async fn forward(
     }
 }
 
-/// Holds the request's limit slots until the response body ends.
+/// Holds the request's limit slots until the response body is dropped.
 fn attach(
-    resp: Response<Body>,
+    resp: Response<Tracked>,
     request_slot: GaugeGuard,
     retry_slot: Option<GaugeGuard>,
 ) -> Response<Body> {
-    resp.map(|b| {
-        Guarded {
-            inner: b,
-            _slots: (request_slot, retry_slot),
-        }
-        .boxed_unsync()
+    resp.map(|mut b| {
+        b.hold((request_slot, retry_slot));
+        b.boxed_unsync()
     })
-}
-
-/// A body that keeps some guards alive until it is dropped.
-struct Guarded<G> {
-    inner: Body,
-    _slots: G,
-}
-
-impl<G: Unpin> hyper::body::Body for Guarded<G> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -83,7 +83,7 @@ pub struct Attempt {
 
 /// A response from an endpoint.
 pub struct Sent {
-    pub response: Response<Body>,
+    pub response: Response<Tracked>,
     pub endpoint: SocketAddr,
     /// Attempts made, this one included.
     pub attempts: u32,
@@ -215,7 +215,7 @@ async fn send(ctx: &Conn, attempt: Attempt) -> AttemptResult {
             headers::prepare_response(resp.headers_mut(), false);
             let done = Done { pick, checkin };
             Ok(Sent {
-                response: resp.map(|b: Incoming| Tracked::new(b, done).boxed_unsync()),
+                response: resp.map(|b: Incoming| Tracked::new(b, done)),
                 endpoint,
                 attempts,
                 retryable_status: s.retry_on.status(status.as_u16()),
