@@ -293,7 +293,9 @@ impl FakeApi {
 
     /// Compacts and ends every open watch with a 410 ERROR event, as the API
     /// server does when a watcher falls out of its window. Clients must
-    /// relist.
+    /// relist: until a kind is listed again, a watch of it that resumes from
+    /// a resourceVersion also gets 410 (a client that was between two
+    /// watches at the moment of expiry relists too).
     pub fn expire_watches(&self) {
         self.shared.expire_watches();
     }

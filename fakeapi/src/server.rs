@@ -6,7 +6,7 @@
 //! every connection on "restart"), which a higher-level framework would hide.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -49,6 +49,11 @@ pub struct Shared {
     /// Per kind: list requests wait while true (a slow API server, or one
     /// whose etcd is catching up), so tests can observe a client mid-sync.
     pub list_hold: tokio::sync::watch::Sender<[bool; 3]>,
+    /// Per kind: set by `expire_watches`, cleared by the next list. While
+    /// set, a watch that resumes from a resourceVersion (instead of
+    /// relisting) gets 410, so every client relists after an expiry, even
+    /// one whose watch was not open at that moment.
+    pub expired: [AtomicBool; 3],
 }
 
 impl Shared {
@@ -60,6 +65,7 @@ impl Shared {
             bookmark_interval,
             server_address: Mutex::new(String::new()),
             list_hold: tokio::sync::watch::channel([false; 3]).0,
+            expired: Default::default(),
         }
     }
 
@@ -87,12 +93,15 @@ impl Shared {
     }
 
     pub fn expire_watches(&self) {
+        for e in &self.expired {
+            e.store(true, Ordering::Release);
+        }
         self.lock().compact();
         self.tick.send_modify(|t| t.epoch += 1);
     }
 }
 
-fn idx(kind: Kind) -> usize {
+pub(crate) fn idx(kind: Kind) -> usize {
     match kind {
         Kind::Service => 0,
         Kind::EndpointSlice => 1,
@@ -335,6 +344,7 @@ fn list(
     )?;
     drop(store);
     shared.stats.lists[idx(t.kind)].fetch_add(1, Ordering::Relaxed);
+    shared.expired[idx(t.kind)].store(false, Ordering::Release);
     let mut meta = json!({"resourceVersion": page.rv.to_string()});
     if let Some(c) = &page.continue_token {
         meta["continue"] = json!(c);

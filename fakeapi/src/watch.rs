@@ -148,7 +148,9 @@ pub fn stream(
         let now_rv = store.resource_version();
         match st.req.resource_version {
             Some(rv) if !st.req.send_initial_events => {
-                if rv < store.compacted() {
+                let expired = shared.expired[crate::server::idx(st.req.kind)]
+                    .load(std::sync::atomic::Ordering::Acquire);
+                if rv < store.compacted() || expired {
                     st.pending.push_back(error_line(&ApiError::gone(format!(
                         "too old resource version: {rv} ({})",
                         store.compacted()
