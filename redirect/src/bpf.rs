@@ -40,6 +40,7 @@ const BPF_FUNC_SK_REDIRECT_HASH: i32 = 72;
 const BPF_NOEXIST: u64 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
 /// Size of [`FlowKey`].
@@ -340,6 +341,10 @@ mod asm {
     pub fn jeq_imm(dst: u8, imm: i32, off: i16) -> u64 {
         insn(0x15, dst, 0, off, imm)
     }
+    /// if dst != imm goto +off.
+    pub fn jne_imm(dst: u8, imm: i32, off: i16) -> u64 {
+        insn(0x55, dst, 0, off, imm)
+    }
     /// goto +off.
     pub fn ja(off: i16) -> u64 {
         insn(0x05, 0, 0, off, 0)
@@ -359,6 +364,7 @@ mod asm {
 
 /// Offsets in the uapi `struct __sk_buff` (checked against this kernel's
 /// linux/bpf.h).
+const SKB_LEN: i16 = 0;
 const SKB_FAMILY: i16 = 88;
 const SKB_REMOTE_IP4: i16 = 92;
 const SKB_LOCAL_IP4: i16 = 96;
@@ -370,6 +376,7 @@ const SKB_LOCAL_PORT: i16 = 136;
 const KEY: i16 = -(KEY_SIZE as i16);
 
 /// ```text
+/// if ctx->len == 0 return SK_DROP               // a bare FIN: no data (below)
 /// r6 = ctx
 /// key.family = ctx->family
 /// if family == AF_INET6 goto v6
@@ -378,8 +385,16 @@ const KEY: i16 = -(KEY_SIZE as i16);
 /// v6: key.remote = ctx->remote_ip6[0..4]; key.local = ctx->local_ip6[0..4]
 /// ports: key.remote_port = ctx->remote_port; key.local_port = ctx->local_port
 /// bpf_sk_redirect_hash(ctx, targets, &key, 0)   // egress of the peer
-/// return SK_PASS                                 // never drop
+/// return SK_PASS                                 // never drop data
 /// ```
+///
+/// Why bare FINs are dropped: `tcp_read_skb` hands the FIN's zero-length
+/// skb to the program too. Redirected, the peer's psock worker sends 0
+/// bytes, which it treats as a broken pipe: it sets EPIPE on the peer and
+/// stops its transmit path (measured here: the relay ended
+/// `Error(Upstream, BrokenPipe)` with data still to send). The FIN itself
+/// has already been processed by TCP (user space sees it as EPOLLRDHUP), so
+/// dropping the empty skb loses nothing.
 pub fn verdict_program(targets_fd: i32) -> Vec<u64> {
     use asm::*;
     let mut v4 = vec![ldx_w(R2, R6, SKB_REMOTE_IP4), stx_w(R10, KEY + 4, R2)];
@@ -401,6 +416,10 @@ pub fn verdict_program(targets_fd: i32) -> Vec<u64> {
         v6.push(stx_w(R10, KEY + 20 + 4 * i, R2));
     }
     let mut p = vec![
+        ldx_w(R2, R1, SKB_LEN),
+        jne_imm(R2, 0, 2),
+        mov64_imm(R0, SK_DROP),
+        exit(),
         mov64_reg(R6, R1),
         ldx_w(R2, R6, SKB_FAMILY),
         stx_w(R10, KEY, R2),

@@ -31,7 +31,7 @@ use std::os::fd::AsFd;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 pub(crate) mod sys;
-pub use sys::{outq, tcp_counters, TcpCounters};
+pub use sys::{outq, register_epoll, tcp_counters, TcpCounters, WatchFd};
 
 /// Listen backlog: a burst of SYNs while the accept loop is busy must not be
 /// dropped (the kernel caps it at `net.core.somaxconn` anyway).

@@ -225,3 +225,31 @@ pub fn set_rcvlowat(sock: &impl AsFd, bytes: i32) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// An epoll instance registered with tokio's reactor: readable when one of
+/// the sockets added to it has an event. The descriptor is private and never
+/// replaced, which is what [`tokio::io::unix::AsyncFd::register`] requires.
+pub struct WatchFd(nix::sys::epoll::Epoll);
+
+impl AsRawFd for WatchFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+impl WatchFd {
+    pub fn epoll(&self) -> &nix::sys::epoll::Epoll {
+        &self.0
+    }
+}
+
+/// Registers `ep` with the current tokio runtime (read interest only).
+pub fn register_epoll(ep: nix::sys::epoll::Epoll) -> io::Result<tokio::io::unix::AsyncFd<WatchFd>> {
+    // SAFETY: `WatchFd` owns the epoll descriptor for as long as the AsyncFd
+    // lives; its field is private and it offers no way to swap or close it,
+    // so `as_raw_fd` returns the same open descriptor throughout.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(WatchFd(ep), tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
