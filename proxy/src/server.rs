@@ -118,7 +118,7 @@ impl Server {
         self.cfg.max_connections.max(1) - self.slots.available_permits()
     }
 
-    /// Runs one accept loop per listener plus the balancer sync task until
+    /// Runs one accept loop per listener plus the table sync task until
     /// `drain` is signalled.
     pub async fn run(
         &self,
@@ -135,15 +135,10 @@ impl Server {
         }
         tracing::info!(listeners = ?addrs, "serving");
         let mut loops = tokio::task::JoinSet::new();
-        loops.spawn(sync_balancers(
+        loops.spawn(sync_table(
             self.table.clone(),
             self.balancers.clone(),
-            drain.clone(),
-        ));
-        loops.spawn(crate::l7::sync_task(
-            self.table.clone(),
             self.l7.clone(),
-            self.balancers.clone(),
             drain.clone(),
         ));
         for l in listeners {
@@ -177,15 +172,10 @@ impl Server {
         drain: drain::Watch,
     ) -> Result<(), ServeError> {
         let mut sync = tokio::task::JoinSet::new();
-        sync.spawn(sync_balancers(
+        sync.spawn(sync_table(
             self.table.clone(),
             self.balancers.clone(),
-            drain.clone(),
-        ));
-        sync.spawn(crate::l7::sync_task(
-            self.table.clone(),
             self.l7.clone(),
-            self.balancers.clone(),
             drain.clone(),
         ));
         let addrs: Vec<SocketAddr> = sets
@@ -476,10 +466,22 @@ impl Listening {
     }
 }
 
-/// Keeps the balancers in step with the table, so balancers of removed
-/// service ports are dropped and new ones exist before their first
-/// connection.
-async fn sync_balancers(mut table: TableRx, balancers: Arc<Balancers>, drain: drain::Watch) {
+/// Keeps the balancers, then the per-service L7 state, in step with the
+/// table: balancers of removed service ports are dropped and new ones exist
+/// before their first connection, and L7 state (which starts health checks
+/// on a service's balancer) always sees the balancers of the same snapshot.
+/// One loop, so that order holds for every snapshot.
+async fn sync_table(
+    mut table: TableRx,
+    balancers: Arc<Balancers>,
+    l7: Arc<crate::l7::L7>,
+    drain: drain::Watch,
+) {
+    // The snapshot current now: it may be newer than the one the balancers
+    // were built from in `Server::new`.
+    let t = table.borrow_and_update().clone();
+    balancers.sync(&t);
+    l7.sync(&t, &balancers);
     loop {
         tokio::select! {
             biased;
@@ -491,7 +493,8 @@ async fn sync_balancers(mut table: TableRx, balancers: Arc<Balancers>, drain: dr
                 }
                 let t = table.borrow_and_update().clone();
                 let n = balancers.sync(&t);
-                tracing::debug!(version = t.version, balancers = n, "balancers synced");
+                l7.sync(&t, &balancers);
+                tracing::debug!(version = t.version, balancers = n, "balancers and L7 state synced");
             }
         }
     }

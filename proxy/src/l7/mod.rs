@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use control::{Mode, ServicePort, ServicePortName, Table, TableRx};
+use control::{Mode, ServicePort, ServicePortName, Table};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -299,30 +299,6 @@ impl L7 {
         };
         if let Err(e) = result {
             tracing::debug!(%peer, service = %port.name, error = %e, "http connection ended with error");
-        }
-    }
-}
-
-/// Keeps `l7` in step with the table until the drain signal.
-pub async fn sync_task(
-    mut table: TableRx,
-    l7: Arc<L7>,
-    balancers: Arc<Balancers>,
-    drain: drain::Watch,
-) {
-    let t = table.borrow_and_update().clone();
-    l7.sync(&t, &balancers);
-    loop {
-        tokio::select! {
-            biased;
-            _ = drain.signaled() => return,
-            r = table.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                let t = table.borrow_and_update().clone();
-                l7.sync(&t, &balancers);
-            }
         }
     }
 }
