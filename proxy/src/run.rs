@@ -106,19 +106,6 @@ pub struct RunArgs {
     /// against 0.90x for the shared work-stealing runtime (BENCHMARKS.md).
     #[arg(long, env = "LIGHTPATH_DATA_THREADS")]
     pub data_threads: Option<usize>,
-    /// L4 kernel fast path (BPF sockmap, see l4/sockmap.rs): auto = use it
-    /// when the program loads (else one warning and the user-space copy),
-    /// on = refuse to start without it, off = user-space copy.
-    #[arg(
-        long = "l4-sockmap",
-        env = "LIGHTPATH_L4_SOCKMAP",
-        default_value = "off"
-    )]
-    pub l4_sockmap: crate::l4::sockmap::Setting,
-    /// Sockets the fast path's maps hold (two per connection); connections
-    /// beyond it are copied in user space.
-    #[arg(long = "l4-sockmap-capacity", env = "LIGHTPATH_L4_SOCKMAP_CAPACITY", default_value_t = crate::l4::sockmap::DEFAULT_CAPACITY)]
-    pub l4_sockmap_capacity: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,8 +136,6 @@ pub enum RunError {
     Serve(#[from] server::ServeError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
-    #[error("--l4-sockmap on: {0}")]
-    Sockmap(#[from] redirect::bpf::BpfError),
 }
 
 /// Runs until SIGTERM/SIGINT; returns after the drain.
@@ -313,8 +298,6 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     if !args.no_redirect {
         server_cfg.relay.connect.mark = defaults::UPSTREAM_MARK;
     }
-    server_cfg.relay.sockmap =
-        crate::l4::sockmap::FastPath::from_setting(args.l4_sockmap, args.l4_sockmap_capacity)?;
     let (drain_signal, drain_watch) = drain::channel();
     let (stop_rules_tx, stop_rules_rx) = tokio::sync::watch::channel(false);
     let rules_task = rules.map(|r| {

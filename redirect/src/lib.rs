@@ -8,7 +8,6 @@
 //! unit-tested functions.
 //!
 //! * [`sockopt`]: IP_TRANSPARENT listeners, original destination, SO_MARK.
-//! * [`bpf`]: the sockmap fast path's maps and verdict program.
 //! * [`nft`]: the `inet` table as text for `nft -f -` (pure functions).
 //! * [`routing`]: the `fwmark` rule and the `local` default route.
 //! * [`Redirector`]: applies a desired frontend set as one atomic transaction,
@@ -16,7 +15,6 @@
 
 #![deny(unsafe_code)]
 
-pub mod bpf;
 mod error;
 mod exec;
 pub mod nft;

@@ -4,9 +4,8 @@
 //! Why one module: each option here changes what the kernel routes to or from
 //! a socket, and getting one wrong fails silently (a listener that never sees
 //! TPROXY'd connections, an upstream connection the rules capture again).
-//! Everything goes through `socket2`'s and `nix`'s safe wrappers, except
-//! the few calls neither has (`bpf(2)`, `TCP_INFO`, `SIOCOUTQ`,
-//! `SO_RCVLOWAT`): those are in [`sys`], the crate's only `unsafe` code.
+//! Everything goes through `socket2`'s and `nix`'s safe wrappers, so the
+//! crate needs no `unsafe` at all.
 //!
 //! * [`transparent_listener`]: IP_TRANSPARENT / IPV6_TRANSPARENT (so TPROXY
 //!   may deliver connections for non-local addresses), SO_REUSEADDR (restart
@@ -29,9 +28,6 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-
-pub(crate) mod sys;
-pub use sys::{outq, register_epoll, tcp_counters, TcpCounters, WatchFd};
 
 /// Listen backlog: a burst of SYNs while the accept loop is busy must not be
 /// dropped (the kernel caps it at `net.core.somaxconn` anyway).

@@ -11,12 +11,9 @@
 //! * [`copy`]: bidirectional copy with half-close, reset propagation, an idle
 //!   timeout and bounded per-connection memory.
 //! * [`splice`]: the zero-copy path [`copy`] switches bulk directions to.
-//! * [`sockmap`]: the kernel fast path (BPF sockmap): when loaded, relayed
-//!   pairs are spliced by the kernel and [`copy`] is only the fallback.
 
 pub mod connect;
 pub mod copy;
-pub mod sockmap;
 pub mod splice;
 
 use std::net::{IpAddr, SocketAddr};
@@ -36,9 +33,6 @@ pub use copy::{copy_bidirectional, CopyConfig, CopyEnd, Transferred};
 pub struct RelayConfig {
     pub connect: ConnectConfig,
     pub copy: CopyConfig,
-    /// The kernel fast path, when loaded (`--l4-sockmap`); `None` copies in
-    /// user space.
-    pub sockmap: Option<Arc<sockmap::FastPath>>,
 }
 
 /// What one relayed connection did (for logs and tests).
@@ -91,10 +85,7 @@ pub async fn relay(
         }
     };
     let endpoint = pick.addr();
-    let (transferred, end) = match &cfg.sockmap {
-        Some(fp) => sockmap::relay(client, upstream, fp, &cfg.copy, drain).await,
-        None => copy_bidirectional(&client, &upstream, &cfg.copy, drain).await,
-    };
+    let (transferred, end) = copy_bidirectional(&client, &upstream, &cfg.copy, drain).await;
     // The in-flight slot is held until both sockets are done.
     drop(pick);
     Ok(RelayReport {
