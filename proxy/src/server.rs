@@ -477,12 +477,17 @@ async fn sync_table(
     l7: Arc<crate::l7::L7>,
     drain: drain::Watch,
 ) {
-    // The snapshot current now: it may be newer than the one the balancers
-    // were built from in `Server::new`.
-    let t = table.borrow_and_update().clone();
-    balancers.sync(&t);
-    l7.sync(&t, &balancers);
+    // Starts from the snapshot current now: it may be newer than the one the
+    // balancers were built from in `Server::new`.
     loop {
+        let t = table.borrow_and_update().clone();
+        let n = balancers.sync(&t);
+        l7.sync(&t, &balancers);
+        tracing::debug!(
+            version = t.version,
+            balancers = n,
+            "balancers and L7 state synced"
+        );
         tokio::select! {
             biased;
             _ = drain.signaled() => return,
@@ -491,10 +496,6 @@ async fn sync_table(
                     // The source is gone; the last table keeps serving.
                     return;
                 }
-                let t = table.borrow_and_update().clone();
-                let n = balancers.sync(&t);
-                l7.sync(&t, &balancers);
-                tracing::debug!(version = t.version, balancers = n, "balancers and L7 state synced");
             }
         }
     }

@@ -73,13 +73,18 @@ fn scan(headers: &HeaderMap) -> Found {
 
 /// Removes hop-by-hop headers; with `upgrade`, keeps the upgrade handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if !scan(headers).hop_by_hop {
-        if upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        return;
+    let found = scan(headers).hop_by_hop;
+    strip(headers, upgrade, found);
+}
+
+/// [`strip_found`] when `found` says there is a hop-by-hop header; else only
+/// the upgrade handshake's `Connection` is set.
+fn strip(headers: &mut HeaderMap, upgrade: bool, found: bool) {
+    if found {
+        strip_found(headers, upgrade);
+    } else if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    strip_found(headers, upgrade);
 }
 
 fn strip_found(headers: &mut HeaderMap, upgrade: bool) {
@@ -119,11 +124,7 @@ fn strip_found(headers: &mut HeaderMap, upgrade: bool) {
 pub fn prepare_request(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) {
     // One pass decides every step below (this runs on every request).
     let found = scan(headers);
-    if found.hop_by_hop {
-        strip_found(headers, upgrade);
-    } else if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+    strip(headers, upgrade, found.hop_by_hop);
     headers.reserve(3);
     append_forwarded_for(headers, client, found.forwarded_for);
     if !found.forwarded_proto {
