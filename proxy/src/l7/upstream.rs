@@ -521,3 +521,126 @@ impl Pools {
         self.map.store(Arc::new(next));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Thread affinity of pooled HTTP/1.1 connections, through real loopback
+    //! sockets: each side runs its own current-thread runtime, as the data
+    //! threads do.
+
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A keep-alive backend answering every request head with `ok`.
+    fn backend() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                l.set_nonblocking(true).unwrap();
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                while let Ok((mut s, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 4096];
+                        let mut have = Vec::new();
+                        loop {
+                            let Ok(n) = s.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            have.extend_from_slice(&buf[..n]);
+                            while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                                have.drain(..end + 4);
+                                let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                                if s.write_all(r).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        });
+        addr
+    }
+
+    fn request() -> Request<Body> {
+        let mut r = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+        *r.uri_mut() = "/".parse().unwrap();
+        r.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("b"));
+        r
+    }
+
+    /// One request from the calling thread's runtime; the
+    /// response body is read to the end and the connection checked in.
+    async fn send_one(pool: &Arc<EndpointPool>, cs: &ConnectSettings, limits: &Limits) {
+        let (resp, checkin) =
+            tokio::time::timeout(Duration::from_secs(5), pool.send(request(), cs, limits))
+                .await
+                .expect("response within 5 s")
+                .expect("response");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"ok");
+        checkin.expect("HTTP/1.1 checkin").finish();
+    }
+
+    /// With `max-connections` 1 and the one connection idle in the pool but
+    /// opened on another thread, a request must take that connection rather
+    /// than be refused: affinity is a preference, never a limit.
+    #[test]
+    fn at_the_connection_limit_another_threads_idle_connection_is_used() {
+        let addr = backend();
+        let pool = Arc::new(EndpointPool::new(addr, false, Duration::from_secs(30)));
+        let limits = Arc::new(Limits::default());
+        let cs = ConnectSettings {
+            timeout: Duration::from_secs(2),
+            mark: 0,
+            max_connections: 1,
+            max_pending: 16,
+        };
+        // Thread A opens the connection and keeps its runtime (which drives
+        // the connection's task) running until the test is done.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
+        let a = {
+            let (pool, limits, cs) = (pool.clone(), limits.clone(), cs.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    send_one(&pool, &cs, &limits).await;
+                    opened_tx.send(()).unwrap();
+                    // Keep driving the connection task until told to stop.
+                    let wait = tokio::task::spawn_blocking(move || done_rx.recv());
+                    let _ = wait.await;
+                });
+            })
+        };
+        opened_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("thread A got its response");
+        assert_eq!(pool.idle_len(), 1);
+        assert_eq!(limits.connections.get(), 1);
+        // Thread B (this one): at the limit, so it borrows A's connection.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(send_one(&pool, &cs, &limits));
+        assert_eq!(limits.connections.get(), 1, "no second connection opened");
+        assert_eq!(pool.idle_len(), 1, "the borrowed connection went back");
+        done_tx.send(()).unwrap();
+        a.join().unwrap();
+    }
+}
