@@ -532,15 +532,20 @@ mod tests {
     use http_body_util::{BodyExt, Empty};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A runtime like a data thread's.
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// A keep-alive backend answering every request head with `ok`.
     fn backend() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = current_thread();
             rt.block_on(async move {
                 l.set_nonblocking(true).unwrap();
                 let l = tokio::net::TcpListener::from_std(l).unwrap();
@@ -614,10 +619,7 @@ mod tests {
         let a = {
             let (pool, limits, cs) = (pool.clone(), limits.clone(), cs.clone());
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = current_thread();
                 rt.block_on(async move {
                     send_one(&pool, &cs, &limits).await;
                     opened_tx.send(()).unwrap();
@@ -633,10 +635,7 @@ mod tests {
         assert_eq!(pool.idle_len(), 1);
         assert_eq!(limits.connections.get(), 1);
         // Thread B (this one): at the limit, so it borrows A's connection.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = current_thread();
         rt.block_on(send_one(&pool, &cs, &limits));
         assert_eq!(limits.connections.get(), 1, "no second connection opened");
         assert_eq!(pool.idle_len(), 1, "the borrowed connection went back");
