@@ -20,7 +20,7 @@
 //!   with the IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message: UDP has no
 //!   accepted socket whose local address would tell) and [`reply_socket`]
 //!   (bound to the non-local service address, so replies carry it as source).
-//! * [`upstream_socket`]: SO_MARK on lightpath's own connections, so the
+//! * [`upstream_connect`]: SO_MARK on lightpath's own connections, so the
 //!   `output` rule never sends them back to lightpath.
 
 use std::io;
@@ -79,19 +79,31 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// A TCP socket for connecting to `dest`, carrying SO_MARK `mark` (skipped
-/// when `mark` is 0, e.g. in tests without CAP_NET_ADMIN). Call
-/// `.connect(dest)` on the result, under the caller's timeout.
-pub fn upstream_socket(dest: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
-    let sock = match dest {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
+/// Starts a non-blocking TCP connect to `dest` from a socket carrying
+/// SO_MARK `mark` (skipped when `mark` is 0, e.g. in tests without
+/// CAP_NET_ADMIN) and TCP_NODELAY. The connect is usually still in progress
+/// when this returns: register the stream with the reactor and wait for it
+/// to become writable (or to report an error) under the caller's timeout.
+///
+/// Why not `tokio::net::TcpSocket::connect`: it always asks `SO_ERROR`
+/// after the socket turns writable, one `getsockopt` per connection that
+/// only tells something when the readiness already said error or hang-up.
+pub fn upstream_connect(dest: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> {
+    let sock = Socket::new(
+        Domain::for_address(dest),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if mark != 0 {
         set_mark(&sock, mark)?;
     }
-    sock.set_nodelay(true)?;
-    Ok(sock)
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&dest.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(sock.into())
 }
 
 /// Sets SO_MARK on any socket. Needs CAP_NET_ADMIN.
@@ -267,12 +279,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn upstream_socket_without_mark_connects() {
+    async fn upstream_connect_without_mark_connects() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let s = upstream_socket(addr, 0).unwrap();
-        let _c = s.connect(addr).await.unwrap();
-        let _ = l.accept().await.unwrap();
+        let s = upstream_connect(addr, 0).unwrap();
+        assert!(SockRef::from(&s).tcp_nodelay().unwrap());
+        let s = tokio::net::TcpStream::from_std(s).unwrap();
+        let (w, a) = tokio::join!(s.writable(), l.accept());
+        w.unwrap();
+        assert_eq!(a.unwrap().1, s.local_addr().unwrap());
+        assert_eq!(s.take_error().unwrap().map(|e| e.kind()), None);
     }
 
     fn orig_dst_roundtrip(bind: &str) {

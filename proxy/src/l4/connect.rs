@@ -10,6 +10,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::balance::{Balancer, Pick, Scope};
@@ -58,9 +59,9 @@ pub enum ConnectError {
 }
 
 /// Connects to an endpoint of `scope` for `client`, trying up to
-/// `cfg.attempts` distinct endpoints. Returns the stream, the balancer's
-/// in-flight [`Pick`] (hold it for the connection's lifetime) and the number
-/// of attempts made.
+/// `cfg.attempts` distinct endpoints. Returns the stream (TCP_NODELAY, no
+/// keepalive yet: see [`attempt`]), the balancer's in-flight [`Pick`] (hold
+/// it for the connection's lifetime) and the number of attempts made.
 pub async fn connect(
     balancer: &Balancer,
     scope: Scope,
@@ -77,7 +78,7 @@ pub async fn connect(
         let addr = pick.addr();
         tried.push(addr);
         let started = std::time::Instant::now();
-        match connect_one(addr, cfg).await {
+        match attempt(addr, cfg).await {
             Ok(stream) => {
                 balancer.metrics().connect_succeeded(started.elapsed());
                 pick.record_success();
@@ -106,10 +107,29 @@ pub async fn connect(
     }
 }
 
-/// One attempt: a (marked) socket, connected within the timeout.
+/// One attempt for a connection that is meant to live (L7's pooled upstream
+/// connections): [`attempt`], then TCP keepalive at once (four
+/// `setsockopt`s).
 pub async fn connect_one(addr: SocketAddr, cfg: &ConnectConfig) -> io::Result<TcpStream> {
-    let sock = redirect::sockopt::upstream_socket(addr, cfg.mark)?;
-    let stream = match tokio::time::timeout(cfg.timeout, sock.connect(addr)).await {
+    let stream = attempt(addr, cfg).await?;
+    super::set_keepalive(&stream);
+    Ok(stream)
+}
+
+/// One attempt: a (marked) non-blocking socket, connected within the
+/// timeout, without keepalive. The L4 relay uses this: most relayed
+/// connections are over long before a keepalive probe (60 s idle) could
+/// matter, so the copy sets keepalive only on those still open after
+/// [`super::CopyConfig::upstream_keepalive_after`].
+///
+/// Success costs no `getsockopt(SO_ERROR)`: a non-blocking connect that
+/// fails raises EPOLLERR (`sk_err` is set before the wakeup) and, once the
+/// socket is closed, EPOLLHUP; one that succeeds raises EPOLLOUT alone
+/// (`tcp_poll` reports nothing while in SYN-SENT). So the error is fetched
+/// only when the readiness says error or hang-up.
+pub async fn attempt(addr: SocketAddr, cfg: &ConnectConfig) -> io::Result<TcpStream> {
+    let stream = TcpStream::from_std(redirect::sockopt::upstream_connect(addr, cfg.mark)?)?;
+    match tokio::time::timeout(cfg.timeout, established(&stream)).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(io::Error::new(
@@ -117,7 +137,95 @@ pub async fn connect_one(addr: SocketAddr, cfg: &ConnectConfig) -> io::Result<Tc
                 format!("connect timed out after {:?}", cfg.timeout),
             ))
         }
-    };
-    super::set_keepalive(&stream);
+    }
     Ok(stream)
+}
+
+/// Waits for a started connect to finish; the error it failed with, if any.
+async fn established(stream: &TcpStream) -> io::Result<()> {
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real loopback sockets: a listener, a closed port, and a listener whose
+    //! accept queue is full (its SYNs are dropped, so a connect hangs).
+
+    use super::*;
+    use socket2::SockRef;
+
+    fn cfg(timeout_ms: u64) -> ConnectConfig {
+        ConnectConfig {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ConnectConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn attempt_connects_without_keepalive_connect_one_with_it() {
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let l = tokio::net::TcpListener::bind(bind).await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let cfg = cfg(1000);
+            let (s, a) = tokio::join!(attempt(addr, &cfg), l.accept());
+            let s = s.unwrap();
+            assert_eq!(a.unwrap().1, s.local_addr().unwrap());
+            assert_eq!(s.peer_addr().unwrap(), addr);
+            assert!(s.nodelay().unwrap());
+            assert!(!SockRef::from(&s).keepalive().unwrap(), "attempt: lazy");
+            let (s, a) = tokio::join!(connect_one(addr, &cfg), l.accept());
+            let s = s.unwrap();
+            a.unwrap();
+            let sock = SockRef::from(&s);
+            assert!(sock.keepalive().unwrap(), "connect_one: at once (L7 pools)");
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_port_is_refused() {
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let l = std::net::TcpListener::bind(bind).unwrap();
+            let addr = l.local_addr().unwrap();
+            drop(l);
+            let started = std::time::Instant::now();
+            let e = attempt(addr, &cfg(1000)).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+            assert!(started.elapsed() < Duration::from_millis(500));
+            let e = connect_one(addr, &cfg(1000)).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unanswered_syn_times_out() {
+        use socket2::{Domain, Socket, Type};
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        // Backlog 0: one connection fills the accept queue, and the
+        // listener drops every SYN after it (never accepted here).
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let mut held = Vec::new();
+        let mut timed_out = None;
+        for _ in 0..4 {
+            match attempt(addr, &cfg(300)).await {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    timed_out = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = timed_out.expect("a connect to a full listener must time out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(held.len() <= 2, "{} connects completed", held.len());
+    }
 }

@@ -9,6 +9,13 @@
 //!   (SO_LINGER 0), so the peer sees a reset, not a clean end of stream;
 //! * **idle timeout**: one timer per connection, re-armed lazily from a
 //!   last-activity timestamp (no timer reset per read);
+//! * **lazy upstream keepalive**: the same timer first fires after
+//!   `upstream_keepalive_after` (1 s) and sets TCP keepalive on the upstream
+//!   socket then. Keepalive probes start after 60 s idle, so they only ever
+//!   matter for connections that live; setting them at connect time cost
+//!   four `setsockopt`s on every connection, most of which (one request per
+//!   connection) are closed within milliseconds. No timer is added for it:
+//!   the idle timer is registered anyway and only its first deadline moves;
 //! * **bounded memory**: a direction's buffer is allocated only when data
 //!   first arrives (an idle connection holds none) and starts small. ztunnel's
 //!   copy grew to 256 KiB per direction and drew memory complaints
@@ -64,6 +71,10 @@ pub struct CopyConfig {
     pub grow_after: u64,
     /// Bulk directions switch to `splice(2)` (zero-copy).
     pub splice: bool,
+    /// Set TCP keepalive on the upstream socket once the connection has
+    /// lived this long (`None`: never; the caller did it). The client socket
+    /// inherits keepalive from the listener.
+    pub upstream_keepalive_after: Option<Duration>,
 }
 
 impl Default for CopyConfig {
@@ -76,6 +87,9 @@ impl Default for CopyConfig {
             // A megabyte in one direction means a bulk transfer.
             grow_after: 1024 * 1024,
             splice: true,
+            // Past the lifetime of connection-per-request traffic, far
+            // below the 60 s before the first probe.
+            upstream_keepalive_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -123,15 +137,31 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Resolves when nothing happened for `idle`.
-    async fn idle(&self, idle: Duration) {
+    /// Resolves when nothing happened for `idle`. On the way, once the
+    /// connection is `keepalive.0` old, sets TCP keepalive on `keepalive.1`:
+    /// the one timer serves both, so a connection closed before then never
+    /// pays for keepalive.
+    async fn idle(&self, idle: Duration, mut keepalive: Option<(Duration, &TcpStream)>) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let deadline = last + idle;
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return;
             }
-            tokio::time::sleep_until(deadline).await;
+            let wake = match keepalive {
+                Some((after, sock)) => {
+                    let at = self.start + after;
+                    if now >= at {
+                        super::set_keepalive(sock);
+                        keepalive = None;
+                        continue;
+                    }
+                    at.min(deadline)
+                }
+                None => deadline,
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -192,7 +222,10 @@ pub async fn copy_bidirectional(
             Ok(_) => CopyEnd::Closed,
             Err((side, kind)) => CopyEnd::Error(side, kind),
         },
-        _ = activity.idle(cfg.idle_timeout) => CopyEnd::Idle,
+        _ = activity.idle(
+            cfg.idle_timeout,
+            cfg.upstream_keepalive_after.map(|after| (after, upstream)),
+        ) => CopyEnd::Idle,
         _ = drain.forced() => CopyEnd::Forced,
     };
     if end != CopyEnd::Closed {
@@ -575,6 +608,88 @@ mod tests {
             r.is_err(),
             "client saw a clean EOF after {got:?}, not the reset"
         );
+    }
+
+    fn keepalive_on(s: &TcpStream) -> bool {
+        socket2::SockRef::from(s).keepalive().unwrap()
+    }
+
+    /// A connection that outlives `upstream_keepalive_after` gets keepalive
+    /// (60 s / 10 s / 6) on its upstream socket, set by the copy's timer
+    /// while the connection sits idle; the client socket is left alone (it
+    /// inherits keepalive from the listener).
+    #[tokio::test]
+    async fn upstream_keepalive_is_set_once_the_connection_lives() {
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        let u = std::sync::Arc::new(u);
+        assert!(!keepalive_on(&u));
+        let (_sig, watch) = drain::channel();
+        let cfg = CopyConfig {
+            upstream_keepalive_after: Some(Duration::from_millis(300)),
+            ..cfg(true)
+        };
+        let up = u.clone();
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &up, &cfg, &watch).await });
+        let mut buf = [0u8; 4];
+        client.write_all(b"ping").await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        assert!(!keepalive_on(&u), "not before 300 ms");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !keepalive_on(&u) {
+            assert!(Instant::now() < deadline, "no keepalive after 3 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sock = socket2::SockRef::from(&*u);
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 6);
+        // The relay still works after the timer fired.
+        server.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        drop(client);
+        drop(server);
+        let (_, end) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends when both peers close")
+            .unwrap();
+        assert_eq!(end, CopyEnd::Closed);
+    }
+
+    /// A connection over within the default second never pays the four
+    /// keepalive `setsockopt`s.
+    #[tokio::test]
+    async fn short_connection_never_gets_upstream_keepalive() {
+        let started = Instant::now();
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        let u = std::sync::Arc::new(u);
+        let (_sig, watch) = drain::channel();
+        let cfg = cfg(true);
+        assert_eq!(cfg.upstream_keepalive_after, Some(Duration::from_secs(1)));
+        let up = u.clone();
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &up, &cfg, &watch).await });
+        let mut buf = [0u8; 4];
+        client.write_all(b"ping").await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.shutdown().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        drop(client);
+        let (_, end) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends when both peers close")
+            .unwrap();
+        assert_eq!(end, CopyEnd::Closed);
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "the test itself took too long to show anything"
+        );
+        assert!(!keepalive_on(&u), "keepalive set on a short connection");
     }
 
     /// A reset from the receiving side while spliced aborts both sides.

@@ -56,7 +56,9 @@ pub enum RelayError {
 /// Relays `client` (whose address is `client_ip`, as `accept` returned it:
 /// no `getpeername` per connection) to an endpoint chosen by `balancer` from
 /// `scope`. TCP_NODELAY and keepalive are expected on `client` already,
-/// inherited from the listener (see [`tune_listener`]).
+/// inherited from the listener (see [`tune_listener`]). The upstream socket
+/// gets TCP_NODELAY at connect and keepalive only if the connection is still
+/// open after [`CopyConfig::upstream_keepalive_after`] (see [`copy`]).
 ///
 /// When no endpoint can be reached the client is reset (SO_LINGER 0), the
 /// closest a proxy can get to the "connection refused" kube-proxy's DNAT
@@ -113,8 +115,9 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(6)
 }
 
-/// Keepalive on one socket (upstream sockets; client sockets of a listener
-/// that [`tune_listener`] could not tune). Four setsockopt calls.
+/// Keepalive on one socket (upstream sockets: at once for L7's pooled ones,
+/// after a second for relayed ones; client sockets of a listener that
+/// [`tune_listener`] could not tune). Four setsockopt calls.
 pub(crate) fn set_keepalive(sock: &TcpStream) {
     let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&keepalive());
 }
