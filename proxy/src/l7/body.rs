@@ -1,18 +1,25 @@
 //! The response body as it streams back to the client, carrying the
-//! request's resources until the last frame.
+//! request's resources until the last frame, and driving the upstream
+//! HTTP/1.1 connection it comes from.
 //!
 //! Why: a request is not over when its headers arrive. The balancer's
 //! in-flight slot (the `Pick`), the `max-requests` slot and, for HTTP/1.1,
 //! the pooled connection all belong to the request until its body has been
 //! read to the end; the `max-requests` and `max-retries` slots until the
 //! body is dropped (`proxy::attach` hands them over, so the response body is
-//! one boxed layer, not two). Frames (data and trailers) pass through untouched, so
-//! bodies stream without buffering and gRPC trailers reach the client. A
-//! body that ends early (client gone, upstream error) drops its connection
-//! instead of returning it to the pool.
+//! one boxed layer, not two). Frames (data and trailers) pass through
+//! untouched, so bodies stream without buffering and gRPC trailers reach the
+//! client.
+//!
+//! An HTTP/1.1 upstream connection has no task of its own (see
+//! `super::upstream`): its body only moves when the connection is polled, so
+//! polling this body polls the connection, with the client connection's
+//! waker. When the body ends the connection goes back to the pool; a body
+//! that ends early (client gone, upstream error) or is dropped half-way
+//! closes its connection instead.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -65,6 +72,33 @@ impl Tracked {
             }
         }
     }
+
+    /// The next frame from the inner body, driving the connection when it
+    /// has none buffered. While the connection is open only driving it can
+    /// fill the body, and the connection holds `cx`'s waker, so the body
+    /// itself is polled without one (a second waker would wake this task
+    /// from its own poll).
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(checkin) = self.done.as_mut().and_then(|d| d.checkin.as_mut()) else {
+            return Pin::new(&mut self.inner).poll_frame(cx);
+        };
+        let mut quiet = Context::from_waker(Waker::noop());
+        if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_frame(&mut quiet) {
+            return Poll::Ready(r);
+        }
+        if checkin.drive(cx).is_ready() {
+            // The connection ended: what it delivered is in the body's
+            // channel, and the body now ends (or fails) on its own.
+            if let Some(d) = self.done.as_mut() {
+                d.checkin = None;
+            }
+            return Pin::new(&mut self.inner).poll_frame(cx);
+        }
+        Pin::new(&mut self.inner).poll_frame(&mut quiet)
+    }
 }
 
 impl Body for Tracked {
@@ -75,7 +109,7 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let r = std::task::ready!(self.poll_inner(cx));
         match &r {
             None => self.finish(),
             Some(Err(_)) => {

@@ -7,34 +7,49 @@
 //! out not to be usable, so a request that never left the proxy can always
 //! be retried on another endpoint, whatever its method and body.
 //!
-//! * HTTP/1.1: idle connections are kept per endpoint for a short idle
-//!   timeout; before reuse a connection must be open and ready (hyper knows
-//!   when the peer closed it), otherwise it is dropped and the next one (or a
-//!   new one) is used. A connection goes back to the pool only once its
-//!   response body was read to the end.
-//! * Thread affinity: each connection's task runs on the data thread that
-//!   opened it, so a request on another thread would wake that thread twice
-//!   (request over, response back: an eventfd write and an epoll wakeup
-//!   each way). A request therefore takes an idle connection opened on its
-//!   own thread, and opens one when there is none; another thread's idle
+//! * HTTP/1.1: a connection is not a task of its own. The pool keeps hyper's
+//!   connection future together with its `SendRequest` ([`H1`]), and the
+//!   request's own task drives it: polled while the request is sent and the
+//!   response head awaited ([`EndpointPool::send`]), then by the response
+//!   body as the client reads it (`super::body::Tracked`). Why: a spawned
+//!   connection task costs every request a channel hop each way and two more
+//!   task wake-ups (request to the connection task, response head and body
+//!   chunks back), which was a measurable share of the proxy's CPU per
+//!   request (BENCHMARKS.md, "L7 per-request cost").
+//! * Idle connections are kept per endpoint for a short idle timeout. Nothing
+//!   polls an idle connection, so before reuse it is polled once: one whose
+//!   peer closed (or that is not ready for a request) is dropped and the
+//!   next one (or a new one) is used. A connection goes back to the pool
+//!   only once its response body was read to the end; one whose body is
+//!   dropped early is closed.
+//! * Thread affinity: a connection's socket is registered with the runtime
+//!   of the data thread that opened it, so driving it from another thread
+//!   costs cross-thread wake-ups (an eventfd write and an epoll wakeup each
+//!   way). A request therefore takes an idle connection opened on its own
+//!   thread, and opens one when there is none; another thread's idle
 //!   connection is used only when `max-connections` allows no new one.
-//! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint, replaced
-//!   when it closes.
+//! * Upgrades and CONNECT get a connection of their own that runs in a
+//!   spawned task (it becomes the tunnel and outlives the request).
+//! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint, run by a
+//!   spawned task, replaced when it closes.
 //! * Every connection counts against the service's `max-connections` for as
-//!   long as its task runs; every request waiting for a new connection
-//!   counts against `max-pending-requests`.
+//!   long as it is open (pooled idle ones included: the slot lives in
+//!   [`H1`]); every request waiting for a new connection counts against
+//!   `max-pending-requests`.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::FutureExt as _;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
@@ -116,30 +131,77 @@ fn thread_tag() -> u32 {
     TAG.with(|t| *t)
 }
 
-/// An HTTP/1.1 connection and the thread its task runs on.
-#[derive(Debug)]
-struct H1 {
+/// The upstream socket as hyper sees it.
+type Io = TokioIo<tokio::net::TcpStream>;
+
+/// A pooled HTTP/1.1 connection: the request handle, the connection future
+/// the request's task drives (see the module doc), the thread whose runtime
+/// its socket is registered with, and its `max-connections` slot. Boxed
+/// where it moves (pool, response body), so a move is a pointer copy.
+pub struct H1 {
     sender: http1::SendRequest<Body>,
+    conn: http1::Connection<Io, Body>,
     tag: u32,
+    _slot: GaugeGuard,
+}
+
+impl std::fmt::Debug for H1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1").field("tag", &self.tag).finish()
+    }
+}
+
+impl H1 {
+    /// Drives the connection with the caller's waker. `Ready` means it has
+    /// ended (closed or failed) and must be dropped.
+    pub fn drive(&mut self, cx: &mut Context<'_>, addr: SocketAddr) -> Poll<()> {
+        match Pin::new(&mut self.conn).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// Polls the connection once without asking to be woken (nothing waits
+    /// on an idle connection): lets it finish the last exchange and notice a
+    /// peer that closed. Whether it can take a request now.
+    fn settle(&mut self, addr: SocketAddr) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx, addr).is_pending() && self.sender.is_ready()
+    }
 }
 
 /// An idle pooled HTTP/1.1 connection.
 #[derive(Debug)]
 struct Idle {
-    conn: H1,
+    conn: Box<H1>,
     since: Instant,
 }
 
-/// Returns an HTTP/1.1 connection to its pool once its response is done.
+/// An HTTP/1.1 connection in use by one response: driven by its body, and
+/// returned to its pool once the body is done.
 #[derive(Debug)]
 pub struct Checkin {
     pool: Arc<EndpointPool>,
-    conn: H1,
+    conn: Box<H1>,
 }
 
 impl Checkin {
-    pub fn finish(self) {
-        self.pool.checkin(self.conn);
+    /// Drives the connection (see [`H1::drive`]).
+    pub fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.conn.drive(cx, self.pool.addr)
+    }
+
+    /// The response is done: the connection goes back to the pool if it is
+    /// still open and ready for another request, and is closed otherwise.
+    pub fn finish(mut self) {
+        if self.conn.settle(self.pool.addr) {
+            self.pool.checkin(self.conn);
+        }
     }
 }
 
@@ -154,10 +216,6 @@ pub struct EndpointPool {
     h2: Mutex<Option<http2::SendRequest<Body>>>,
     h2_connect: tokio::sync::Mutex<()>,
 }
-
-/// How long a pooled connection may take to become ready before it is
-/// dropped in favour of another.
-const READY_WAIT: Duration = Duration::from_millis(50);
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -183,17 +241,13 @@ impl EndpointPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn checkin(&self, conn: H1) {
-        if conn.sender.is_closed() {
-            return;
-        }
+    /// Pools a connection that [`H1::settle`] found ready.
+    fn checkin(&self, conn: Box<H1>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // Only when the oldest has expired (or the list is full) is the
-        // whole list swept; closed ones are otherwise skipped at checkout.
-        let stale = |i: &Idle| {
-            i.conn.sender.is_closed() || now.saturating_duration_since(i.since) >= self.idle_timeout
-        };
+        // whole list swept; closed ones are otherwise dropped at checkout.
+        let stale = |i: &Idle| now.saturating_duration_since(i.since) >= self.idle_timeout;
         if idle.first().is_some_and(stale) || idle.len() >= MAX_IDLE_PER_ENDPOINT {
             idle.retain(|i| !stale(i));
         }
@@ -202,19 +256,19 @@ impl EndpointPool {
         }
     }
 
-    /// The most recently used open idle connection of thread `tag` (any
+    /// The most recently used unexpired idle connection of thread `tag` (any
     /// thread's with `None`); LIFO keeps the set of warm connections small.
-    /// Closed and expired ones met on the way are dropped.
-    fn checkout(&self, tag: Option<u32>) -> Option<H1> {
+    /// Expired ones met on the way are dropped; whether the one returned is
+    /// still open is for the caller to check ([`H1::settle`], outside the
+    /// lock).
+    fn checkout(&self, tag: Option<u32>) -> Option<Box<H1>> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
             let e = &idle[i];
-            if e.conn.sender.is_closed()
-                || now.saturating_duration_since(e.since) >= self.idle_timeout
-            {
+            if now.saturating_duration_since(e.since) >= self.idle_timeout {
                 idle.remove(i);
                 continue;
             }
@@ -226,7 +280,7 @@ impl EndpointPool {
     }
 
     /// Sends `req` to this endpoint. HTTP/1.1 responses come with the
-    /// [`Checkin`] to call once the body is done.
+    /// [`Checkin`] that the response body drives and finishes.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
@@ -234,58 +288,12 @@ impl EndpointPool {
         limits: &Limits,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
         if self.http2 {
-            let existing = self
-                .h2
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .filter(|s| !s.is_closed())
-                .cloned();
-            let mut sender = match existing {
-                Some(s) => s,
-                None => {
-                    // One connect at a time per endpoint: concurrent first
-                    // requests share the connection the first one makes.
-                    let _connecting = self.h2_connect.lock().await;
-                    let again = self
-                        .h2
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .as_ref()
-                        .filter(|s| !s.is_closed())
-                        .cloned();
-                    match again {
-                        Some(s) => s,
-                        None => {
-                            let s = match self.connect_h2(cs, limits).await {
-                                Ok(s) => s,
-                                Err(kind) => {
-                                    return Err(SendFailure {
-                                        kind,
-                                        request: Some(req),
-                                    })
-                                }
-                            };
-                            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
-                            s
-                        }
-                    }
-                }
-            };
-            return match sender.try_send_request(req).await {
-                Ok(resp) => Ok((resp, None)),
-                Err(mut e) => {
-                    let request = e.take_message();
-                    Err(SendFailure {
-                        kind: FailKind::Http(e.into_error()),
-                        request,
-                    })
-                }
-            };
+            return self.send_h2(req, cs, limits).await;
         }
         // HTTP/1.1: pooled connections of this thread first, then a new
         // one; another thread's only when no new one is allowed. One that
-        // turns out not ready hands the request back and is dropped.
+        // turns out closed or not ready is dropped; one that fails before
+        // the request left hands it back.
         let tag = thread_tag();
         let mut scope = Some(tag);
         loop {
@@ -296,30 +304,11 @@ impl EndpointPool {
                 }
                 break;
             };
-            // A connection checked in the moment its response ended may not
-            // have signalled readiness yet; an open idle one does so at once.
-            // Polled once first: a ready one needs no timer.
-            let now = std::future::poll_fn(|cx| conn.sender.poll_ready(cx)).now_or_never();
-            let ready = match now {
-                Some(r) => r.is_ok(),
-                None => matches!(
-                    tokio::time::timeout(READY_WAIT, conn.sender.ready()).await,
-                    Ok(Ok(()))
-                ),
-            };
-            if !ready {
+            if !conn.settle(self.addr) {
                 continue;
             }
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok((
-                        resp,
-                        Some(Checkin {
-                            pool: self.clone(),
-                            conn,
-                        }),
-                    ));
-                }
+            match self.exchange(conn, req).await {
+                Ok(r) => return Ok(r),
                 Err(mut e) => match e.take_message() {
                     Some(r) => req = r,
                     None => {
@@ -331,8 +320,8 @@ impl EndpointPool {
                 },
             }
         }
-        let mut sender = match self.connect_h1(cs, limits, false).await {
-            Ok(s) => s,
+        let conn = match self.connect_h1(cs, limits, tag).await {
+            Ok(c) => c,
             Err(kind) => {
                 return Err(SendFailure {
                     kind,
@@ -340,14 +329,97 @@ impl EndpointPool {
                 })
             }
         };
+        self.exchange(conn, req).await.map_err(|mut e| {
+            let request = e.take_message();
+            SendFailure {
+                kind: FailKind::Http(e.into_error()),
+                request,
+            }
+        })
+    }
+
+    /// One HTTP/1.1 request on `conn`, driven in this task up to the response
+    /// head. The connection comes back with the response unless it ended.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut conn: Box<H1>,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), TrySendError<Request<Body>>> {
+        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+        let mut open = Some(conn);
+        let addr = self.addr;
+        let result = std::future::poll_fn(|cx| {
+            if let Some(c) = open.as_mut() {
+                if c.drive(cx, addr).is_ready() {
+                    // Dropping the connection hands a request it never
+                    // started back through the response future.
+                    open = None;
+                }
+            }
+            // While the connection is open, only driving it can complete
+            // the response future, and the connection wakes this task: no
+            // second waker (it would wake the task from its own poll).
+            match open {
+                Some(_) => response
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop())),
+                None => response.as_mut().poll(cx),
+            }
+        })
+        .await?;
+        let checkin = open.map(|conn| Checkin {
+            pool: self.clone(),
+            conn,
+        });
+        Ok((result, checkin))
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        cs: &ConnectSettings,
+        limits: &Limits,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
+        let existing = self
+            .h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                // One connect at a time per endpoint: concurrent first
+                // requests share the connection the first one makes.
+                let _connecting = self.h2_connect.lock().await;
+                let again = self
+                    .h2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .filter(|s| !s.is_closed())
+                    .cloned();
+                match again {
+                    Some(s) => s,
+                    None => {
+                        let s = match self.connect_h2(cs, limits).await {
+                            Ok(s) => s,
+                            Err(kind) => {
+                                return Err(SendFailure {
+                                    kind,
+                                    request: Some(req),
+                                })
+                            }
+                        };
+                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+                        s
+                    }
+                }
+            }
+        };
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok((
-                resp,
-                Some(Checkin {
-                    pool: self.clone(),
-                    conn: H1 { sender, tag },
-                }),
-            )),
+            Ok(resp) => Ok((resp, None)),
             Err(mut e) => {
                 let request = e.take_message();
                 Err(SendFailure {
@@ -359,14 +431,15 @@ impl EndpointPool {
     }
 
     /// Sends an `Upgrade` or `CONNECT` request on a new HTTP/1.1 connection
-    /// that is never pooled (it becomes the tunnel).
+    /// that is never pooled (it becomes the tunnel, so it runs in a task of
+    /// its own and outlives the request).
     pub async fn send_upgrade(
         self: &Arc<Self>,
         req: Request<Body>,
         cs: &ConnectSettings,
         limits: &Limits,
     ) -> Result<Response<Incoming>, SendFailure> {
-        let mut sender = match self.connect_h1(cs, limits, true).await {
+        let mut sender = match self.connect_upgrade(cs, limits).await {
             Ok(s) => s,
             Err(kind) => {
                 return Err(SendFailure {
@@ -388,7 +461,7 @@ impl EndpointPool {
         &self,
         cs: &ConnectSettings,
         limits: &Limits,
-    ) -> Result<(TokioIo<tokio::net::TcpStream>, GaugeGuard), FailKind> {
+    ) -> Result<(Io, GaugeGuard), FailKind> {
         let Some(_pending) = limits.pending.try_acquire(cs.max_pending) else {
             return Err(FailKind::Overflow(Limit::Pending));
         };
@@ -400,6 +473,8 @@ impl EndpointPool {
             attempts: 1,
             mark: cs.mark,
         };
+        // `connect_one` (not `attempt`): pooled connections live long, so
+        // they get TCP keepalive at once.
         let stream = connect_one(self.addr, &cfg)
             .await
             .map_err(FailKind::Connect)?;
@@ -407,28 +482,49 @@ impl EndpointPool {
         Ok((TokioIo::new(stream), conn_slot))
     }
 
+    fn h1_builder() -> http1::Builder {
+        let mut b = http1::Builder::new();
+        // Small messages: one flattened `write` instead of a `writev` of
+        // head and body (see `L7::new`).
+        b.writev(false);
+        b
+    }
+
+    /// A new pooled HTTP/1.1 connection, opened on thread `tag`, driven by
+    /// whoever uses it (no task of its own).
     async fn connect_h1(
         &self,
         cs: &ConnectSettings,
         limits: &Limits,
-        upgrades: bool,
+        tag: u32,
+    ) -> Result<Box<H1>, FailKind> {
+        let (io, slot) = self.tcp(cs, limits).await?;
+        let (sender, conn) = Self::h1_builder()
+            .handshake(io)
+            .await
+            .map_err(FailKind::Http)?;
+        Ok(Box::new(H1 {
+            sender,
+            conn,
+            tag,
+            _slot: slot,
+        }))
+    }
+
+    /// A new HTTP/1.1 connection for an upgrade, run by a task of its own.
+    async fn connect_upgrade(
+        &self,
+        cs: &ConnectSettings,
+        limits: &Limits,
     ) -> Result<http1::SendRequest<Body>, FailKind> {
         let (io, slot) = self.tcp(cs, limits).await?;
-        let (sender, conn) = http1::Builder::new()
-            // Small messages: one flattened `write` instead of a `writev`
-            // of head and body (see `L7::new`).
-            .writev(false)
+        let (sender, conn) = Self::h1_builder()
             .handshake(io)
             .await
             .map_err(FailKind::Http)?;
         let addr = self.addr;
         tokio::spawn(async move {
-            let r = if upgrades {
-                conn.with_upgrades().await
-            } else {
-                conn.await
-            };
-            if let Err(e) = r {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
             }
             drop(slot);
@@ -524,12 +620,15 @@ impl Pools {
 
 #[cfg(test)]
 mod tests {
-    //! Thread affinity of pooled HTTP/1.1 connections, through real loopback
-    //! sockets: each side runs its own current-thread runtime, as the data
-    //! threads do.
+    //! Pooled HTTP/1.1 connections driven by the request, through real
+    //! loopback sockets: each side runs its own current-thread runtime, as
+    //! the data threads do.
 
     use super::*;
+    use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
+    use hyper::body::Body as _;
+    use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A runtime like a data thread's.
@@ -540,31 +639,72 @@ mod tests {
             .unwrap()
     }
 
-    /// A keep-alive backend answering every request head with `ok`.
-    fn backend() -> SocketAddr {
+    /// How the test backend answers each request head.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Reply {
+        /// `ok`, keep-alive.
+        Ok,
+        /// `ok`, then the backend closes the connection 30 ms later (no
+        /// `Connection: close`: the proxy learns it from the FIN).
+        OkThenClose,
+        /// A 1 MB body of which only 1 KiB is sent; then it waits for the
+        /// proxy to close.
+        Half,
+    }
+
+    struct Backend {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        /// Connections the proxy closed (the backend read EOF).
+        peer_closed: Arc<AtomicUsize>,
+    }
+
+    fn backend(reply: Reply) -> Backend {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let peer_closed = Arc::new(AtomicUsize::new(0));
+        let (acc, closed) = (accepted.clone(), peer_closed.clone());
         std::thread::spawn(move || {
             let rt = current_thread();
             rt.block_on(async move {
                 l.set_nonblocking(true).unwrap();
                 let l = tokio::net::TcpListener::from_std(l).unwrap();
                 while let Ok((mut s, _)) = l.accept().await {
+                    acc.fetch_add(1, Ordering::SeqCst);
+                    let closed = closed.clone();
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 4096];
                         let mut have = Vec::new();
                         loop {
-                            let Ok(n) = s.read(&mut buf).await else {
-                                return;
+                            let n = match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => {
+                                    closed.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                                Ok(n) => n,
                             };
-                            if n == 0 {
-                                return;
-                            }
                             have.extend_from_slice(&buf[..n]);
                             while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
                                 have.drain(..end + 4);
-                                let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                                if s.write_all(r).await.is_err() {
+                                let r: Vec<u8> = match reply {
+                                    Reply::Ok | Reply::OkThenClose => {
+                                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+                                    }
+                                    Reply::Half => {
+                                        let mut r =
+                                            b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n"
+                                                .to_vec();
+                                        r.extend_from_slice(&[b'x'; 1024]);
+                                        r
+                                    }
+                                };
+                                if s.write_all(&r).await.is_err() {
+                                    return;
+                                }
+                                if reply == Reply::OkThenClose {
+                                    // Once the proxy has pooled the connection.
+                                    tokio::time::sleep(Duration::from_millis(30)).await;
                                     return;
                                 }
                             }
@@ -573,7 +713,11 @@ mod tests {
                 }
             });
         });
-        addr
+        Backend {
+            addr,
+            accepted,
+            peer_closed,
+        }
     }
 
     fn request() -> Request<Body> {
@@ -584,18 +728,162 @@ mod tests {
         r
     }
 
-    /// One request from the calling thread's runtime; the
-    /// response body is read to the end and the connection checked in.
+    fn settings(max_connections: usize) -> ConnectSettings {
+        ConnectSettings {
+            timeout: Duration::from_secs(2),
+            mark: 0,
+            max_connections,
+            max_pending: 16,
+        }
+    }
+
+    /// The next frame of `body`, driving its connection as
+    /// `super::super::body::Tracked` does.
+    async fn next_frame(body: &mut Incoming, checkin: &mut Option<Checkin>) -> Option<Bytes> {
+        let f = std::future::poll_fn(|cx| {
+            if let Poll::Ready(f) = Pin::new(&mut *body).poll_frame(cx) {
+                return Poll::Ready(f);
+            }
+            if let Some(c) = checkin.as_mut() {
+                if c.drive(cx).is_ready() {
+                    *checkin = None;
+                }
+            }
+            Pin::new(&mut *body).poll_frame(cx)
+        });
+        let f = tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("a body frame within 5 s")?;
+        f.expect("body frame").into_data().ok()
+    }
+
+    /// One request from the calling thread's runtime; the response body is
+    /// read to the end and the connection checked in.
     async fn send_one(pool: &Arc<EndpointPool>, cs: &ConnectSettings, limits: &Limits) {
-        let (resp, checkin) =
+        let (resp, mut checkin) =
             tokio::time::timeout(Duration::from_secs(5), pool.send(request(), cs, limits))
                 .await
                 .expect("response within 5 s")
                 .expect("response");
         assert_eq!(resp.status(), 200);
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(&body[..], b"ok");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while !body.is_end_stream() {
+            let Some(b) = next_frame(&mut body, &mut checkin).await else {
+                break;
+            };
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(&got[..], b"ok");
         checkin.expect("HTTP/1.1 checkin").finish();
+    }
+
+    /// Sequential keep-alive requests go out on one connection: the one
+    /// poll at check-in leaves it ready for the next request.
+    #[test]
+    fn sequential_requests_reuse_one_connection() {
+        let b = backend(Reply::Ok);
+        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
+        let limits = Limits::default();
+        let cs = settings(16);
+        current_thread().block_on(async {
+            for _ in 0..20 {
+                send_one(&pool, &cs, &limits).await;
+            }
+        });
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_len(), 1);
+    }
+
+    /// A pooled connection the backend closed while idle is dropped at
+    /// checkout (nothing polled it meanwhile), and the request goes out on
+    /// a fresh connection without an error.
+    #[test]
+    fn an_idle_connection_the_backend_closed_is_replaced() {
+        let b = backend(Reply::OkThenClose);
+        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
+        let limits = Limits::default();
+        let cs = settings(16);
+        current_thread().block_on(async {
+            for round in 1..=3 {
+                send_one(&pool, &cs, &limits).await;
+                assert_eq!(pool.idle_len(), 1, "round {round}: pooled");
+                // The backend closes 30 ms after its response.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        });
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            limits.connections.get(),
+            1,
+            "the closed ones released their slots"
+        );
+    }
+
+    /// A response whose body is dropped half-way does not go back to the
+    /// pool: its connection is closed and its `max-connections` slot freed.
+    #[test]
+    fn a_body_dropped_half_way_closes_its_connection() {
+        let b = backend(Reply::Half);
+        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
+        let limits = Limits::default();
+        let cs = settings(16);
+        current_thread().block_on(async {
+            let (resp, mut checkin) = pool.send(request(), &cs, &limits).await.expect("response");
+            let mut body = resp.into_body();
+            let first = next_frame(&mut body, &mut checkin).await.expect("a chunk");
+            assert!(!first.is_empty());
+            assert!(!body.is_end_stream());
+            assert_eq!(limits.connections.get(), 1);
+            drop(body);
+            drop(checkin);
+            assert_eq!(pool.idle_len(), 0);
+            assert_eq!(limits.connections.get(), 0);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while b.peer_closed.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert_eq!(
+            b.peer_closed.load(Ordering::SeqCst),
+            1,
+            "the backend saw the close"
+        );
+    }
+
+    /// `max-connections` counts connections in use and idle pooled ones: at
+    /// a limit of 1, a second request while the first response is still
+    /// streaming is refused; once that connection is back in the pool, the
+    /// next request takes it.
+    #[test]
+    fn max_connections_counts_pooled_connections() {
+        let b = backend(Reply::Ok);
+        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
+        let limits = Limits::default();
+        let cs = settings(1);
+        current_thread().block_on(async {
+            let (resp, checkin) = pool.send(request(), &cs, &limits).await.expect("response");
+            let refused = pool.send(request(), &cs, &limits).await;
+            match refused {
+                Err(SendFailure {
+                    kind: FailKind::Overflow(Limit::Connections),
+                    request: Some(_),
+                }) => {}
+                other => panic!("expected a connections overflow, got {other:?}"),
+            }
+            let mut checkin = checkin;
+            let mut body = resp.into_body();
+            while !body.is_end_stream() {
+                if next_frame(&mut body, &mut checkin).await.is_none() {
+                    break;
+                }
+            }
+            checkin.expect("checkin").finish();
+            assert_eq!(pool.idle_len(), 1);
+            assert_eq!(limits.connections.get(), 1, "the idle pooled one counts");
+            send_one(&pool, &cs, &limits).await;
+        });
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
     }
 
     /// With `max-connections` 1 and the one connection idle in the pool but
@@ -603,17 +891,13 @@ mod tests {
     /// than be refused: affinity is a preference, never a limit.
     #[test]
     fn at_the_connection_limit_another_threads_idle_connection_is_used() {
-        let addr = backend();
-        let pool = Arc::new(EndpointPool::new(addr, false, Duration::from_secs(30)));
+        let b = backend(Reply::Ok);
+        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
         let limits = Arc::new(Limits::default());
-        let cs = ConnectSettings {
-            timeout: Duration::from_secs(2),
-            mark: 0,
-            max_connections: 1,
-            max_pending: 16,
-        };
-        // Thread A opens the connection and keeps its runtime (which drives
-        // the connection's task) running until the test is done.
+        let cs = settings(1);
+        // Thread A opens the connection and keeps its runtime (whose I/O
+        // driver the connection's socket is registered with) running until
+        // the test is done.
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
         let a = {
@@ -623,7 +907,6 @@ mod tests {
                 rt.block_on(async move {
                     send_one(&pool, &cs, &limits).await;
                     opened_tx.send(()).unwrap();
-                    // Keep driving the connection task until told to stop.
                     let wait = tokio::task::spawn_blocking(move || done_rx.recv());
                     let _ = wait.await;
                 });
@@ -639,6 +922,7 @@ mod tests {
         rt.block_on(send_one(&pool, &cs, &limits));
         assert_eq!(limits.connections.get(), 1, "no second connection opened");
         assert_eq!(pool.idle_len(), 1, "the borrowed connection went back");
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
         done_tx.send(()).unwrap();
         a.join().unwrap();
     }
