@@ -423,6 +423,16 @@ fn data_listener_sets(
 
 fn bind_one(addr: SocketAddr, no_redirect: bool) -> Result<TcpListener, RunError> {
     let std_listener = match redirect::sockopt::transparent_listener(addr) {
+        // Every accepted socket inherits the listener's SO_MARK (the kernel
+        // copies it into the request sock), so the proxy's replies to
+        // clients leave by the output chain's first rule, like its upstream
+        // packets, instead of a service-map lookup per packet. One
+        // setsockopt per listener, none per connection.
+        Ok(l) if !no_redirect => {
+            redirect::sockopt::set_mark(&l, defaults::UPSTREAM_MARK)
+                .map_err(|source| RunError::Listen { addr, source })?;
+            l
+        }
         Ok(l) => l,
         // Without our rules, someone else steers traffic (REDIRECT): a plain
         // listener works and needs no privilege.
@@ -502,5 +512,36 @@ mod tests {
         assert_eq!(c.mark, 1);
         assert_eq!(c.upstream_mark, 2);
         assert!(c.listener_v6.is_some());
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_carry_the_upstream_mark() {
+        const SKIP: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
+        if std::env::var(SKIP).is_ok_and(|v| v == "1") {
+            eprintln!("SKIPPED accepted_connections_carry_the_upstream_mark: {SKIP}=1");
+            return;
+        }
+        assert!(
+            crate::sandbox::is_root(),
+            "transparent listeners and SO_MARK need root: run as root, or set {SKIP}=1 to skip"
+        );
+        fn mark(fd: &impl std::os::fd::AsFd) -> u32 {
+            socket2::SockRef::from(fd).mark().unwrap()
+        }
+        // With our rules: the listener and every accepted socket are marked.
+        let l = bind_one("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(mark(&l), defaults::UPSTREAM_MARK);
+        assert_eq!(mark(&s), defaults::UPSTREAM_MARK);
+        // Without them (--no-redirect), nothing is marked.
+        let l = bind_one("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(mark(&s), 0);
     }
 }
