@@ -266,8 +266,8 @@ async fn pump(
             .ready(Interest::READABLE | Interest::ERROR)
             .await
             .map_err(|e| (from_side, e.kind()))?;
-        if buf.is_empty() {
-            buf = vec![0; cfg.initial_buffer.max(1)];
+        if buf.capacity() == 0 {
+            buf = Vec::with_capacity(cfg.initial_buffer.max(1));
         }
         let n = match read_once(from, &mut buf) {
             Ok(0) => return half_close(to, to_side, activity),
@@ -279,7 +279,7 @@ async fn pump(
         // The kernel queues a FIN only after all data before it, so a FIN
         // seen before a read that drained the socket makes this data the
         // last: pass it on corked and let the FIN ride on it.
-        let last = ready.is_read_closed() && !ready.is_error() && n < buf.len();
+        let last = ready.is_read_closed() && !ready.is_error() && n < buf.capacity();
         write_all(to, &buf[..n], last)
             .await
             .map_err(|e| (to_side, e.kind()))?;
@@ -288,7 +288,7 @@ async fn pump(
             return half_close(to, to_side, activity);
         }
         total += n as u64;
-        if total >= cfg.grow_after && n == buf.len() {
+        if total >= cfg.grow_after && n == buf.capacity() {
             // Sustained full reads: a bulk flow.
             if try_splice {
                 match super::splice::Pipe::new(cfg.max_buffer) {
@@ -303,8 +303,8 @@ async fn pump(
                     }
                 }
             }
-            if buf.len() < cfg.max_buffer {
-                buf = vec![0; cfg.max_buffer];
+            if buf.capacity() < cfg.max_buffer {
+                buf = Vec::with_capacity(cfg.max_buffer);
             }
         }
     }
@@ -361,12 +361,18 @@ async fn pump_spliced(
 /// `recv`; data or a FIN arriving after the `recv` raises a new edge-
 /// triggered event with a newer tick, which the clear leaves alone, and
 /// tokio never clears a seen read-closed (FIN) state.
-fn read_once(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::io::Read;
-    let want = buf.len();
+///
+/// The `recv` goes into `buf`'s spare capacity (`buf` is emptied first, and
+/// holds the `n` bytes read afterwards): a fresh 8 KiB buffer per direction
+/// and connection is never zeroed, which was a memset of 16 KiB per
+/// connection-per-request. `try_read_buf` runs inside the outer `try_io`,
+/// whose readiness it shares.
+fn read_once(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.clear();
+    let want = buf.capacity();
     let mut got = 0;
     let r = from.try_io(tokio::io::Interest::READABLE, || {
-        let n = (&*socket2::SockRef::from(from)).read(buf)?;
+        let n = from.try_read_buf(buf)?;
         got = n;
         if n > 0 && n < want {
             // Drained: Ok(n) is returned below, with readiness cleared.
