@@ -227,8 +227,8 @@ fn dns_answers_through_clusterip_nodeport_and_ipv6_from_the_service_address() {
     let (sb, _) = serving("udpdns");
     let nft = sb.nft_table();
     assert!(
-        nft.contains("udp dport @proxy_v4 tproxy ip to")
-            && nft.contains("udp dport @proxy_v6 tproxy ip6 to")
+        nft.contains("meta l4proto udp tproxy ip to")
+            && nft.contains("meta l4proto udp tproxy ip6 to")
             && nft.contains("10.96.0.10 . udp . 53")
             && nft.contains("10.0.1.1 . udp . 30053"),
         "UDP rule and element in the kernel:\n{nft}"

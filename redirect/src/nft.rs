@@ -1,37 +1,48 @@
 //! The nftables ruleset as text for `nft -f -`, built by pure functions.
 //!
-//! Why sets and maps: kube-proxy's iptables mode grows one rule chain per
+//! Why verdict maps: kube-proxy's iptables mode grows one rule chain per
 //! service, so every packet walks a list that is linear in services. Here
-//! every frontend is a set element keyed by `address . protocol . port`, and
+//! every frontend is a map element keyed by `address . protocol . port`, and
 //! the rules are a constant handful per family, whatever the number of
-//! services (kube-proxy's nftables mode does the same with verdict maps).
+//! services (kube-proxy's nftables mode does the same with its `service-ips`
+//! verdict map). Why ONE lookup per packet: every packet entering the node
+//! passes `prerouting`, including every backend response to the proxy, which
+//! matches no frontend; with a set for proxied frontends and a map for the
+//! rest, a miss cost three hash lookups (measured: 1.75 µs of rule
+//! evaluation per keep-alive request machine-wide, BENCHMARKS.md).
 //!
 //! The table, for one family (IPv6 is the same with `ip6`):
 //!
-//! * `prerouting` (filter, priority mangle):
-//!   1. `noep_v4` verdict map: frontends without usable endpoints get the
-//!      model's verdict in the kernel: `goto reject_fe` or `drop`.
-//!   2. `proxy_v4` set → `tproxy` to lightpath's listener, mark, accept; one
-//!      rule for TCP and one for UDP (the same set holds both: the protocol
-//!      is part of the key). UDP datagrams land on a transparent UDP socket
-//!      at the same address as the TCP listener.
-//!      There is deliberately no `socket transparent` fast path before it:
-//!      one that also matches SYNs stalls new connections for 1 s behind the
-//!      proxy's TIME_WAIT sockets, and `tproxy` already finds established
-//!      sockets itself.
-//!   3. `proxy_v4` again → `goto reject_fe`: reached only when tproxy found no
-//!      listener (lightpath down or restarting). TCP clients get a RST at
-//!      once instead of waiting on rate-limited ICMP; UDP clients get ICMP
-//!      port unreachable, which is what kube-proxy answers for a UDP service
-//!      without endpoints.
-//! * `output` (route, priority mangle): locally originated packets (node
-//!   processes, host-network pods) to a frontend get the mark, so policy
-//!   routing sends them through `lo` back into `prerouting`. lightpath's own
-//!   upstream sockets carry the upstream mark and are skipped, so it can never
-//!   capture itself. No-endpoint verdicts apply here directly.
+//! * `prerouting` (filter, priority mangle): one lookup in the `fe_v4`
+//!   verdict map, whose verdict is the frontend's action:
+//!   - proxied: `goto tproxy_v4`, a chain with one `tproxy` rule per
+//!     protocol (to lightpath's listener, mark, accept; UDP datagrams land on
+//!     a transparent UDP socket at the same address as the TCP listener),
+//!     then `goto reject_fe`, reached only when tproxy found no socket
+//!     (lightpath down or restarting): TCP clients get a RST at once instead
+//!     of waiting on rate-limited ICMP; UDP clients get ICMP port
+//!     unreachable, which is what kube-proxy answers for a UDP service
+//!     without endpoints. There is deliberately no `socket transparent` fast
+//!     path: one that also matches SYNs stalls new connections for 1 s behind
+//!     the proxy's TIME_WAIT sockets, and `tproxy` already finds established
+//!     sockets itself.
+//!   - no endpoints at all: `goto reject_fe`; endpoints only elsewhere under
+//!     a Local policy: `drop`.
+//! * `output` (route, priority mangle): lightpath's own sockets (upstream
+//!   connections, and its listeners, whose mark every accepted connection
+//!   inherits) carry the upstream mark and return at the first rule, so it
+//!   never captures itself and its replies cost no lookup. Other locally
+//!   originated packets (node processes, host-network pods) do one lookup in
+//!   `local_v4`: proxied frontends `goto mark_local` (the mark, so policy
+//!   routing sends them through `lo` back into `prerouting`), no-endpoint
+//!   frontends get their verdict here directly. It is a second map because
+//!   the kernel refuses a `tproxy` reachable from the output hook
+//!   (EOPNOTSUPP when `fe_v4` is also used there, checked on 6.18).
 //!
 //! Changes after the first load are element additions and deletions only
-//! ([`diff_script`]), applied in one transaction.
+//! ([`diff_script`]), applied in one transaction: a frontend whose action
+//! changes is deleted and re-added with its new verdict in both maps in the
+//! same batch, so no packet sees it missing.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write};
@@ -164,43 +175,56 @@ impl Family {
     }
 }
 
-fn proxy_set(f: Family) -> String {
-    format!("proxy_{}", f.suffix())
+/// The prerouting verdict map: every frontend, verdict = its action.
+fn frontend_map(f: Family) -> String {
+    format!("fe_{}", f.suffix())
 }
 
-fn noep_map(f: Family) -> String {
-    format!("noep_{}", f.suffix())
+/// The output verdict map for node-local clients: every frontend again,
+/// with `goto mark_local` where prerouting has `goto tproxy_*`.
+fn local_map(f: Family) -> String {
+    format!("local_{}", f.suffix())
+}
+
+/// The chain proxied frontends jump to in prerouting.
+fn tproxy_chain(f: Family) -> String {
+    format!("tproxy_{}", f.suffix())
 }
 
 /// The chain no-endpoint frontends jump to for `Action::Reject`.
 const REJECT_CHAIN: &str = "reject_fe";
 
-/// The key expression matched against the sets.
+/// The chain proxied frontends jump to in output: the mark only.
+const MARK_LOCAL_CHAIN: &str = "mark_local";
+
+/// The key expression matched against the maps.
 fn key_expr(f: Family) -> String {
     format!("{} daddr . meta l4proto . th dport", f.nft())
 }
 
-fn verdict(action: Action) -> Option<String> {
-    match action {
-        Action::Proxy => None,
-        Action::Reject => Some(format!("goto {REJECT_CHAIN}")),
-        Action::Drop => Some("drop".to_string()),
+/// Which of a family's two maps an element belongs to.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Hook {
+    Prerouting,
+    Output,
+}
+
+impl Hook {
+    const BOTH: [Hook; 2] = [Hook::Prerouting, Hook::Output];
+    fn map(self, f: Family) -> String {
+        match self {
+            Hook::Prerouting => frontend_map(f),
+            Hook::Output => local_map(f),
+        }
     }
 }
 
-/// Where a frontend's element lives, given its action.
-fn container(fe: &Frontend, action: Action) -> String {
-    match action {
-        Action::Proxy => proxy_set(fe.family()),
-        Action::Reject | Action::Drop => noep_map(fe.family()),
-    }
-}
-
-/// The element as written in an `add element` statement.
-fn element(fe: &Frontend, action: Action) -> String {
-    match verdict(action) {
-        None => fe.to_string(),
-        Some(v) => format!("{fe} : {v}"),
+fn verdict(hook: Hook, f: Family, action: Action) -> String {
+    match (action, hook) {
+        (Action::Proxy, Hook::Prerouting) => format!("goto {}", tproxy_chain(f)),
+        (Action::Proxy, Hook::Output) => format!("goto {MARK_LOCAL_CHAIN}"),
+        (Action::Reject, _) => format!("goto {REJECT_CHAIN}"),
+        (Action::Drop, _) => "drop".to_string(),
     }
 }
 
@@ -214,22 +238,42 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     let _ = writeln!(s, "delete table inet {t}");
     let _ = writeln!(s, "table inet {t} {{");
     for f in Family::BOTH {
-        let _ = writeln!(
-            s,
-            "\tset {} {{\n\t\ttype {} . inet_proto . inet_service\n\t}}",
-            proxy_set(f),
-            f.addr_type()
-        );
-        let _ = writeln!(
-            s,
-            "\tmap {} {{\n\t\ttype {} . inet_proto . inet_service : verdict\n\t}}",
-            noep_map(f),
-            f.addr_type()
-        );
+        for hook in Hook::BOTH {
+            let _ = writeln!(
+                s,
+                "\tmap {} {{\n\t\ttype {} . inet_proto . inet_service : verdict\n\t}}",
+                hook.map(f),
+                f.addr_type()
+            );
+        }
     }
     let _ = writeln!(
         s,
         "\tchain {REJECT_CHAIN} {{\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}}"
+    );
+    for f in Family::BOTH {
+        let _ = writeln!(s, "\tchain {} {{", tproxy_chain(f));
+        let listener = match f {
+            Family::V4 => Some(cfg.listener_v4.to_string()),
+            Family::V6 => cfg.listener_v6.map(|l| l.to_string()),
+        };
+        // Without a listener of this family its frontends are refused.
+        if let Some(l) = listener {
+            for proto in L4Proto::ALL {
+                let _ = writeln!(
+                    s,
+                    "\t\tmeta l4proto {proto} tproxy {} to {l} meta mark set {:#x} accept",
+                    f.nft(),
+                    cfg.mark
+                );
+            }
+        }
+        let _ = writeln!(s, "\t\tgoto {REJECT_CHAIN}\n\t}}");
+    }
+    let _ = writeln!(
+        s,
+        "\tchain {MARK_LOCAL_CHAIN} {{\n\t\tmeta mark set {:#x}\n\t}}",
+        cfg.mark
     );
 
     let _ = writeln!(
@@ -237,35 +281,7 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
         "\tchain prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;"
     );
     for f in Family::BOTH {
-        let _ = writeln!(s, "\t\t{} vmap @{}", key_expr(f), noep_map(f));
-    }
-    for proto in L4Proto::ALL {
-        let _ = writeln!(
-            s,
-            "\t\tmeta l4proto {proto} {} @{} tproxy ip to {} meta mark set {:#x} accept",
-            key_expr(Family::V4),
-            proxy_set(Family::V4),
-            cfg.listener_v4,
-            cfg.mark
-        );
-        if let Some(l6) = cfg.listener_v6 {
-            let _ = writeln!(
-                s,
-                "\t\tmeta l4proto {proto} {} @{} tproxy ip6 to {} meta mark set {:#x} accept",
-                key_expr(Family::V6),
-                proxy_set(Family::V6),
-                l6,
-                cfg.mark
-            );
-        }
-    }
-    for f in Family::BOTH {
-        let _ = writeln!(
-            s,
-            "\t\t{} @{} goto {REJECT_CHAIN}",
-            key_expr(f),
-            proxy_set(f)
-        );
+        let _ = writeln!(s, "\t\t{} vmap @{}", key_expr(f), frontend_map(f));
     }
     let _ = writeln!(s, "\t}}");
 
@@ -279,14 +295,7 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
         m = cfg.upstream_mark
     );
     for f in Family::BOTH {
-        let _ = writeln!(s, "\t\t{} vmap @{}", key_expr(f), noep_map(f));
-        let _ = writeln!(
-            s,
-            "\t\t{} @{} meta mark set {:#x}",
-            key_expr(f),
-            proxy_set(f),
-            cfg.mark
-        );
+        let _ = writeln!(s, "\t\t{} vmap @{}", key_expr(f), local_map(f));
     }
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "}}");
@@ -296,11 +305,22 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     s
 }
 
+/// A transaction from [`diff_script`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diff {
+    /// The `nft -f -` script.
+    pub script: String,
+    /// Frontends added, removed or whose action changed.
+    pub frontends: usize,
+}
+
 /// The transaction that turns `old` into `new`, or `None` when nothing
 /// changed. Only elements whose action changed (or that appeared or
 /// vanished) are touched: established connections to unchanged frontends
-/// never see a rule change.
-pub fn diff_script(cfg: &Config, old: &Frontends, new: &Frontends) -> Option<String> {
+/// never see a rule change. A changed action is a delete and an add of the
+/// same key in the same transaction (nft 1.0 has no in-place verdict
+/// replace), so the change is atomic.
+pub fn diff_script(cfg: &Config, old: &Frontends, new: &Frontends) -> Option<Diff> {
     let mut deletes = Vec::new();
     let mut adds = Vec::new();
     for (fe, &a) in old {
@@ -316,10 +336,12 @@ pub fn diff_script(cfg: &Config, old: &Frontends, new: &Frontends) -> Option<Str
     if deletes.is_empty() && adds.is_empty() {
         return None;
     }
-    let mut s = String::new();
-    write_elements(&mut s, &cfg.table, "delete", &deletes);
-    write_elements(&mut s, &cfg.table, "add", &adds);
-    Some(s)
+    let changed = deletes.iter().chain(&adds).map(|(fe, _)| *fe);
+    let frontends = changed.collect::<std::collections::BTreeSet<_>>().len();
+    let mut script = String::new();
+    write_elements(&mut script, &cfg.table, "delete", &deletes);
+    write_elements(&mut script, &cfg.table, "add", &adds);
+    Some(Diff { script, frontends })
 }
 
 /// Removes the table if present (idempotent, atomic).
@@ -328,17 +350,21 @@ pub fn delete_script(cfg: &Config) -> String {
 }
 
 fn write_elements(s: &mut String, table: &str, verb: &str, items: &[(&Frontend, Action)]) {
-    // Group by container so each statement names one set or map.
-    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Every frontend is in both maps of its family; group by map so each
+    // statement names one.
+    let mut groups: BTreeMap<(Hook, String), Vec<String>> = BTreeMap::new();
     for (fe, a) in items {
-        let text = if verb == "delete" {
-            fe.to_string()
-        } else {
-            element(fe, *a)
-        };
-        groups.entry(container(fe, *a)).or_default().push(text);
+        let f = fe.family();
+        for hook in Hook::BOTH {
+            let text = if verb == "delete" {
+                fe.to_string()
+            } else {
+                format!("{fe} : {}", verdict(hook, f, *a))
+            };
+            groups.entry((hook, hook.map(f))).or_default().push(text);
+        }
     }
-    for (name, elems) in groups {
+    for ((_, name), elems) in groups {
         for chunk in elems.chunks(ELEMENTS_PER_STATEMENT) {
             let _ = writeln!(
                 s,
@@ -369,6 +395,19 @@ mod tests {
         Frontend::tcp(a.ip(), a.port())
     }
 
+    /// The rules of one chain, in order.
+    fn chain<'a>(script: &'a str, name: &str) -> Vec<&'a str> {
+        let head = format!("chain {name} {{");
+        script
+            .lines()
+            .map(str::trim)
+            .skip_while(|l| *l != head)
+            .skip(1)
+            .take_while(|l| *l != "}")
+            .filter(|l| !l.starts_with("type "))
+            .collect()
+    }
+
     fn rule_lines(script: &str) -> Vec<&str> {
         // Lines at chain depth that are rules (not the base-chain header).
         let mut in_chain = false;
@@ -391,44 +430,91 @@ mod tests {
     }
 
     #[test]
-    fn full_script_has_sets_chains_and_elements() {
-        let mut f = Frontends::new();
-        f.insert(fe("10.96.0.10:53"), Action::Proxy);
-        f.insert(fe("10.96.0.11:80"), Action::Reject);
-        f.insert(fe("[fd00::10]:443"), Action::Drop);
-        let s = full_script(&cfg(), &f);
+    fn one_map_lookup_per_packet_and_family() {
+        let s = full_script(&cfg(), &Frontends::new());
         assert!(s.starts_with("add table inet lightpath\ndelete table inet lightpath\n"));
-        assert!(s.contains("type ipv4_addr . inet_proto . inet_service\n"));
-        assert!(s.contains("type ipv6_addr . inet_proto . inet_service : verdict\n"));
-        assert!(s.contains(
-            "meta l4proto tcp ip daddr . meta l4proto . th dport @proxy_v4 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept"
-        ));
-        assert!(s.contains("tproxy ip6 to [::1]:15001 meta mark set 0x1 accept"));
-        assert!(s.contains("add element inet lightpath proxy_v4 { 10.96.0.10 . tcp . 53 }"));
-        assert!(s.contains(
-            "add element inet lightpath noep_v4 { 10.96.0.11 . tcp . 80 : goto reject_fe }"
-        ));
-        assert!(s.contains("add element inet lightpath noep_v6 { fd00::10 . tcp . 443 : drop }"));
-        assert!(s.contains("meta mark & 0x2 == 0x2 return"));
+        assert_eq!(
+            chain(&s, "prerouting"),
+            vec![
+                "ip daddr . meta l4proto . th dport vmap @fe_v4",
+                "ip6 daddr . meta l4proto . th dport vmap @fe_v6",
+            ]
+        );
+        assert_eq!(
+            chain(&s, "output"),
+            vec![
+                "meta mark & 0x2 == 0x2 return",
+                "ip daddr . meta l4proto . th dport vmap @local_v4",
+                "ip6 daddr . meta l4proto . th dport vmap @local_v6",
+            ]
+        );
+        for m in ["fe_v4", "local_v4"] {
+            assert!(s.contains(&format!(
+                "map {m} {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n"
+            )));
+        }
+        for m in ["fe_v6", "local_v6"] {
+            assert!(s.contains(&format!(
+                "map {m} {{\n\t\ttype ipv6_addr . inet_proto . inet_service : verdict\n"
+            )));
+        }
+        assert!(
+            !s.lines().any(|l| l.trim().starts_with("set ")),
+            "no sets besides the maps: {s}"
+        );
+        assert_eq!(chain(&s, "mark_local"), vec!["meta mark set 0x1"]);
     }
 
     #[test]
-    fn fallback_reject_follows_tproxy_and_no_syn_matching_fast_path() {
+    fn tproxy_chains_fall_back_to_reject_and_have_no_syn_matching_fast_path() {
         let s = full_script(&cfg(), &Frontends::new());
-        let rules = rule_lines(&s);
-        let tproxy4 = rules
-            .iter()
-            .position(|r| r.contains("tproxy ip to"))
-            .unwrap();
-        let reject4 = rules
-            .iter()
-            .position(|r| r.contains("@proxy_v4 goto reject_fe"))
-            .unwrap();
-        assert!(
-            reject4 > tproxy4,
-            "reject must come after tproxy: {rules:?}"
+        assert_eq!(
+            chain(&s, "tproxy_v4"),
+            vec![
+                "meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept",
+                "meta l4proto udp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept",
+                "goto reject_fe",
+            ]
+        );
+        assert_eq!(
+            chain(&s, "tproxy_v6"),
+            vec![
+                "meta l4proto tcp tproxy ip6 to [::1]:15001 meta mark set 0x1 accept",
+                "meta l4proto udp tproxy ip6 to [::1]:15001 meta mark set 0x1 accept",
+                "goto reject_fe",
+            ]
+        );
+        // UDP gets the kernel's ICMP port unreachable, TCP a reset.
+        assert_eq!(
+            chain(&s, "reject_fe"),
+            vec!["meta l4proto tcp reject with tcp reset", "reject"]
         );
         assert!(!s.contains("socket transparent"), "no fast path: {s}");
+    }
+
+    #[test]
+    fn every_action_is_one_element_per_map() {
+        let mut f = Frontends::new();
+        f.insert(fe("10.96.0.10:53"), Action::Proxy);
+        f.insert(
+            Frontend::udp("10.96.0.10".parse().unwrap(), 53),
+            Action::Proxy,
+        );
+        f.insert(fe("10.96.0.11:80"), Action::Reject);
+        f.insert(fe("[fd00::10]:443"), Action::Drop);
+        let s = full_script(&cfg(), &f);
+        let adds: Vec<&str> = s.lines().filter(|l| l.starts_with("add element")).collect();
+        assert_eq!(
+            adds,
+            vec![
+                "add element inet lightpath fe_v4 { 10.96.0.10 . tcp . 53 : goto tproxy_v4, \
+                 10.96.0.10 . udp . 53 : goto tproxy_v4, 10.96.0.11 . tcp . 80 : goto reject_fe }",
+                "add element inet lightpath fe_v6 { fd00::10 . tcp . 443 : drop }",
+                "add element inet lightpath local_v4 { 10.96.0.10 . tcp . 53 : goto mark_local, \
+                 10.96.0.10 . udp . 53 : goto mark_local, 10.96.0.11 . tcp . 80 : goto reject_fe }",
+                "add element inet lightpath local_v6 { fd00::10 . tcp . 443 : drop }",
+            ]
+        );
     }
 
     #[test]
@@ -445,69 +531,11 @@ mod tests {
         let a = full_script(&cfg(), &small);
         let b = full_script(&cfg(), &big);
         assert_eq!(rule_lines(&a), rule_lines(&b));
-        // 10,000 elements in statements of at most ELEMENTS_PER_STATEMENT.
+        assert_eq!(rule_lines(&b).len(), 14, "{:?}", rule_lines(&b));
+        // 10,000 elements in each of two maps, in statements of at most
+        // ELEMENTS_PER_STATEMENT.
         let stmts = b.lines().filter(|l| l.starts_with("add element")).count();
-        assert_eq!(stmts, 10_000 / ELEMENTS_PER_STATEMENT);
-    }
-
-    #[test]
-    fn udp_frontends_share_the_sets_and_have_their_own_tproxy_rules() {
-        let mut f = Frontends::new();
-        f.insert(
-            Frontend::udp("10.96.0.10".parse().unwrap(), 53),
-            Action::Proxy,
-        );
-        f.insert(
-            Frontend::tcp("10.96.0.10".parse().unwrap(), 53),
-            Action::Proxy,
-        );
-        f.insert(
-            Frontend::udp("10.96.0.11".parse().unwrap(), 53),
-            Action::Reject,
-        );
-        f.insert(Frontend::udp("fd00::12".parse().unwrap(), 53), Action::Drop);
-        let s = full_script(&cfg(), &f);
-        assert!(s.contains(
-            "meta l4proto udp ip daddr . meta l4proto . th dport @proxy_v4 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept"
-        ));
-        assert!(s.contains(
-            "meta l4proto udp ip6 daddr . meta l4proto . th dport @proxy_v6 tproxy ip6 to [::1]:15001 meta mark set 0x1 accept"
-        ));
-        assert!(s.contains(
-            "add element inet lightpath proxy_v4 { 10.96.0.10 . tcp . 53, 10.96.0.10 . udp . 53 }"
-        ));
-        assert!(s.contains(
-            "add element inet lightpath noep_v4 { 10.96.0.11 . udp . 53 : goto reject_fe }"
-        ));
-        assert!(s.contains("add element inet lightpath noep_v6 { fd00::12 . udp . 53 : drop }"));
-        // Both tproxy rules come before the fallback reject of their family.
-        let rules = rule_lines(&s);
-        let last_tproxy = rules.iter().rposition(|r| r.contains("tproxy")).unwrap();
-        let first_fallback = rules
-            .iter()
-            .position(|r| r.contains("@proxy_v4 goto reject_fe"))
-            .unwrap();
-        assert!(last_tproxy < first_fallback, "{rules:?}");
-        // UDP gets the kernel's ICMP port unreachable, TCP a reset.
-        assert!(s.contains(
-            "chain reject_fe {\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n"
-        ));
-    }
-
-    #[test]
-    fn udp_diff_moves_between_set_and_map() {
-        let ip = "10.96.0.10".parse().unwrap();
-        let mut old = Frontends::new();
-        old.insert(Frontend::udp(ip, 53), Action::Proxy);
-        old.insert(Frontend::tcp(ip, 53), Action::Proxy);
-        let mut new = old.clone();
-        new.insert(Frontend::udp(ip, 53), Action::Reject);
-        let d = diff_script(&cfg(), &old, &new).unwrap();
-        assert_eq!(
-            d,
-            "delete element inet lightpath proxy_v4 { 10.96.0.10 . udp . 53 }\n\
-             add element inet lightpath noep_v4 { 10.96.0.10 . udp . 53 : goto reject_fe }\n"
-        );
+        assert_eq!(stmts, 2 * 10_000 / ELEMENTS_PER_STATEMENT);
     }
 
     #[test]
@@ -516,7 +544,26 @@ mod tests {
         c.listener_v6 = None;
         let s = full_script(&c, &Frontends::new());
         assert!(!s.contains("tproxy ip6"));
-        assert!(s.contains("ip6 daddr . meta l4proto . th dport @proxy_v6 goto reject_fe"));
+        assert_eq!(chain(&s, "tproxy_v6"), vec!["goto reject_fe"]);
+    }
+
+    #[test]
+    fn action_change_is_a_delete_and_an_add_in_one_transaction() {
+        let ip = "10.96.0.10".parse().unwrap();
+        let mut old = Frontends::new();
+        old.insert(Frontend::udp(ip, 53), Action::Proxy);
+        old.insert(Frontend::tcp(ip, 53), Action::Proxy);
+        let mut new = old.clone();
+        new.insert(Frontend::udp(ip, 53), Action::Reject);
+        let d = diff_script(&cfg(), &old, &new).unwrap();
+        assert_eq!(d.frontends, 1);
+        assert_eq!(
+            d.script,
+            "delete element inet lightpath fe_v4 { 10.96.0.10 . udp . 53 }\n\
+             delete element inet lightpath local_v4 { 10.96.0.10 . udp . 53 }\n\
+             add element inet lightpath fe_v4 { 10.96.0.10 . udp . 53 : goto reject_fe }\n\
+             add element inet lightpath local_v4 { 10.96.0.10 . udp . 53 : goto reject_fe }\n"
+        );
     }
 
     #[test]
@@ -533,31 +580,22 @@ mod tests {
         new.insert(fe("10.96.0.4:80"), Action::Proxy);
         new.insert(fe("[fd00::4]:80"), Action::Reject);
         let d = diff_script(&cfg(), &old, &new).unwrap();
-        let lines: Vec<&str> = d.lines().collect();
+        assert_eq!(d.frontends, 4);
+        let lines: Vec<&str> = d.script.lines().collect();
         assert_eq!(
             lines,
             vec![
-                "delete element inet lightpath noep_v4 { 10.96.0.3 . tcp . 80 }",
-                "delete element inet lightpath proxy_v4 { 10.96.0.1 . tcp . 80 }",
-                "add element inet lightpath noep_v4 { 10.96.0.3 . tcp . 80 : drop }",
-                "add element inet lightpath noep_v6 { fd00::4 . tcp . 80 : goto reject_fe }",
-                "add element inet lightpath proxy_v4 { 10.96.0.4 . tcp . 80 }",
+                "delete element inet lightpath fe_v4 { 10.96.0.1 . tcp . 80, 10.96.0.3 . tcp . 80 }",
+                "delete element inet lightpath local_v4 { 10.96.0.1 . tcp . 80, 10.96.0.3 . tcp . 80 }",
+                "add element inet lightpath fe_v4 { 10.96.0.3 . tcp . 80 : drop, 10.96.0.4 . tcp . 80 : goto tproxy_v4 }",
+                "add element inet lightpath fe_v6 { fd00::4 . tcp . 80 : goto reject_fe }",
+                "add element inet lightpath local_v4 { 10.96.0.3 . tcp . 80 : drop, 10.96.0.4 . tcp . 80 : goto mark_local }",
+                "add element inet lightpath local_v6 { fd00::4 . tcp . 80 : goto reject_fe }",
             ]
         );
-        assert!(!d.contains("10.96.0.2"), "unchanged element touched: {d}");
-    }
-
-    #[test]
-    fn proxy_to_verdict_moves_between_set_and_map() {
-        let mut old = Frontends::new();
-        old.insert(fe("10.96.0.1:80"), Action::Proxy);
-        let mut new = Frontends::new();
-        new.insert(fe("10.96.0.1:80"), Action::Reject);
-        let d = diff_script(&cfg(), &old, &new).unwrap();
-        assert_eq!(
-            d,
-            "delete element inet lightpath proxy_v4 { 10.96.0.1 . tcp . 80 }\n\
-             add element inet lightpath noep_v4 { 10.96.0.1 . tcp . 80 : goto reject_fe }\n"
+        assert!(
+            !d.script.contains("10.96.0.2"),
+            "unchanged element touched: {d:?}"
         );
     }
 
