@@ -87,6 +87,7 @@ impl Tracked {
         };
         let mut quiet = Context::from_waker(Waker::noop());
         if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_frame(&mut quiet) {
+            checkin.quiet();
             return Poll::Ready(r);
         }
         if checkin.drive(cx).is_ready() {
@@ -97,7 +98,13 @@ impl Tracked {
             }
             return Pin::new(&mut self.inner).poll_frame(cx);
         }
-        Pin::new(&mut self.inner).poll_frame(&mut quiet)
+        let r = Pin::new(&mut self.inner).poll_frame(&mut quiet);
+        if r.is_ready() {
+            // Got what it polled for: no wake-up for this task until the
+            // next drive (`upstream::Gate`).
+            checkin.quiet();
+        }
+        r
     }
 }
 

@@ -141,8 +141,36 @@ type Io = TokioIo<tokio::net::TcpStream>;
 pub struct H1 {
     sender: http1::SendRequest<Body>,
     conn: http1::Connection<Io, Body>,
+    /// The waker the connection is polled with (see [`Gate`]).
+    gate: Arc<Gate>,
+    waker: Waker,
     tag: u32,
     _slot: GaugeGuard,
+}
+
+/// The waker a connection is always polled with: it passes a wake-up on to
+/// the task driving the connection *now*, and drops it while nobody waits.
+///
+/// Why: hyper keeps the wakers it was last polled with (the request queue,
+/// the response body channel's sender side), and some fire after the task
+/// already has what it waited for: taking the last body chunk wakes the
+/// connection "because there is room again". With the task's own waker that
+/// is a spurious poll of the whole client connection per request; with a
+/// spawned connection task it was a spurious poll of that task. The gate is
+/// armed by each [`H1::drive`] and disarmed ([`H1::quiet`]) when the driver
+/// got what it polled for, so those late wake-ups go nowhere. One allocation
+/// per connection, none per request.
+#[derive(Debug, Default)]
+struct Gate(futures::task::AtomicWaker);
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.0.wake();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake();
+    }
 }
 
 impl std::fmt::Debug for H1 {
@@ -155,7 +183,9 @@ impl H1 {
     /// Drives the connection with the caller's waker. `Ready` means it has
     /// ended (closed or failed) and must be dropped.
     pub fn drive(&mut self, cx: &mut Context<'_>, addr: SocketAddr) -> Poll<()> {
-        match Pin::new(&mut self.conn).poll(cx) {
+        self.gate.0.register(cx.waker());
+        let mut gated = Context::from_waker(&self.waker);
+        match Pin::new(&mut self.conn).poll(&mut gated) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => {
                 if let Err(e) = r {
@@ -171,7 +201,32 @@ impl H1 {
     /// peer that closed. Whether it can take a request now.
     fn settle(&mut self, addr: SocketAddr) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        self.drive(&mut cx, addr).is_pending() && self.sender.is_ready()
+        let open = self.drive(&mut cx, addr).is_pending();
+        self.quiet();
+        open && self.sender.is_ready()
+    }
+
+    /// The driver has what it polled for: later wake-ups from inside the
+    /// connection are dropped until the next [`H1::drive`] (see [`Gate`]).
+    pub fn quiet(&self) {
+        drop(self.gate.0.take());
+    }
+
+    fn new(
+        sender: http1::SendRequest<Body>,
+        conn: http1::Connection<Io, Body>,
+        tag: u32,
+        slot: GaugeGuard,
+    ) -> Box<H1> {
+        let gate = Arc::new(Gate::default());
+        Box::new(H1 {
+            sender,
+            conn,
+            waker: Waker::from(gate.clone()),
+            gate,
+            tag,
+            _slot: slot,
+        })
     }
 }
 
@@ -196,10 +251,20 @@ impl Checkin {
         self.conn.drive(cx, self.pool.addr)
     }
 
+    /// See [`H1::quiet`].
+    pub fn quiet(&self) {
+        self.conn.quiet();
+    }
+
     /// The response is done: the connection goes back to the pool if it is
     /// still open and ready for another request, and is closed otherwise.
+    /// The poll that read the end of the body usually left it ready (hyper
+    /// asks for the next request as soon as it is idle); only when it did
+    /// not is it polled once more. A peer that closes it meanwhile is
+    /// noticed at checkout.
     pub fn finish(mut self) {
-        if self.conn.settle(self.pool.addr) {
+        self.conn.quiet();
+        if self.conn.sender.is_ready() || self.conn.settle(self.pool.addr) {
             self.pool.checkin(self.conn);
         }
     }
@@ -366,7 +431,11 @@ impl EndpointPool {
                 None => response.as_mut().poll(cx),
             }
         })
-        .await?;
+        .await;
+        if let Some(c) = open.as_ref() {
+            c.quiet();
+        }
+        let result = result?;
         let checkin = open.map(|conn| Checkin {
             pool: self.clone(),
             conn,
@@ -503,12 +572,7 @@ impl EndpointPool {
             .handshake(io)
             .await
             .map_err(FailKind::Http)?;
-        Ok(Box::new(H1 {
-            sender,
-            conn,
-            tag,
-            _slot: slot,
-        }))
+        Ok(H1::new(sender, conn, tag, slot))
     }
 
     /// A new HTTP/1.1 connection for an upgrade, run by a task of its own.
