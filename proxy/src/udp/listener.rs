@@ -28,6 +28,10 @@ use crate::balance::{Balancers, Scope};
 /// new table snapshot drops frontends (both rare, and both control-path).
 pub struct ReplySockets {
     listener: Arc<UdpSocket>,
+    /// SO_MARK on every reply socket (0: none): lightpath's own packets
+    /// leave the rules' output chain at its first rule, with no map lookup
+    /// per reply datagram.
+    mark: u32,
     /// The listener's own address, read once (not a syscall per new flow).
     listener_addr: Option<SocketAddr>,
     map: ArcSwap<HashMap<SocketAddr, Arc<UdpSocket>>>,
@@ -35,11 +39,13 @@ pub struct ReplySockets {
 
 impl ReplySockets {
     /// `listener` answers for its own address (a plain, non-TPROXY setup);
-    /// every other frontend gets a transparent socket bound to it.
-    pub fn new(listener: Arc<UdpSocket>) -> Self {
+    /// every other frontend gets a transparent socket bound to it, carrying
+    /// SO_MARK `mark` (skipped when 0).
+    pub fn new(listener: Arc<UdpSocket>, mark: u32) -> Self {
         ReplySockets {
             listener_addr: listener.local_addr().ok(),
             listener,
+            mark,
             map: ArcSwap::from_pointee(HashMap::new()),
         }
     }
@@ -51,7 +57,11 @@ impl ReplySockets {
         if let Some(s) = self.map.load().get(&from) {
             return Ok(s.clone());
         }
-        let created = Arc::new(UdpSocket::from_std(redirect::sockopt::reply_socket(from)?)?);
+        let std_sock = redirect::sockopt::reply_socket(from)?;
+        if self.mark != 0 {
+            redirect::sockopt::set_mark(&std_sock, self.mark)?;
+        }
+        let created = Arc::new(UdpSocket::from_std(std_sock)?);
         // Whoever swaps first wins; a loser's socket is simply closed.
         let prev = self.map.rcu(|m| {
             if m.contains_key(&from) {
@@ -103,7 +113,7 @@ pub async fn serve(
     balancers: Arc<Balancers>,
     flows: Arc<FlowTable>,
 ) -> io::Result<()> {
-    let replies = ReplySockets::new(sock.clone());
+    let replies = ReplySockets::new(sock.clone(), flows.config().upstream_mark);
     let mut pruned_at = table.borrow().version;
     let mut buf = vec![0u8; 65_536];
     let mut errors = 0u32;
@@ -254,7 +264,7 @@ mod tests {
             "reply sockets are transparent (IP_TRANSPARENT needs root): run as root, or set {SKIP}=1 to skip"
         );
         let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let replies = Arc::new(ReplySockets::new(listener.clone()));
+        let replies = Arc::new(ReplySockets::new(listener.clone(), 0x2));
         // Its own address is the listener itself, not a new socket.
         let own = listener.local_addr().unwrap();
         assert!(Arc::ptr_eq(&replies.get(own).unwrap(), &listener));
@@ -283,6 +293,7 @@ mod tests {
         let sb = replies.get(b).unwrap();
         assert!(Arc::ptr_eq(&sb, &replies.get(b).unwrap()));
         assert_eq!(replies.len(), 2);
+        assert_eq!(socket2::SockRef::from(&*sa).mark().unwrap(), 0x2);
 
         // A reply leaves from the frontend address.
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
