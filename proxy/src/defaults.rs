@@ -26,7 +26,16 @@ pub const TPROXY_MARK: u32 = 0x1;
 /// Policy-routing table holding the `local` default route.
 pub const ROUTE_TABLE: u32 = 100;
 /// SO_MARK on lightpath's own upstream sockets so the rules never capture them.
+/// The transparent listeners and UDP reply sockets carry it too, so replies
+/// to clients leave the output chain at its first rule.
 pub const UPSTREAM_MARK: u32 = 0x2;
+// Policy routing matches `fwmark TPROXY_MARK/TPROXY_MARK` and the output
+// chain `mark & UPSTREAM_MARK == UPSTREAM_MARK`: a shared bit would route
+// every reply and upstream packet to `lo`, or exempt redirected ones.
+const _: () = assert!(
+    TPROXY_MARK & UPSTREAM_MARK == 0,
+    "marks must not share bits"
+);
 
 /// `--proxy-name`: services labelled `service.kubernetes.io/service-proxy-name`
 /// with this value are ours; others with the label are skipped.
