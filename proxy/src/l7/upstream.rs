@@ -443,33 +443,29 @@ impl EndpointPool {
         Ok((result, checkin))
     }
 
+    /// The endpoint's HTTP/2 connection, if it has one that is still open.
+    fn open_h2(&self) -> Option<http2::SendRequest<Body>> {
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
     async fn send_h2(
         self: &Arc<Self>,
         req: Request<Body>,
         cs: &ConnectSettings,
         limits: &Limits,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
-        let existing = self
-            .h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .cloned();
-        let mut sender = match existing {
+        let mut sender = match self.open_h2() {
             Some(s) => s,
             None => {
                 // One connect at a time per endpoint: concurrent first
                 // requests share the connection the first one makes.
                 let _connecting = self.h2_connect.lock().await;
-                let again = self
-                    .h2
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                    .filter(|s| !s.is_closed())
-                    .cloned();
-                match again {
+                match self.open_h2() {
                     Some(s) => s,
                     None => {
                         let s = match self.connect_h2(cs, limits).await {
@@ -792,6 +788,22 @@ mod tests {
         r
     }
 
+    /// An HTTP/1.1 pool for `b` whose idle connections outlive any test.
+    fn h1_pool(b: &Backend) -> Arc<EndpointPool> {
+        Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)))
+    }
+
+    /// A backend answering with `reply`, its pool, fresh limits, and
+    /// settings allowing `max_connections`.
+    fn fixture(
+        reply: Reply,
+        max_connections: usize,
+    ) -> (Backend, Arc<EndpointPool>, Limits, ConnectSettings) {
+        let b = backend(reply);
+        let pool = h1_pool(&b);
+        (b, pool, Limits::default(), settings(max_connections))
+    }
+
     fn settings(max_connections: usize) -> ConnectSettings {
         ConnectSettings {
             timeout: Duration::from_secs(2),
@@ -846,10 +858,7 @@ mod tests {
     /// poll at check-in leaves it ready for the next request.
     #[test]
     fn sequential_requests_reuse_one_connection() {
-        let b = backend(Reply::Ok);
-        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
-        let limits = Limits::default();
-        let cs = settings(16);
+        let (b, pool, limits, cs) = fixture(Reply::Ok, 16);
         current_thread().block_on(async {
             for _ in 0..20 {
                 send_one(&pool, &cs, &limits).await;
@@ -864,10 +873,7 @@ mod tests {
     /// a fresh connection without an error.
     #[test]
     fn an_idle_connection_the_backend_closed_is_replaced() {
-        let b = backend(Reply::OkThenClose);
-        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
-        let limits = Limits::default();
-        let cs = settings(16);
+        let (b, pool, limits, cs) = fixture(Reply::OkThenClose, 16);
         current_thread().block_on(async {
             for round in 1..=3 {
                 send_one(&pool, &cs, &limits).await;
@@ -888,10 +894,7 @@ mod tests {
     /// pool: its connection is closed and its `max-connections` slot freed.
     #[test]
     fn a_body_dropped_half_way_closes_its_connection() {
-        let b = backend(Reply::Half);
-        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
-        let limits = Limits::default();
-        let cs = settings(16);
+        let (b, pool, limits, cs) = fixture(Reply::Half, 16);
         current_thread().block_on(async {
             let (resp, mut checkin) = pool.send(request(), &cs, &limits).await.expect("response");
             let mut body = resp.into_body();
@@ -921,10 +924,7 @@ mod tests {
     /// next request takes it.
     #[test]
     fn max_connections_counts_pooled_connections() {
-        let b = backend(Reply::Ok);
-        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
-        let limits = Limits::default();
-        let cs = settings(1);
+        let (b, pool, limits, cs) = fixture(Reply::Ok, 1);
         current_thread().block_on(async {
             let (resp, checkin) = pool.send(request(), &cs, &limits).await.expect("response");
             let refused = pool.send(request(), &cs, &limits).await;
@@ -956,7 +956,7 @@ mod tests {
     #[test]
     fn at_the_connection_limit_another_threads_idle_connection_is_used() {
         let b = backend(Reply::Ok);
-        let pool = Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)));
+        let pool = h1_pool(&b);
         let limits = Arc::new(Limits::default());
         let cs = settings(1);
         // Thread A opens the connection and keeps its runtime (whose I/O
