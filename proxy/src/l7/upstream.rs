@@ -539,11 +539,11 @@ impl EndpointPool {
             mark: cs.mark,
         };
         // `connect_one` (not `attempt`): pooled connections live long, so
-        // they get TCP keepalive at once.
+        // they get TCP keepalive at once. TCP_NODELAY is set before the
+        // connect (`redirect::sockopt::upstream_connect`).
         let stream = connect_one(self.addr, &cfg)
             .await
             .map_err(FailKind::Connect)?;
-        let _ = stream.set_nodelay(true);
         Ok((TokioIo::new(stream), conn_slot))
     }
 
