@@ -516,15 +516,12 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_carry_the_upstream_mark() {
-        const SKIP: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
-        if std::env::var(SKIP).is_ok_and(|v| v == "1") {
-            eprintln!("SKIPPED accepted_connections_carry_the_upstream_mark: {SKIP}=1");
+        if !crate::sandbox::require_root(
+            "accepted_connections_carry_the_upstream_mark",
+            "transparent listeners and SO_MARK",
+        ) {
             return;
         }
-        assert!(
-            crate::sandbox::is_root(),
-            "transparent listeners and SO_MARK need root: run as root, or set {SKIP}=1 to skip"
-        );
         fn mark(fd: &impl std::os::fd::AsFd) -> u32 {
             socket2::SockRef::from(fd).mark().unwrap()
         }

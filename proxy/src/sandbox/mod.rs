@@ -97,6 +97,23 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The switch that skips the tests needing root.
+pub const SKIP_ROOT_TESTS: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
+
+/// Whether to run a test that needs root for `why`. Not root: fail with the
+/// skip switch named; switch set: print a note and skip. Never a silent pass.
+pub fn require_root(test: &str, why: &str) -> bool {
+    if std::env::var(SKIP_ROOT_TESTS).is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: {SKIP_ROOT_TESTS}=1");
+        return false;
+    }
+    assert!(
+        is_root(),
+        "{test} needs root ({why}). Run as root, or set {SKIP_ROOT_TESTS}=1 to skip it."
+    );
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

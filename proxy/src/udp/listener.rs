@@ -254,15 +254,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reply_sockets_are_one_per_frontend_and_leave_with_it() {
-        const SKIP: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
-        if std::env::var(SKIP).is_ok_and(|v| v == "1") {
-            eprintln!("SKIPPED reply_sockets_are_one_per_frontend_and_leave_with_it: {SKIP}=1");
+        if !crate::sandbox::require_root(
+            "reply_sockets_are_one_per_frontend_and_leave_with_it",
+            "reply sockets are transparent: IP_TRANSPARENT, SO_MARK",
+        ) {
             return;
         }
-        assert!(
-            crate::sandbox::is_root(),
-            "reply sockets are transparent (IP_TRANSPARENT needs root): run as root, or set {SKIP}=1 to skip"
-        );
         let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let replies = Arc::new(ReplySockets::new(listener.clone(), 0x2));
         // Its own address is the listener itself, not a new socket.

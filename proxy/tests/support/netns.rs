@@ -23,20 +23,10 @@ use lightpath::sandbox;
 #[allow(unused_imports)]
 pub use lightpath::sandbox::{pod_v4, pod_v6, Lines, Netns, Proc, Sandbox, CLIENT_V4};
 
-pub const SKIP_ENV: &str = "LIGHTPATH_SKIP_ROOT_TESTS";
-
 /// Whether to run a root test. Not root: fail with the skip switch named;
 /// skip switch set: print a note and skip.
 pub fn require_root(test: &str) -> bool {
-    if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED {test}: {SKIP_ENV}=1");
-        return false;
-    }
-    assert!(
-        sandbox::is_root(),
-        "{test} needs root (network namespaces, nftables). Run as root, or set {SKIP_ENV}=1 to skip it."
-    );
-    true
+    sandbox::require_root(test, "network namespaces, nftables")
 }
 
 /// Runs a command and panics with its stderr on failure (setup only).
