@@ -620,26 +620,48 @@ mod tests {
         socket2::SockRef::from(s).keepalive().unwrap()
     }
 
+    /// A relay between two loopback pairs whose copy sets upstream
+    /// keepalive after `after`, once "ping" went through it; the upstream
+    /// socket has no keepalive of its own.
+    struct Relay {
+        client: TcpStream,
+        server: TcpStream,
+        upstream: std::sync::Arc<TcpStream>,
+        copy: tokio::task::JoinHandle<(Transferred, CopyEnd)>,
+    }
+
+    async fn pinged_relay(after: Duration) -> (Relay, drain::Signal) {
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        let upstream = std::sync::Arc::new(u);
+        assert!(!keepalive_on(&upstream));
+        let (sig, watch) = drain::channel();
+        let cfg = CopyConfig {
+            upstream_keepalive_after: Some(after),
+            ..cfg(true)
+        };
+        let up = upstream.clone();
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &up, &cfg, &watch).await });
+        let mut buf = [0u8; 4];
+        client.write_all(b"ping").await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        let relay = Relay {
+            client,
+            server,
+            upstream,
+            copy,
+        };
+        (relay, sig)
+    }
+
     /// A connection that outlives `upstream_keepalive_after` gets keepalive
     /// (60 s / 10 s / 6) on its upstream socket, set by the copy's timer
     /// while the connection sits idle; the client socket is left alone (it
     /// inherits keepalive from the listener).
     #[tokio::test]
     async fn upstream_keepalive_is_set_once_the_connection_lives() {
-        let (mut client, c) = pair().await;
-        let (u, mut server) = pair().await;
-        let u = std::sync::Arc::new(u);
-        assert!(!keepalive_on(&u));
-        let (_sig, watch) = drain::channel();
-        let cfg = CopyConfig {
-            upstream_keepalive_after: Some(Duration::from_millis(800)),
-            ..cfg(true)
-        };
-        let up = u.clone();
-        let copy = tokio::spawn(async move { copy_bidirectional(&c, &up, &cfg, &watch).await });
-        let mut buf = [0u8; 4];
-        client.write_all(b"ping").await.unwrap();
-        server.read_exact(&mut buf).await.unwrap();
+        let (mut r, _sig) = pinged_relay(Duration::from_millis(800)).await;
+        let (u, mut buf) = (r.upstream.clone(), [0u8; 4]);
         assert!(!keepalive_on(&u), "not before 800 ms");
         let deadline = Instant::now() + Duration::from_secs(5);
         while !keepalive_on(&u) {
@@ -654,12 +676,12 @@ mod tests {
         );
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), 6);
         // The relay still works after the timer fired.
-        server.write_all(b"pong").await.unwrap();
-        client.read_exact(&mut buf).await.unwrap();
+        r.server.write_all(b"pong").await.unwrap();
+        r.client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");
-        drop(client);
-        drop(server);
-        let (_, end) = tokio::time::timeout(Duration::from_secs(5), copy)
+        drop(r.client);
+        drop(r.server);
+        let (_, end) = tokio::time::timeout(Duration::from_secs(5), r.copy)
             .await
             .expect("copy ends when both peers close")
             .unwrap();
@@ -675,25 +697,14 @@ mod tests {
             Some(Duration::from_secs(1))
         );
         let started = Instant::now();
-        let (mut client, c) = pair().await;
-        let (u, mut server) = pair().await;
-        let u = std::sync::Arc::new(u);
-        let (_sig, watch) = drain::channel();
         // Longer than the default, so a loaded machine cannot outrun it.
-        let cfg = CopyConfig {
-            upstream_keepalive_after: Some(Duration::from_secs(4)),
-            ..cfg(true)
-        };
-        let up = u.clone();
-        let copy = tokio::spawn(async move { copy_bidirectional(&c, &up, &cfg, &watch).await });
-        let mut buf = [0u8; 4];
-        client.write_all(b"ping").await.unwrap();
-        server.read_exact(&mut buf).await.unwrap();
-        server.write_all(b"pong").await.unwrap();
-        server.shutdown().await.unwrap();
-        client.read_exact(&mut buf).await.unwrap();
-        drop(client);
-        let (_, end) = tokio::time::timeout(Duration::from_secs(5), copy)
+        let (mut r, _sig) = pinged_relay(Duration::from_secs(4)).await;
+        let (u, mut buf) = (r.upstream.clone(), [0u8; 4]);
+        r.server.write_all(b"pong").await.unwrap();
+        r.server.shutdown().await.unwrap();
+        r.client.read_exact(&mut buf).await.unwrap();
+        drop(r.client);
+        let (_, end) = tokio::time::timeout(Duration::from_secs(5), r.copy)
             .await
             .expect("copy ends when both peers close")
             .unwrap();
