@@ -7,8 +7,10 @@
 //!   other, and the opposite direction keeps flowing until its own EOF;
 //! * **resets propagate**: a read or write error on either side aborts both
 //!   (SO_LINGER 0), so the peer sees a reset, not a clean end of stream;
-//! * **idle timeout**: one timer per connection, re-armed lazily from a
-//!   last-activity timestamp (no timer reset per read);
+//! * **idle timeout**: one timer per connection that compares the byte
+//!   counters every quarter of the timeout (no clock read or timer reset per
+//!   message, see [`idle_watch`]): a quiet connection closes between 1× and
+//!   1.25× the timeout after its last byte;
 //! * **lazy upstream keepalive**: the same timer first fires after
 //!   `upstream_keepalive_after` (1 s) and sets TCP keepalive on the upstream
 //!   socket then. Keepalive probes start after 60 s idle, so they only ever
@@ -44,10 +46,15 @@
 //! `try_read`, `writable`, `try_write`), so the two directions share the
 //! sockets without splitting or locking.
 
+use std::future::Future;
 use std::io;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -123,46 +130,83 @@ pub enum CopyEnd {
     Forced,
 }
 
+/// State the two directions share: which one ended first (see
+/// [`half_close`]).
 struct Activity {
-    start: Instant,
-    /// Milliseconds since `start` of the last data seen.
-    last_ms: AtomicU64,
-    /// One direction has ended cleanly (see [`half_close`]).
     one_ended: AtomicBool,
 }
 
-impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+/// The idle timer, with no clock on the data path: the pumps only bump
+/// their byte counters (which they keep anyway), and this timer wakes every
+/// `idle / 4` and compares the counters with what it saw at its last tick.
+/// A tick that sees them moved records its own time as the last activity;
+/// once `idle` has passed since such a tick with no movement since, the
+/// connection is idle. So a quiet connection closes between `idle` and
+/// `1.25 × idle` after its last byte (plus timer slack), and a connection
+/// that moves data is never closed. Before, every message read the clock
+/// (`Instant::now`, a vDSO `clock_gettime` and TSC read) to timestamp it.
+///
+/// On the way, once the connection is `keepalive.0` old, sets TCP keepalive
+/// on `keepalive.1`: the one timer serves both, so a connection closed
+/// before then never pays for keepalive.
+async fn idle_watch(
+    moved: [&AtomicU64; 2],
+    idle: Duration,
+    mut keepalive: Option<(Duration, &TcpStream)>,
+) {
+    let start = Instant::now();
+    let period = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = 0u64;
+    let mut moved_at = start;
+    let mut next_tick = start + period;
+    loop {
+        let wake = match keepalive {
+            Some((after, _)) => next_tick.min(start + after),
+            None => next_tick,
+        };
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        if let Some((after, sock)) = keepalive {
+            if now >= start + after {
+                super::set_keepalive(sock);
+                keepalive = None;
+            }
+        }
+        if now < next_tick {
+            continue;
+        }
+        next_tick = now + period;
+        let total = moved[0]
+            .load(Ordering::Relaxed)
+            .wrapping_add(moved[1].load(Ordering::Relaxed));
+        if total != seen {
+            seen = total;
+            moved_at = now;
+        } else if now.duration_since(moved_at) >= idle {
+            return;
+        }
+    }
+}
+
+/// Wakes the copy for its rarely ready futures (the idle timer and the
+/// drain's forced signal) and records that they, not a socket, woke it: the
+/// copy polls them only then. Polled on every wake (as `select!` did), the
+/// drain's `Notified` takes the drain channel's mutex, which all connections
+/// of both data threads share, and the timer re-checks its entry: per
+/// message, for futures that fire once in a connection's life.
+struct RareWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for RareWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
 
-    /// Resolves when nothing happened for `idle`. On the way, once the
-    /// connection is `keepalive.0` old, sets TCP keepalive on `keepalive.1`:
-    /// the one timer serves both, so a connection closed before then never
-    /// pays for keepalive.
-    async fn idle(&self, idle: Duration, mut keepalive: Option<(Duration, &TcpStream)>) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            let wake = match keepalive {
-                Some((after, sock)) => {
-                    let at = self.start + after;
-                    if now >= at {
-                        super::set_keepalive(sock);
-                        keepalive = None;
-                        continue;
-                    }
-                    at.min(deadline)
-                }
-                None => deadline,
-            };
-            tokio::time::sleep_until(wake).await;
-        }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
@@ -173,6 +217,11 @@ impl Activity {
 /// After a clean close the FIN towards the side that ended last has not been
 /// sent yet: it goes out when the socket is closed, so the caller drops both
 /// sockets as soon as this returns.
+///
+/// One hand-written poll instead of `select!{ try_join!(..), .. }`: a wake
+/// polls the two directions (each a cheap readiness check when it has
+/// nothing to do) and the idle timer and drain signal only when they woke
+/// the task ([`RareWake`]).
 pub async fn copy_bidirectional(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -180,8 +229,6 @@ pub async fn copy_bidirectional(
     drain: &drain::Watch,
 ) -> (Transferred, CopyEnd) {
     let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
         one_ended: AtomicBool::new(false),
     };
     let up = AtomicU64::new(0);
@@ -195,39 +242,72 @@ pub async fn copy_bidirectional(
         total: &down,
         spliced: &spliced,
     };
-    let both = async {
-        tokio::try_join!(
-            pump(
-                client,
-                upstream,
-                Side::Client,
-                Side::Upstream,
-                counts_up,
-                &activity,
-                cfg
-            ),
-            pump(
-                upstream,
-                client,
-                Side::Upstream,
-                Side::Client,
-                counts_down,
-                &activity,
-                cfg
-            ),
-        )
-    };
-    let end = tokio::select! {
-        r = both => match r {
-            Ok(_) => CopyEnd::Closed,
-            Err((side, kind)) => CopyEnd::Error(side, kind),
-        },
-        _ = activity.idle(
-            cfg.idle_timeout,
-            cfg.upstream_keepalive_after.map(|after| (after, upstream)),
-        ) => CopyEnd::Idle,
-        _ = drain.forced() => CopyEnd::Forced,
-    };
+    let mut to_upstream = pin!(pump(
+        client,
+        upstream,
+        Side::Client,
+        Side::Upstream,
+        counts_up,
+        &activity,
+        cfg
+    ));
+    let mut to_client = pin!(pump(
+        upstream,
+        client,
+        Side::Upstream,
+        Side::Client,
+        counts_down,
+        &activity,
+        cfg
+    ));
+    let mut rare = pin!(async {
+        tokio::select! {
+            biased;
+            _ = drain.forced() => CopyEnd::Forced,
+            _ = idle_watch(
+                [&up, &down],
+                cfg.idle_timeout,
+                cfg.upstream_keepalive_after.map(|after| (after, upstream)),
+            ) => CopyEnd::Idle,
+        }
+    });
+    let gate = Arc::new(RareWake {
+        // Polled once at the start, to arm the timer and the drain watch.
+        fired: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let rare_waker = Waker::from(gate.clone());
+    let (mut up_done, mut down_done) = (false, false);
+    let end = std::future::poll_fn(|cx| {
+        if !up_done {
+            match to_upstream.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => up_done = true,
+                Poll::Ready(Err((side, kind))) => return Poll::Ready(CopyEnd::Error(side, kind)),
+                Poll::Pending => {}
+            }
+        }
+        if !down_done {
+            match to_client.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => down_done = true,
+                Poll::Ready(Err((side, kind))) => return Poll::Ready(CopyEnd::Error(side, kind)),
+                Poll::Pending => {}
+            }
+        }
+        if up_done && down_done {
+            return Poll::Ready(CopyEnd::Closed);
+        }
+        // Register before looking at the flag: a wake after the swap below
+        // then wakes the task again instead of being lost.
+        gate.task.register(cx.waker());
+        if gate.fired.swap(false, Ordering::AcqRel) {
+            let mut rcx = Context::from_waker(&rare_waker);
+            if let Poll::Ready(end) = rare.as_mut().poll(&mut rcx) {
+                return Poll::Ready(end);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
     if end != CopyEnd::Closed {
         super::abort(client);
         super::abort(upstream);
@@ -243,8 +323,18 @@ pub async fn copy_bidirectional(
 /// Where one direction counts its bytes.
 #[derive(Clone, Copy)]
 struct Counts<'a> {
+    /// Written by this direction only (a load and a store, not a locked
+    /// read-modify-write); read by the idle timer and at the end.
     total: &'a AtomicU64,
+    /// Shared by both directions.
     spliced: &'a AtomicU64,
+}
+
+impl Counts<'_> {
+    fn add(&self, n: u64) {
+        let t = self.total.load(Ordering::Relaxed);
+        self.total.store(t.wrapping_add(n), Ordering::Relaxed);
+    }
 }
 
 /// One direction: `from` → `to` until EOF, then `shutdown(WR)` on `to`.
@@ -275,7 +365,6 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err((from_side, e.kind())),
         };
-        activity.touch();
         // The kernel queues a FIN only after all data before it, so a FIN
         // seen before a read that drained the socket makes this data the
         // last: pass it on corked and let the FIN ride on it.
@@ -283,7 +372,7 @@ async fn pump(
         write_all(to, &buf[..n], last)
             .await
             .map_err(|e| (to_side, e.kind()))?;
-        count.total.fetch_add(n as u64, Ordering::Relaxed);
+        count.add(n as u64);
         if last {
             return half_close(to, to_side, activity);
         }
@@ -330,7 +419,6 @@ async fn pump_spliced(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err((from_side, e.kind())),
         };
-        activity.touch();
         let mut left = n;
         while left > 0 {
             to.writable().await.map_err(|e| (to_side, e.kind()))?;
@@ -339,7 +427,7 @@ async fn pump_spliced(
                 Ok(m) => {
                     let m = m.min(left);
                     left -= m;
-                    count.total.fetch_add(m as u64, Ordering::Relaxed);
+                    count.add(m as u64);
                     count.spliced.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -418,15 +506,17 @@ async fn write_all(to: &TcpStream, mut data: &[u8], corked: bool) -> io::Result<
     } else {
         nix::libc::MSG_NOSIGNAL
     };
+    // `try_io` sends only when tokio has the socket as writable, and clears
+    // that on EAGAIN: the `writable()` future is awaited only after a
+    // WouldBlock, not before every send.
     while !data.is_empty() {
-        to.writable().await?;
         let sent = to.try_io(Interest::WRITABLE, || {
             socket2::SockRef::from(to).send_with_flags(data, flags)
         });
         match sent {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
             Err(e) => return Err(e),
         }
     }
@@ -714,6 +804,71 @@ mod tests {
             "the test itself took too long to show anything"
         );
         assert!(!keepalive_on(&u), "keepalive set on a short connection");
+    }
+
+    /// The idle timer reads no clock per message, only the byte counters
+    /// every quarter of the timeout: a quiet connection is aborted no sooner
+    /// than the timeout after its last byte and within 1.25× of it (plus
+    /// slack for a loaded machine), while one that keeps moving bytes, in
+    /// either direction, outlives several timeouts.
+    #[tokio::test]
+    async fn idle_timeout_by_counters_closes_quiet_keeps_busy() {
+        const IDLE: Duration = Duration::from_millis(400);
+        let start_copy = |c: TcpStream, u: TcpStream| {
+            let (sig, watch) = drain::channel();
+            let cfg = CopyConfig {
+                idle_timeout: IDLE,
+                ..cfg(true)
+            };
+            let copy = tokio::spawn(async move {
+                let r = copy_bidirectional(&c, &u, &cfg, &watch).await;
+                (r, Instant::now())
+            });
+            (copy, sig)
+        };
+        let (mut q_client, qc) = pair().await;
+        let (qu, mut q_server) = pair().await;
+        let (quiet, _qsig) = start_copy(qc, qu);
+        let (mut b_client, bc) = pair().await;
+        let (bu, mut b_server) = pair().await;
+        let (busy, _bsig) = start_copy(bc, bu);
+        let mut buf = [0u8; 4];
+        // Before the write: the copy counts the byte after this instant.
+        let last_byte = Instant::now();
+        q_client.write_all(b"last").await.unwrap();
+        q_server.read_exact(&mut buf).await.unwrap();
+        // 1.5 s of traffic on the busy one, alternating directions.
+        for i in 0..30 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if i % 2 == 0 {
+                b_client.write_all(b"tick").await.unwrap();
+                b_server.read_exact(&mut buf).await.unwrap();
+            } else {
+                b_server.write_all(b"tock").await.unwrap();
+                b_client.read_exact(&mut buf).await.unwrap();
+            }
+        }
+        let ((_, end), ended) = tokio::time::timeout(Duration::from_secs(5), quiet)
+            .await
+            .expect("the quiet copy ends")
+            .unwrap();
+        assert_eq!(end, CopyEnd::Idle);
+        let after = ended.duration_since(last_byte);
+        assert!(after >= IDLE, "closed {after:?} after its last byte");
+        assert!(
+            after <= IDLE * 5 / 4 + Duration::from_millis(400),
+            "closed only {after:?} after its last byte"
+        );
+        assert!(!busy.is_finished(), "the busy connection was closed");
+        b_client.write_all(b"more").await.unwrap();
+        b_server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"more");
+        drop((b_client, b_server));
+        let ((_, end), _) = tokio::time::timeout(Duration::from_secs(5), busy)
+            .await
+            .expect("busy copy ends when both peers close")
+            .unwrap();
+        assert_eq!(end, CopyEnd::Closed);
     }
 
     /// A reset from the receiving side while spliced aborts both sides.
