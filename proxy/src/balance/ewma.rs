@@ -10,28 +10,43 @@
 //! starved forever.
 //!
 //! Unlike tower, reading the estimate does not write it: the decay is computed
-//! from the time of the last sample, so the hot path's cost comparisons take
-//! the endpoint's tiny mutex only to copy two numbers, and the result does not
-//! depend on how often someone happened to read it.
+//! from the time of the last sample, so the result does not depend on how
+//! often someone happened to read it.
+//!
+//! Why a sequence lock and not a mutex: every L7 request reads two endpoints'
+//! estimates (the p2c comparison) and writes one (its latency), from both
+//! data threads, on the same few endpoints. With a mutex each read was a
+//! lock and an unlock, two atomic writes to a cache line the other core had
+//! just written. Here a read is three loads that retry if a write was under
+//! way (and fall back to the writers' lock after a bounded number of tries);
+//! writes are serialised by the mutex and publish through the sequence
+//! number.
 //!
 //! Time comes from `tokio::time::Instant` so tests can pause and advance it.
 
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The estimate and when it was last sampled.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    rtt_ns: f64,
-    at: Instant,
-}
+/// Optimistic reads before a reader waits for the writers' lock (a writer
+/// holds it for a few nanoseconds unless its thread was preempted).
+const READ_TRIES: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct PeakEwma {
     decay_ns: f64,
-    last: Mutex<Sample>,
+    /// Origin of `at_ns`.
+    base: Instant,
+    /// Even: `rtt_bits`/`at_ns` are consistent; odd: a write is under way.
+    seq: AtomicU64,
+    /// The estimate (`f64` bits, nanoseconds) and when it was last sampled
+    /// (nanoseconds since `base`).
+    rtt_bits: AtomicU64,
+    at_ns: AtomicU64,
+    /// Serialises writers (and readers that found writes under way too often).
+    write: Mutex<()>,
 }
 
 impl PeakEwma {
@@ -40,46 +55,76 @@ impl PeakEwma {
     pub(crate) fn new(default_rtt: Duration, decay: Duration, now: Instant) -> Self {
         PeakEwma {
             decay_ns: nanos(decay).max(1.0),
-            last: Mutex::new(Sample {
-                rtt_ns: nanos(default_rtt).max(1.0),
-                at: now,
-            }),
+            base: now,
+            seq: AtomicU64::new(0),
+            rtt_bits: AtomicU64::new(nanos(default_rtt).max(1.0).to_bits()),
+            at_ns: AtomicU64::new(0),
+            write: Mutex::new(()),
         }
     }
 
-    fn sample(&self) -> Sample {
-        // A poisoned lock only means another thread panicked mid-copy of two
-        // plain numbers; the data is still usable.
-        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    fn since_base(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The last sample: `(estimate ns, sampled at ns since base)`.
+    fn sample(&self) -> (f64, u64) {
+        for _ in 0..READ_TRIES {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 0 {
+                let rtt = self.rtt_bits.load(Ordering::Relaxed);
+                let at = self.at_ns.load(Ordering::Relaxed);
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == s1 {
+                    return (f64::from_bits(rtt), at);
+                }
+            }
+            std::hint::spin_loop();
+        }
+        // A poisoned lock only means another thread panicked mid-update of
+        // two plain numbers; the data is still usable.
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            f64::from_bits(self.rtt_bits.load(Ordering::Relaxed)),
+            self.at_ns.load(Ordering::Relaxed),
+        )
     }
 
     /// The estimate at `now`, in nanoseconds, decayed since the last sample.
     pub(crate) fn estimate_ns(&self, now: Instant) -> f64 {
-        let s = self.sample();
-        s.rtt_ns * self.weight(s.at, now)
+        let (rtt, at) = self.sample();
+        rtt * self.weight(at, self.since_base(now))
     }
 
     /// Records one latency observation taken at `now`.
     pub(crate) fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = nanos(rtt);
-        let mut s = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let w = self.weight(s.at, now);
-        let decayed = s.rtt_ns * w;
-        s.rtt_ns = if rtt > decayed {
+        let now = self.since_base(now);
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let old = f64::from_bits(self.rtt_bits.load(Ordering::Relaxed));
+        let at = self.at_ns.load(Ordering::Relaxed);
+        let w = self.weight(at, now);
+        let decayed = old * w;
+        let next = if rtt > decayed {
             // Peak: the worst recent latency is the estimate from now on.
             rtt
         } else {
             // Move towards the observation, the further the older the estimate.
-            s.rtt_ns * w + rtt * (1.0 - w)
+            decayed + rtt * (1.0 - w)
         };
-        if s.at < now {
-            s.at = now;
-        }
+        // Publish: odd while the pair changes, even again after.
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.rtt_bits.store(next.to_bits(), Ordering::Relaxed);
+        self.at_ns.store(at.max(now), Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
     }
 
-    /// `e^(-elapsed/decay)`: the weight the old estimate keeps after `elapsed`.
-    fn weight(&self, at: Instant, now: Instant) -> f64 {
-        let elapsed = nanos(now.saturating_duration_since(at));
+    /// `e^(-elapsed/decay)`: the weight the old estimate keeps after the time
+    /// from `at` to `now` (both nanoseconds since `base`).
+    fn weight(&self, at: u64, now: u64) -> f64 {
+        let elapsed = now.saturating_sub(at) as f64;
         (-elapsed / self.decay_ns).exp()
     }
 }
@@ -131,6 +176,39 @@ mod tests {
         }
         let est = e.estimate_ns(Instant::now());
         assert!(est < 2.0 * MS, "{est}");
+    }
+
+    /// Readers racing a writer see only estimates that were written, in
+    /// the order they were written (the clock is not advanced, so no decay:
+    /// each rising sample replaces the estimate).
+    #[test]
+    fn readers_see_whole_writes_in_order() {
+        let now = Instant::now();
+        let e = std::sync::Arc::new(PeakEwma::new(
+            Duration::from_nanos(1),
+            Duration::from_secs(10),
+            now,
+        ));
+        let w = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                for i in 2..200_000u64 {
+                    e.observe(Duration::from_nanos(i), now);
+                }
+            })
+        };
+        let mut last = 0.0f64;
+        let mut reads = 0;
+        while !w.is_finished() || reads == 0 {
+            let v = e.estimate_ns(now);
+            assert!(v >= last, "went back from {last} to {v}");
+            assert_eq!(v, v.trunc(), "a whole sample, not a blend: {v}");
+            last = v;
+            reads += 1;
+            assert!(reads < 100_000_000, "bounded");
+        }
+        w.join().expect("writer");
+        assert_eq!(e.estimate_ns(now), 199_999.0);
     }
 
     #[tokio::test(start_paused = true)]

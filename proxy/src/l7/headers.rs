@@ -40,26 +40,38 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
 }
 
 /// What one pass over a head found (no hashing: standard names compare as
-/// enum values, the three custom ones as bytes).
+/// enum values, the custom ones as bytes). `hop_by_hop` has one bit per
+/// hop-by-hop name present, so stripping looks up only those.
 #[derive(Default)]
 struct Found {
-    hop_by_hop: bool,
+    hop_by_hop: u8,
     forwarded_for: bool,
     forwarded_proto: bool,
     request_id: bool,
 }
 
+const HOP_CONNECTION: u8 = 1;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 1;
+const HOP_TE: u8 = 1 << 2;
+const HOP_UPGRADE: u8 = 1 << 3;
+const HOP_KEEP_ALIVE: u8 = 1 << 4;
+const HOP_PROXY_CONNECTION: u8 = 1 << 5;
+
 fn scan(headers: &HeaderMap) -> Found {
     let mut f = Found::default();
     for name in headers.keys() {
-        if *name == header::CONNECTION
-            || *name == header::TRANSFER_ENCODING
-            || *name == header::TE
-            || *name == header::UPGRADE
-            || *name == KEEP_ALIVE
-            || *name == PROXY_CONNECTION
-        {
-            f.hop_by_hop = true;
+        if *name == header::CONNECTION {
+            f.hop_by_hop |= HOP_CONNECTION;
+        } else if *name == header::TRANSFER_ENCODING {
+            f.hop_by_hop |= HOP_TRANSFER_ENCODING;
+        } else if *name == header::TE {
+            f.hop_by_hop |= HOP_TE;
+        } else if *name == header::UPGRADE {
+            f.hop_by_hop |= HOP_UPGRADE;
+        } else if *name == KEEP_ALIVE {
+            f.hop_by_hop |= HOP_KEEP_ALIVE;
+        } else if *name == PROXY_CONNECTION {
+            f.hop_by_hop |= HOP_PROXY_CONNECTION;
         } else if *name == X_FORWARDED_FOR {
             f.forwarded_for = true;
         } else if *name == X_FORWARDED_PROTO {
@@ -77,51 +89,82 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     strip(headers, upgrade, found);
 }
 
-/// [`strip_found`] when `found` says there is a hop-by-hop header; else only
-/// the upgrade handshake's `Connection` is set.
-fn strip(headers: &mut HeaderMap, upgrade: bool, found: bool) {
-    if found {
-        strip_found(headers, upgrade);
-    } else if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-fn strip_found(headers: &mut HeaderMap, upgrade: bool) {
-    // Headers named by Connection are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
-            .collect();
-        for n in listed {
-            headers.remove(n);
+/// Removes the hop-by-hop headers `found` says are present (one lookup
+/// each); with `upgrade`, sets the upgrade handshake's `Connection`.
+fn strip(headers: &mut HeaderMap, upgrade: bool, found: u8) {
+    if found & HOP_CONNECTION != 0 {
+        // Headers named by Connection are hop-by-hop too. The values are
+        // taken out first; each listed name is looked up without building a
+        // `HeaderName` (no allocation for custom names). `keep-alive`, the
+        // usual token, is removed below when present.
+        if let http::header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+            let (_, values) = e.remove_entry_mult();
+            let values: Vec<HeaderValue> = values.collect();
+            for v in &values {
+                let Ok(s) = v.to_str() else { continue };
+                for token in s.split(',').map(str::trim) {
+                    if token.is_empty()
+                        || token.eq_ignore_ascii_case("keep-alive")
+                        || (upgrade && token.eq_ignore_ascii_case("upgrade"))
+                    {
+                        continue;
+                    }
+                    // A `&str` key is matched case-insensitively; an
+                    // invalid name matches nothing.
+                    headers.remove(token);
+                }
+            }
         }
-        headers.remove(header::CONNECTION);
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    if let Some(te) = headers.get(header::TE) {
-        if !has_token(te, "trailers") {
-            headers.remove(header::TE);
-        } else if te.as_bytes() != b"trailers" {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if found & HOP_KEEP_ALIVE != 0 {
+        headers.remove(KEEP_ALIVE);
+    }
+    if found & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if found & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if found & HOP_TE != 0 {
+        if let Some(te) = headers.get(header::TE) {
+            if !has_token(te, "trailers") {
+                headers.remove(header::TE);
+            } else if te.as_bytes() != b"trailers" {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
         }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if found & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// A client address and its `X-Forwarded-For` form, formatted once per
+/// client connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    ip: IpAddr,
+    value: Option<HeaderValue>,
+}
+
+impl ClientAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        ClientAddr {
+            ip,
+            value: forwarded_for_value(ip),
+        }
     }
 }
 
 /// Rewrites a request's headers for the upstream hop.
 pub fn prepare_request(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) {
+    prepare_request_from(headers, &ClientAddr::new(client), upgrade);
+}
+
+/// [`prepare_request`] with the client's address already formatted.
+pub fn prepare_request_from(headers: &mut HeaderMap, client: &ClientAddr, upgrade: bool) {
     // One pass decides every step below (this runs on every request).
     let found = scan(headers);
     strip(headers, upgrade, found.hop_by_hop);
@@ -140,20 +183,26 @@ pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, present: bool) {
+/// The client address alone as a header value, formatted on the stack (an
+/// IPv6 address is at most 45 characters).
+fn forwarded_for_value(client: IpAddr) -> Option<HeaderValue> {
+    let mut buf = [0u8; 64];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    std::io::Write::write_fmt(&mut cur, format_args!("{client}")).ok()?;
+    let len = cur.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).ok()
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientAddr, present: bool) {
     if !present {
-        // The common case: the client address alone, formatted on the stack
-        // (an IPv6 address is at most 45 characters).
-        let mut buf = [0u8; 64];
-        let mut cur = std::io::Cursor::new(&mut buf[..]);
-        if std::io::Write::write_fmt(&mut cur, format_args!("{client}")).is_ok() {
-            let len = cur.position() as usize;
-            if let Ok(hv) = HeaderValue::from_bytes(&buf[..len]) {
-                headers.insert(X_FORWARDED_FOR, hv);
-            }
+        // The common case: the client address alone (a shared copy of the
+        // connection's value: no formatting, no allocation).
+        if let Some(v) = &client.value {
+            headers.insert(X_FORWARDED_FOR, v.clone());
         }
         return;
     }
+    let client = client.ip;
     let mut v = String::with_capacity(64);
     // Several X-Forwarded-For lines are one comma list (RFC 9110 §5.3).
     for prev in headers.get_all(X_FORWARDED_FOR).iter() {
@@ -259,6 +308,40 @@ mod tests {
         let mut v6 = HeaderMap::new();
         prepare_request(&mut v6, "fd00::1:2".parse().expect("ip"), false);
         assert_eq!(v6["x-forwarded-for"], "fd00::1:2");
+    }
+
+    #[test]
+    fn listed_names_any_case_and_several_connection_lines() {
+        let mut h = map(&[
+            ("connection", "X-Secret , close"),
+            ("connection", "x-other,,keep-alive"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("close", "3"),
+            ("te", "trailers, gzip"),
+            ("x-app", "kept"),
+        ]);
+        prepare_response(&mut h, false);
+        for gone in ["connection", "x-secret", "x-other", "close"] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-app"], "kept");
+        assert_eq!(h.len(), 2);
+        // Nothing hop-by-hop: nothing changes.
+        let mut plain = map(&[("content-length", "2"), ("server", "nginx")]);
+        prepare_response(&mut plain, false);
+        assert_eq!(plain.len(), 2);
+        // A response to an upgrade keeps its handshake.
+        let mut up = map(&[
+            ("connection", "upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+        ]);
+        prepare_response(&mut up, true);
+        assert_eq!(up["connection"], "upgrade");
+        assert_eq!(up["upgrade"], "websocket");
+        assert!(!up.contains_key("x-secret"));
     }
 
     #[test]

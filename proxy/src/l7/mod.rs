@@ -12,10 +12,13 @@
 //! * [`proxy`]: one request: limits, header rewriting, body replay buffer;
 //! * [`retry`]: attempts on distinct endpoints as `tower::retry::Retry` with
 //!   a budgeted policy, timeouts, outlier reporting into the balancer;
+//! * [`budget`]: the service-wide retry budget (tower's semantics, no lock
+//!   per request);
 //! * [`upstream`]: per-endpoint pooled HTTP/1.1 or HTTP/2 connections;
 //! * [`queue`]: where a request waits (bounded, fail-fast) while its
 //!   service has no endpoint;
 //! * [`rescue`]: every proxy-generated status in one function;
+//! * [`rare`]: the drain signal, polled only when it fired;
 //! * [`upgrade`]: WebSocket / CONNECT tunnels after 101 / 2xx.
 //!
 //! Per-service state ([`Service`]: settings, retry budget, breaker counters,
@@ -23,10 +26,12 @@
 //! connection through a lock-free map, like the balancers.
 
 pub mod body;
+pub mod budget;
 pub mod headers;
 pub mod health;
 pub mod proxy;
 pub mod queue;
+pub mod rare;
 pub mod rescue;
 pub mod retry;
 pub mod ring;
@@ -36,9 +41,11 @@ pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -49,12 +56,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
-use tower::retry::budget::TpsBudget;
 
 use crate::balance::{Balancer, Balancers, OutlierConfig, Scope};
 use crate::drain;
 use crate::metrics::ServiceMetrics;
 
+use budget::RetryBudget;
 use ring::Ring;
 use settings::{Balance, Settings};
 use upstream::{ConnectSettings, Limits, Pools};
@@ -100,7 +107,7 @@ pub struct Service {
 
 #[derive(Debug)]
 pub struct Shared {
-    pub budget: TpsBudget,
+    pub budget: RetryBudget,
     pub limits: Limits,
     pub pools: Pools,
     pub metrics: Arc<ServiceMetrics>,
@@ -176,7 +183,7 @@ impl L7 {
                     tracing::warn!(service = %e.service, key = e.key, value = %e.value, reason = %e.reason, "invalid annotation, using the default");
                 }
                 let shared = Shared {
-                    budget: TpsBudget::new(
+                    budget: RetryBudget::new(
                         Duration::from_secs(10),
                         settings.retry_budget_min_per_sec,
                         settings.retry_budget_ratio,
@@ -278,6 +285,7 @@ impl L7 {
             balancer,
             scope,
             peer,
+            forwarded: headers::ClientAddr::new(peer.ip()),
         });
         let svc = service_fn(move |req| {
             let ctx = ctx.clone();
@@ -287,9 +295,19 @@ impl L7 {
             .server
             .serve_connection_with_upgrades(TokioIo::new(sock), svc);
         tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.signaled() => {
+        // The drain signal is polled only when it fired (see `rare`), not at
+        // every wake-up of the connection.
+        let mut signaled = rare::Rare::new(drain.signaled());
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            signaled.poll_rare(cx).map(|()| None)
+        })
+        .await;
+        let result = match first {
+            Some(r) => r,
+            None => {
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
                     r = conn.as_mut() => r,

@@ -13,11 +13,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
-use tower::retry::budget::Budget as _;
 
 use super::body::Tracked;
 use super::headers;
@@ -39,6 +39,8 @@ pub struct ClientConn {
     pub balancer: Arc<Balancer>,
     pub scope: Scope,
     pub peer: SocketAddr,
+    /// The peer's address as `X-Forwarded-For` has it, formatted once.
+    pub forwarded: headers::ClientAddr,
 }
 
 /// One request's context: the connection's, plus the service state current
@@ -47,9 +49,22 @@ pub struct ClientConn {
 #[derive(Debug)]
 pub struct Conn {
     pub svc: Arc<Service>,
-    pub balancer: Arc<Balancer>,
+    /// The connection's context, moved in (not the shared balancer's `Arc`
+    /// cloned: its count is written by every request of both data threads).
+    client: Arc<ClientConn>,
     pub scope: Scope,
     pub peer: SocketAddr,
+}
+
+impl Conn {
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.client.balancer
+    }
+
+    /// The client's address for `X-Forwarded-For`.
+    pub fn forwarded(&self) -> &headers::ClientAddr {
+        &self.client.forwarded
+    }
 }
 
 /// Serves one request; never fails (errors become responses via rescue).
@@ -87,9 +102,9 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
     }
     let ctx = Conn {
         svc,
-        balancer: conn.balancer.clone(),
         scope: conn.scope,
         peer: conn.peer,
+        client: conn,
     };
     let access = crate::telemetry::access_log_enabled()
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
@@ -117,11 +132,12 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
 
 /// The L7 state for the balancer's current snapshot of the service port.
 fn current(conn: &ClientConn) -> Arc<Service> {
-    let port = conn.balancer.service();
     let cached = conn.svc.load();
-    if Arc::ptr_eq(&cached.port, &port) {
+    // Compared in place: no reference count of the shared snapshot touched.
+    if conn.balancer.is_current(&cached.port) {
         return Arc::clone(&cached);
     }
+    let port = conn.balancer.service();
     let svc = conn.l7.service(&port);
     conn.svc.store(svc.clone());
     svc
@@ -148,7 +164,7 @@ async fn proxy(
         shared.metrics.breaker_overflows.increment(1);
         return Err((ProxyError::Overflow(Limit::Requests), 0));
     };
-    shared.budget.deposit();
+    shared.budget.deposit_at(started);
     let work = async {
         if req.method() == Method::CONNECT || headers::is_upgrade(req.headers()) {
             // Boxed: rare, and its future would size every request's.
@@ -237,13 +253,13 @@ pub(crate) fn pick(ctx: &Conn, headers: &HeaderMap, tried: &[SocketAddr]) -> Opt
                     ip.as_bytes()
                 }
             };
-            let bal = &ctx.balancer;
+            let bal = ctx.balancer();
             let addr = ring.pick(ctx.scope, key, tried, |a| {
                 bal.backend(a).map(|b| b.is_ready()).unwrap_or(false)
             })?;
             bal.pick_endpoint(ctx.scope, addr)
         }
-        _ => ctx.balancer.pick(ctx.scope, ctx.peer.ip(), tried),
+        _ => ctx.balancer().pick(ctx.scope, ctx.peer.ip(), tried),
     }
 }
 
@@ -254,7 +270,7 @@ async fn forward(
 ) -> Result<(Response<Body>, u32), Failed> {
     let s = &ctx.svc.settings;
     let (mut parts, body) = req.into_parts();
-    headers::prepare_request(&mut parts.headers, ctx.peer.ip(), false);
+    headers::prepare_request_from(&mut parts.headers, ctx.forwarded(), false);
     // Buffered when it fits: then a request that was refused unprocessed
     // (HTTP/2 REFUSED_STREAM) can go again whatever its method. Which
     // failures a buffered request retries after it *was* processed depends
@@ -265,7 +281,10 @@ async fn forward(
                 .size_hint()
                 .exact()
                 .is_some_and(|n| n <= s.retry_buffer_bytes as u64));
-    let replay = if replayable {
+    let replay = if replayable && body.is_end_stream() {
+        // No body (GET and the like): nothing to read, no collect future.
+        Replay::Buffered(Bytes::new())
+    } else if replayable {
         match Limited::new(body, s.retry_buffer_bytes).collect().await {
             Ok(c) => Replay::Buffered(c.to_bytes()),
             Err(_) => return Err((ProxyError::BadRequest("request body could not be read"), 0)),

@@ -23,8 +23,9 @@
 //!
 //! Gates for a retry, in order, none of which waits (linkerd: never queue a
 //! retry): attempts left (`max-attempts`), a `max-retries` slot, the
-//! `TpsBudget` retry budget. The policy's future is `Ready`: no backoff,
-//! because each retry goes to a different endpoint.
+//! retry budget (`super::budget`, tower's `TpsBudget` semantics). The
+//! policy's future is `Ready`: no backoff, because each retry goes to a
+//! different endpoint.
 
 use std::future::{ready, Future, Ready};
 use std::net::SocketAddr;
@@ -34,9 +35,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use tower::retry::budget::Budget as _;
 
 use super::body::{Done, Tracked};
 use super::headers;
@@ -168,6 +168,10 @@ async fn send(ctx: &Conn, attempt: Attempt) -> AttemptResult {
     let endpoint = pick.addr();
     let attempts = before + 1;
     let body = match body {
+        // Empty is zero-sized: boxing it allocates nothing.
+        Replay::Buffered(b) if b.is_empty() => {
+            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        }
         Replay::Buffered(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
         Replay::Stream(Some(b)) => b,
         // The policy never retries without a body; be safe anyway.
@@ -191,7 +195,7 @@ async fn send(ctx: &Conn, attempt: Attempt) -> AttemptResult {
     let failed = |pick: &mut crate::balance::Pick| {
         pick.record_failure();
         // Counts the ejection metric itself.
-        ctx.balancer
+        ctx.balancer()
             .report_failure(pick.backend(), &ctx.svc.shared.outlier);
     };
     match result {
@@ -275,10 +279,13 @@ pub struct RetryPolicy<'a> {
     ctx: &'a Conn,
     idempotent: bool,
     retry_slot: Option<GaugeGuard>,
-    /// A retryable 5xx kept in case no retry is allowed after all.
-    held: Option<Sent>,
+    /// A retryable 5xx kept in case no retry is allowed after all. Boxed
+    /// (only a retried request fills it in): `Retry` keeps the policy twice
+    /// and moves it with every request's future, so its size is copied on
+    /// every request.
+    held: Option<Box<Sent>>,
     /// The last real failure, reported if a retry then finds no endpoint.
-    last: Option<Failed>,
+    last: Option<Box<Failed>>,
 }
 
 impl<'a> RetryPolicy<'a> {
@@ -342,10 +349,10 @@ impl<'a> RetryPolicy<'a> {
         };
         if result.is_err() {
             if let Some(held) = self.held.take() {
-                *result = Ok(held);
+                *result = Ok(*held);
             } else if let (Err(f), Some(last)) = (&*result, self.last.take()) {
                 if f.outcome == Outcome::NoEndpoint {
-                    *result = Err(last);
+                    *result = Err(*last);
                 }
             }
         }
@@ -410,8 +417,8 @@ impl<'a> tower::retry::Policy<Attempt, Sent, Failed> for RetryPolicy<'a> {
             unsent_body: None,
         });
         match std::mem::replace(result, placeholder) {
-            Ok(sent) => self.held = Some(sent),
-            Err(f) => self.last = Some(f),
+            Ok(sent) => self.held = Some(Box::new(sent)),
+            Err(f) => self.last = Some(Box::new(f)),
         }
         Some(ready(()))
     }

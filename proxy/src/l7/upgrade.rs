@@ -32,7 +32,7 @@ pub(crate) async fn proxy(
     let is_connect = req.method() == Method::CONNECT;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    headers::prepare_request(&mut parts.headers, ctx.peer.ip(), !is_connect);
+    headers::prepare_request_from(&mut parts.headers, ctx.forwarded(), !is_connect);
     let mut body = Some(body.boxed_unsync());
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last = ProxyError::NoEndpoints;
