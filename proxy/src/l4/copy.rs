@@ -21,13 +21,14 @@
 //! * **bounded memory**: a direction's buffer is allocated only when data
 //!   first arrives (an idle connection holds none) and starts small. ztunnel's
 //!   copy grew to 256 KiB per direction and drew memory complaints
-//!   (istio/ztunnel#1630); here the ceiling is 64 KiB per direction, 128 KiB
-//!   per connection, which still fills a loopback or pod-network pipe (see
-//!   BENCHMARKS.md).
+//!   (istio/ztunnel#1630); here the user-space ceiling is 64 KiB per
+//!   direction, 128 KiB per connection, which still fills a loopback or
+//!   pod-network pipe (see BENCHMARKS.md). A spliced bulk direction holds at
+//!   most `pipe_size` (1 MiB) in kernel pipe pages instead, while in flight.
 //! * **zero-copy bulk**: once a direction has moved `grow_after` bytes and a
 //!   read still fills the whole buffer, the flow is bulk: the buffer is freed
 //!   and the direction continues with `splice(2)` through a pipe of
-//!   `max_buffer` bytes ([`super::splice`]), so the bytes stay in the kernel.
+//!   `pipe_size` bytes ([`super::splice`]), so the bytes stay in the kernel.
 //!   Request/response traffic never gets there and keeps the plain
 //!   `recv`/`send` pair (a pipe would add descriptors and syscalls). Should
 //!   the pipe fail (descriptor limit), the buffer grows to `max_buffer`
@@ -72,12 +73,15 @@ pub struct CopyConfig {
     pub idle_timeout: Duration,
     /// First buffer size of a direction, allocated on its first data.
     pub initial_buffer: usize,
-    /// Per-direction ceiling: the pipe size once spliced, or the buffer
-    /// size after `grow_after` bytes when splicing is off or unavailable.
+    /// Per-direction user-space ceiling: the buffer size after
+    /// `grow_after` bytes when splicing is off or unavailable.
     pub max_buffer: usize,
     pub grow_after: u64,
     /// Bulk directions switch to `splice(2)` (zero-copy).
     pub splice: bool,
+    /// Pipe size of a spliced (bulk) direction: the most it holds in flight,
+    /// in kernel pages that reference the received data (no copy).
+    pub pipe_size: usize,
     /// Set TCP keepalive on the upstream socket once the connection has
     /// lived this long (`None`: never; the caller did it). The client socket
     /// inherits keepalive from the listener.
@@ -94,6 +98,13 @@ impl Default for CopyConfig {
             // A megabyte in one direction means a bulk transfer.
             grow_after: 1024 * 1024,
             splice: true,
+            // 1 MiB (Linux's default `pipe-max-size`): one splice pair then
+            // moves whatever the socket holds, up to a megabyte, instead of
+            // 64 KiB (16 pipe slots); a 1 GiB transfer costs about a fifth
+            // less proxy CPU at the same rate (BENCHMARKS.md, "L4
+            // keep-alive and bulk (session 5)"). Only bulk directions get a
+            // pipe, and its pages are only held while data is in flight.
+            pipe_size: 1024 * 1024,
             // Past the lifetime of connection-per-request traffic, far
             // below the 60 s before the first probe.
             upstream_keepalive_after: Some(Duration::from_secs(1)),
@@ -380,7 +391,7 @@ async fn pump(
         if total >= cfg.grow_after && n == buf.capacity() {
             // Sustained full reads: a bulk flow.
             if try_splice {
-                match super::splice::Pipe::new(cfg.max_buffer) {
+                match super::splice::Pipe::new(cfg.pipe_size) {
                     Ok(pipe) => {
                         drop(buf);
                         return pump_spliced(from, to, from_side, to_side, &pipe, count, activity)
@@ -603,6 +614,57 @@ mod tests {
             "only {} of 8 MiB spliced",
             t.spliced
         );
+    }
+
+    /// A 1 MiB pipe toward a receiver that takes little at a time: the
+    /// pipe holds far more than the receiving socket accepts, so drains
+    /// are partial and wait for write readiness with data still in the
+    /// pipe. Every byte still arrives, in order.
+    #[tokio::test]
+    async fn big_pipe_toward_a_slow_reader_delivers_every_byte() {
+        const TOTAL: usize = 8 * 1024 * 1024;
+        let (mut client, c) = pair().await;
+        let (u, mut server) = pair().await;
+        socket2::SockRef::from(&u)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        let (_sig, watch) = drain::channel();
+        let cfg = cfg(true);
+        assert_eq!(cfg.pipe_size, 1024 * 1024);
+        let copy = tokio::spawn(async move { copy_bidirectional(&c, &u, &cfg, &watch).await });
+        let send = async {
+            let chunk: Vec<u8> = (0..TOTAL).map(pattern).collect();
+            client.write_all(&chunk).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        };
+        let recv = async {
+            let mut got = Vec::with_capacity(TOTAL);
+            let mut buf = vec![0u8; 4096];
+            // Slow at first (small reads with pauses), then at full speed.
+            for _ in 0..64 {
+                let n = server.read(&mut buf).await.unwrap();
+                assert!(n > 0, "early EOF");
+                got.extend_from_slice(&buf[..n]);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let (_client, got) =
+            tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(send, recv) })
+                .await
+                .expect("8 MiB through loopback within 20 s");
+        assert_eq!(got.len(), TOTAL, "every byte arrives before the EOF");
+        let bad = got.iter().enumerate().position(|(i, b)| *b != pattern(i));
+        assert_eq!(bad, None, "first corrupted byte");
+        drop(server);
+        let (t, _) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends")
+            .unwrap();
+        assert_eq!(t.client_to_upstream, TOTAL as u64);
+        assert!(t.spliced >= 7 * 1024 * 1024, "only {} spliced", t.spliced);
     }
 
     #[tokio::test]
