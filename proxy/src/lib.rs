@@ -13,6 +13,7 @@ pub mod l4;
 pub mod l7;
 pub mod lifecycle;
 pub mod metrics;
+pub mod rare;
 pub mod run;
 pub mod sandbox;
 pub mod server;

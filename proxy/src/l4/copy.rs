@@ -51,16 +51,15 @@ use std::future::Future;
 use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
-use futures::task::AtomicWaker;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::drain;
+use crate::rare::Rare;
 
 #[derive(Debug, Clone)]
 pub struct CopyConfig {
@@ -199,28 +198,6 @@ async fn idle_watch(
     }
 }
 
-/// Wakes the copy for its rarely ready futures (the idle timer and the
-/// drain's forced signal) and records that they, not a socket, woke it: the
-/// copy polls them only then. Polled on every wake (as `select!` did), the
-/// drain's `Notified` takes the drain channel's mutex, which all connections
-/// of both data threads share, and the timer re-checks its entry: per
-/// message, for futures that fire once in a connection's life.
-struct RareWake {
-    fired: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for RareWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
 /// Copies `client` ⇄ `upstream` until both directions end, one side fails,
 /// the idle timeout passes or the drain is forced. On anything but a clean
 /// close both sockets are set to reset when dropped.
@@ -232,7 +209,10 @@ impl Wake for RareWake {
 /// One hand-written poll instead of `select!{ try_join!(..), .. }`: a wake
 /// polls the two directions (each a cheap readiness check when it has
 /// nothing to do) and the idle timer and drain signal only when they woke
-/// the task ([`RareWake`]).
+/// the task ([`Rare`]): polled on every wake (as `select!` did), the drain's
+/// `Notified` takes the drain channel's mutex, which all connections of
+/// both data threads share, and the timer re-checks its entry, per message,
+/// for futures that fire once in a connection's life.
 pub async fn copy_bidirectional(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -271,7 +251,7 @@ pub async fn copy_bidirectional(
         &activity,
         cfg
     ));
-    let mut rare = pin!(async {
+    let rare = pin!(async {
         tokio::select! {
             biased;
             _ = drain.forced() => CopyEnd::Forced,
@@ -282,12 +262,7 @@ pub async fn copy_bidirectional(
             ) => CopyEnd::Idle,
         }
     });
-    let gate = Arc::new(RareWake {
-        // Polled once at the start, to arm the timer and the drain watch.
-        fired: AtomicBool::new(true),
-        task: AtomicWaker::new(),
-    });
-    let rare_waker = Waker::from(gate.clone());
+    let mut rare = Rare::new(rare);
     let (mut up_done, mut down_done) = (false, false);
     let end = std::future::poll_fn(|cx| {
         if !up_done {
@@ -307,16 +282,7 @@ pub async fn copy_bidirectional(
         if up_done && down_done {
             return Poll::Ready(CopyEnd::Closed);
         }
-        // Register before looking at the flag: a wake after the swap below
-        // then wakes the task again instead of being lost.
-        gate.task.register(cx.waker());
-        if gate.fired.swap(false, Ordering::AcqRel) {
-            let mut rcx = Context::from_waker(&rare_waker);
-            if let Poll::Ready(end) = rare.as_mut().poll(&mut rcx) {
-                return Poll::Ready(end);
-            }
-        }
-        Poll::Pending
+        rare.poll_rare(cx)
     })
     .await;
     if end != CopyEnd::Closed {

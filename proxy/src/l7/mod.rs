@@ -18,7 +18,6 @@
 //! * [`queue`]: where a request waits (bounded, fail-fast) while its
 //!   service has no endpoint;
 //! * [`rescue`]: every proxy-generated status in one function;
-//! * [`rare`]: the drain signal, polled only when it fired;
 //! * [`upgrade`]: WebSocket / CONNECT tunnels after 101 / 2xx.
 //!
 //! Per-service state ([`Service`]: settings, retry budget, breaker counters,
@@ -31,7 +30,6 @@ pub mod headers;
 pub mod health;
 pub mod proxy;
 pub mod queue;
-pub mod rare;
 pub mod rescue;
 pub mod retry;
 pub mod ring;
@@ -295,9 +293,10 @@ impl L7 {
             .server
             .serve_connection_with_upgrades(TokioIo::new(sock), svc);
         tokio::pin!(conn);
-        // The drain signal is polled only when it fired (see `rare`), not at
+        // The drain signal is polled only when it fired (see `crate::rare`), not at
         // every wake-up of the connection.
-        let mut signaled = rare::Rare::new(drain.signaled());
+        let signaled = std::pin::pin!(drain.signaled());
+        let mut signaled = crate::rare::Rare::new(signaled);
         let first = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));

@@ -1,14 +1,16 @@
-//! A future that rarely completes (the drain signal), polled only when its
-//! own wake-up fired.
+//! A future that rarely completes (the drain signal, the idle timer),
+//! polled only when its own wake-up fired.
 //!
-//! Why: an HTTP connection's task waits on two things, the connection and
-//! the drain signal, and is woken about twice per request, always by the
-//! connection. `select!` polls both every time, and polling a waiting
-//! `tokio::sync::watch` future takes the lock of the watch channel's notify
-//! list, which every connection of both data threads shares (a cache line
-//! that moves between the cores on every request). [`Rare`] polls its future
-//! with a waker of its own that records the wake-up: the future is polled
-//! on the first poll and after it woke, and otherwise costs one atomic swap.
+//! Why: a connection's task waits on its sockets and on such futures, and is
+//! woken about twice per request, always by a socket. `select!` polls every
+//! branch every time, and polling a waiting drain future takes the lock of
+//! the drain channel's notify list, which every connection of both data
+//! threads shares (a cache line that moves between the cores on every
+//! request); a timer re-checks its entry. [`Rare`] polls its future with a
+//! waker of its own that records the wake-up: the future is polled on the
+//! first poll and after it woke, and otherwise costs one atomic swap. Used
+//! by the L7 connection (drain signal) and the L4 copy (idle timer and
+//! forced drain).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,9 +20,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
 
-/// See the module doc.
+/// See the module doc. `F` is `Unpin`: pass a `pin!`ned or boxed future.
 pub struct Rare<F> {
-    fut: Pin<Box<F>>,
+    fut: F,
     flag: Arc<Flag>,
     waker: Waker,
 }
@@ -41,7 +43,7 @@ impl Wake for Flag {
     }
 }
 
-impl<F: Future> Rare<F> {
+impl<F: Future + Unpin> Rare<F> {
     pub fn new(fut: F) -> Self {
         let flag = Arc::new(Flag {
             // Polled on the first poll.
@@ -49,7 +51,7 @@ impl<F: Future> Rare<F> {
             task: AtomicWaker::new(),
         });
         Rare {
-            fut: Box::pin(fut),
+            fut,
             waker: Waker::from(flag.clone()),
             flag,
         }
@@ -64,15 +66,15 @@ impl<F: Future> Rare<F> {
             return Poll::Pending;
         }
         let mut own = Context::from_waker(&self.waker);
-        self.fut.as_mut().poll(&mut own)
+        Pin::new(&mut self.fut).poll(&mut own)
     }
 }
 
-impl<F: Future> Future for Rare<F> {
+impl<F: Future + Unpin> Future for Rare<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // `Rare` is `Unpin` (the inner future is boxed).
+        // `Rare` is `Unpin` (so is its future).
         self.get_mut().poll_rare(cx)
     }
 }
@@ -141,7 +143,7 @@ mod tests {
     async fn sees_a_drain_signal() {
         let (signal, watch) = crate::drain::channel();
         let w = watch.clone();
-        let mut rare = Rare::new(async move { w.signaled().await });
+        let mut rare = Rare::new(Box::pin(async move { w.signaled().await }));
         let first = std::future::poll_fn(|cx| Poll::Ready(rare.poll_rare(cx).is_pending())).await;
         assert!(first);
         let d = tokio::spawn(signal.drain(std::time::Duration::from_secs(5)));
