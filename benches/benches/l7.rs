@@ -58,12 +58,13 @@ async fn backend() -> SocketAddr {
 }
 
 fn bench(c: &mut Criterion) {
-    let client_ip = IpAddr::from([10, 0, 0, 7]);
+    // Formatted once per client connection, as the proxy does.
+    let client = headers::ClientAddr::new(IpAddr::from([10, 0, 0, 7]));
     let base = typical_headers();
     c.bench_function("l7/headers/prepare_request", |b| {
         b.iter(|| {
             let mut h = base.clone();
-            headers::prepare_request(&mut h, client_ip, false);
+            headers::prepare_request(&mut h, &client, false);
             black_box(h)
         })
     });

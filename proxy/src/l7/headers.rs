@@ -158,13 +158,9 @@ impl ClientAddr {
     }
 }
 
-/// Rewrites a request's headers for the upstream hop.
-pub fn prepare_request(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) {
-    prepare_request_from(headers, &ClientAddr::new(client), upgrade);
-}
-
-/// [`prepare_request`] with the client's address already formatted.
-pub fn prepare_request_from(headers: &mut HeaderMap, client: &ClientAddr, upgrade: bool) {
+/// Rewrites a request's headers for the upstream hop. `client` is built
+/// once per client connection ([`ClientAddr::new`]).
+pub fn prepare_request(headers: &mut HeaderMap, client: &ClientAddr, upgrade: bool) {
     // One pass decides every step below (this runs on every request).
     let found = scan(headers);
     strip(headers, upgrade, found.hop_by_hop);
@@ -280,7 +276,11 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-app", "kept"),
         ]);
-        prepare_request(&mut h, "10.0.0.7".parse().expect("ip"), false);
+        prepare_request(
+            &mut h,
+            &ClientAddr::new("10.0.0.7".parse().expect("ip")),
+            false,
+        );
         for gone in [
             "connection",
             "keep-alive",
@@ -306,7 +306,11 @@ mod tests {
         }
         assert_ne!(request_id(), request_id(), "random");
         let mut v6 = HeaderMap::new();
-        prepare_request(&mut v6, "fd00::1:2".parse().expect("ip"), false);
+        prepare_request(
+            &mut v6,
+            &ClientAddr::new("fd00::1:2".parse().expect("ip")),
+            false,
+        );
         assert_eq!(v6["x-forwarded-for"], "fd00::1:2");
     }
 
@@ -355,7 +359,11 @@ mod tests {
             ("x-request-id", "abc"),
         ]);
         assert!(is_upgrade(&h));
-        prepare_request(&mut h, "10.0.0.7".parse().expect("ip"), true);
+        prepare_request(
+            &mut h,
+            &ClientAddr::new("10.0.0.7".parse().expect("ip")),
+            true,
+        );
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["te"], "trailers");

@@ -52,13 +52,19 @@ pub struct Conn {
     /// The connection's context, moved in (not the shared balancer's `Arc`
     /// cloned: its count is written by every request of both data threads).
     client: Arc<ClientConn>,
-    pub scope: Scope,
-    pub peer: SocketAddr,
 }
 
 impl Conn {
     pub fn balancer(&self) -> &Arc<Balancer> {
         &self.client.balancer
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.client.scope
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.client.peer
     }
 
     /// The client's address for `X-Forwarded-For`.
@@ -100,18 +106,13 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
         }
         svc = current(&conn);
     }
-    let ctx = Conn {
-        svc,
-        scope: conn.scope,
-        peer: conn.peer,
-        client: conn,
-    };
+    let ctx = Conn { svc, client: conn };
     let access = crate::telemetry::access_log_enabled()
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let (mut resp, attempts) = match proxy(&ctx, req, started).await {
         Ok(r) => r,
         Err((e, attempts)) => {
-            tracing::debug!(service = %ctx.svc.port.name, peer = %ctx.peer, error = %e, attempts, "request failed");
+            tracing::debug!(service = %ctx.svc.port.name, peer = %ctx.peer(), error = %e, attempts, "request failed");
             (e.to_response(), attempts)
         }
     };
@@ -122,7 +123,7 @@ pub async fn handle(conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<B
         .http_response(resp.status().as_u16(), started.elapsed());
     if let Some((method, path)) = access {
         tracing::info!(
-            target: crate::telemetry::ACCESS_LOG, peer = %ctx.peer, service = %ctx.svc.port.name,
+            target: crate::telemetry::ACCESS_LOG, peer = %ctx.peer(), service = %ctx.svc.port.name,
             %method, path, status = resp.status().as_u16(), attempts,
             duration_ms = started.elapsed().as_secs_f64() * 1e3, "http"
         );
@@ -244,22 +245,22 @@ pub(crate) fn pick(ctx: &Conn, headers: &HeaderMap, tried: &[SocketAddr]) -> Opt
                 HashOn::Header(name) => match headers.get(name) {
                     Some(v) => v.as_bytes(),
                     None => {
-                        ip = ctx.peer.ip().to_string();
+                        ip = ctx.peer().ip().to_string();
                         ip.as_bytes()
                     }
                 },
                 HashOn::ClientIp => {
-                    ip = ctx.peer.ip().to_string();
+                    ip = ctx.peer().ip().to_string();
                     ip.as_bytes()
                 }
             };
             let bal = ctx.balancer();
-            let addr = ring.pick(ctx.scope, key, tried, |a| {
+            let addr = ring.pick(ctx.scope(), key, tried, |a| {
                 bal.backend(a).map(|b| b.is_ready()).unwrap_or(false)
             })?;
-            bal.pick_endpoint(ctx.scope, addr)
+            bal.pick_endpoint(ctx.scope(), addr)
         }
-        _ => ctx.balancer().pick(ctx.scope, ctx.peer.ip(), tried),
+        _ => ctx.balancer().pick(ctx.scope(), ctx.peer().ip(), tried),
     }
 }
 
@@ -270,7 +271,7 @@ async fn forward(
 ) -> Result<(Response<Body>, u32), Failed> {
     let s = &ctx.svc.settings;
     let (mut parts, body) = req.into_parts();
-    headers::prepare_request_from(&mut parts.headers, ctx.forwarded(), false);
+    headers::prepare_request(&mut parts.headers, ctx.forwarded(), false);
     // Buffered when it fits: then a request that was refused unprocessed
     // (HTTP/2 REFUSED_STREAM) can go again whatever its method. Which
     // failures a buffered request retries after it *was* processed depends

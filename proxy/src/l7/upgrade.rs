@@ -32,7 +32,7 @@ pub(crate) async fn proxy(
     let is_connect = req.method() == Method::CONNECT;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    headers::prepare_request_from(&mut parts.headers, ctx.forwarded(), !is_connect);
+    headers::prepare_request(&mut parts.headers, ctx.forwarded(), !is_connect);
     let mut body = Some(body.boxed_unsync());
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last = ProxyError::NoEndpoints;
@@ -63,7 +63,7 @@ pub(crate) async fn proxy(
                     return Ok((resp.map(|b| Tracked::new(b, done).boxed_unsync()), attempts));
                 }
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let peer = ctx.peer;
+                let peer = ctx.peer();
                 let service = ctx.svc.port.name.clone();
                 tokio::spawn(async move {
                     // The in-flight slot and request slot last as long as the tunnel.
