@@ -89,28 +89,43 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     strip(headers, upgrade, found);
 }
 
+/// The header names a `Connection` value lists for removal: not
+/// `keep-alive` (removed on its own when present), nor `upgrade` when the
+/// handshake is passed on.
+fn listed(v: &HeaderValue, upgrade: bool) -> impl Iterator<Item = &str> {
+    v.to_str()
+        .ok()
+        .into_iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(move |t| {
+            !(t.is_empty()
+                || t.eq_ignore_ascii_case("keep-alive")
+                || (upgrade && t.eq_ignore_ascii_case("upgrade")))
+        })
+}
+
 /// Removes the hop-by-hop headers `found` says are present (one lookup
 /// each); with `upgrade`, sets the upgrade handshake's `Connection`.
 fn strip(headers: &mut HeaderMap, upgrade: bool, found: u8) {
     if found & HOP_CONNECTION != 0 {
-        // Headers named by Connection are hop-by-hop too. The values are
-        // taken out first; each listed name is looked up without building a
-        // `HeaderName` (no allocation for custom names). `keep-alive`, the
-        // usual token, is removed below when present.
-        if let http::header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+        // Headers named by Connection are hop-by-hop too. Usually it names
+        // none (`Connection: keep-alive` on every nginx response): then it
+        // is just removed, with no copy of its values. Otherwise the values
+        // are taken out first, and each listed name is looked up without
+        // building a `HeaderName` (a `&str` key matches case-insensitively;
+        // an invalid name matches nothing).
+        let names_some = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| listed(v, upgrade).next().is_some());
+        if !names_some {
+            headers.remove(header::CONNECTION);
+        } else if let http::header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
             let (_, values) = e.remove_entry_mult();
             let values: Vec<HeaderValue> = values.collect();
             for v in &values {
-                let Ok(s) = v.to_str() else { continue };
-                for token in s.split(',').map(str::trim) {
-                    if token.is_empty()
-                        || token.eq_ignore_ascii_case("keep-alive")
-                        || (upgrade && token.eq_ignore_ascii_case("upgrade"))
-                    {
-                        continue;
-                    }
-                    // A `&str` key is matched case-insensitively; an
-                    // invalid name matches nothing.
+                for token in listed(v, upgrade) {
                     headers.remove(token);
                 }
             }
@@ -332,6 +347,16 @@ mod tests {
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-app"], "kept");
         assert_eq!(h.len(), 2);
+        // nginx's usual `Connection: keep-alive` names nothing else: it
+        // and `Keep-Alive` go, the rest stays.
+        let mut ka = map(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("server", "nginx"),
+        ]);
+        prepare_response(&mut ka, false);
+        assert_eq!(ka.len(), 1);
+        assert_eq!(ka["server"], "nginx");
         // Nothing hop-by-hop: nothing changes.
         let mut plain = map(&[("content-length", "2"), ("server", "nginx")]);
         prepare_response(&mut plain, false);
