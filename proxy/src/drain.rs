@@ -69,12 +69,25 @@ pub fn channel() -> (Signal, Watch) {
 const FORCE_GRACE: Duration = Duration::from_secs(1);
 
 impl Signal {
+    /// Starts the drain now, without waiting for it (what [`Signal::drain`]
+    /// does first): a caller can see the listeners close before it reports
+    /// draining. Starting twice is harmless.
+    pub fn start(&self) {
+        self.tx.send_if_modified(|p| {
+            if *p < Phase::Draining {
+                *p = Phase::Draining;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     /// Starts the drain: watchers see [`Watch::signaled`] at once; after
     /// `deadline` those still running see [`Watch::forced`]. Resolves when
     /// every watcher is dropped (or shortly after forcing).
     pub async fn drain(self, deadline: Duration) -> Drained {
-        // send_replace: succeeds even if no watcher is left.
-        self.tx.send_replace(Phase::Draining);
+        self.start();
         if tokio::time::timeout(deadline, self.tx.closed())
             .await
             .is_ok()

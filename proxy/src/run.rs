@@ -309,6 +309,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         ))
     });
     let server = server::Server::new(table.clone(), server_cfg);
+    let listeners_open = server.listeners_open();
     ops.serving(server.balancers().clone());
     let udp_cfg = args.udp.flow_config(defaults::UPSTREAM_MARK);
     let mut udp = udp.start(udp_cfg, table.clone(), server.balancers().clone());
@@ -334,6 +335,16 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
             };
         }
     };
+    // Listeners first, then readiness: a client that saw `/ready` turn is
+    // never accepted afterwards. Each accept loop closes its listener on its
+    // own thread within moments of the signal (bounded wait all the same).
+    drain_signal.start();
+    for _ in 0..1000 {
+        if listeners_open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     ops.draining();
     udp.stop_receiving();
     let deadline = Duration::from_secs(args.drain_timeout);

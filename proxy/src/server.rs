@@ -23,6 +23,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,8 @@ pub struct Server {
     slots: Arc<Semaphore>,
     /// Per-service L7 state (settings, budgets, pools) for HTTP frontends.
     l7: Arc<crate::l7::L7>,
+    /// Listeners not closed yet (see [`Server::listeners_open`]).
+    listeners_open: Arc<AtomicUsize>,
 }
 
 /// Serves redirected TCP connections from `listeners` (typically the v4 and
@@ -105,7 +108,17 @@ impl Server {
             slots: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
             l7: Arc::new(crate::l7::L7::new(cfg.relay.connect.mark)),
             cfg: Arc::new(cfg),
+            listeners_open: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// How many of the listeners given to [`Server::run`] or
+    /// [`Server::run_threaded`] are still open. At the drain signal each
+    /// accept loop closes its listener on its own thread, a moment later;
+    /// the caller waits for zero before it reports "draining", so a client
+    /// that saw `/ready` turn is never accepted afterwards.
+    pub fn listeners_open(&self) -> Arc<AtomicUsize> {
+        self.listeners_open.clone()
     }
 
     /// The balancers, shared with whatever else needs endpoint state.
@@ -141,6 +154,8 @@ impl Server {
             self.l7.clone(),
             drain.clone(),
         ));
+        self.listeners_open
+            .fetch_add(listeners.len(), Ordering::SeqCst);
         for l in listeners {
             loops.spawn(self.clone().accept_loop(l, drain.clone()));
         }
@@ -184,6 +199,8 @@ impl Server {
             .filter_map(|l| l.local_addr().ok())
             .collect();
         tracing::info!(listeners = ?addrs, threads = sets.len(), "serving");
+        self.listeners_open
+            .fetch_add(sets.iter().map(Vec::len).sum(), Ordering::SeqCst);
         let mut stopped = Vec::with_capacity(sets.len());
         let mut done = Vec::with_capacity(sets.len());
         for (i, set) in sets.into_iter().enumerate() {
@@ -253,7 +270,10 @@ impl Server {
                     Ok(l) => {
                         loops.spawn(self.clone().accept_loop(l, drain.clone()));
                     }
-                    Err(e) => tracing::error!(?addr, error = %e, "listener on data thread"),
+                    Err(e) => {
+                        self.listeners_open.fetch_sub(1, Ordering::SeqCst);
+                        tracing::error!(?addr, error = %e, "listener on data thread");
+                    }
                 }
             }
             while loops.join_next().await.is_some() {}
@@ -341,6 +361,7 @@ impl Server {
             }
         }
         drop(listener);
+        self.listeners_open.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// One connection: find its frontend, then hand it to the mode's handler.
