@@ -17,6 +17,7 @@ pub mod rare;
 pub mod run;
 pub mod sandbox;
 pub mod server;
+pub mod spread;
 pub mod table_cmd;
 pub mod telemetry;
 pub mod udp;

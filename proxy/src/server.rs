@@ -20,20 +20,25 @@
 //!   the client address comes from `accept`, and under TPROXY (local address
 //!   ≠ the listener's) the local address is the original destination without
 //!   asking conntrack.
+//! * Threads: with several data threads, a thread that accepts while it
+//!   serves clearly more connections than another hands the socket over
+//!   ([`crate::spread`]), so a few long-lived connections do not share one
+//!   core while another idles.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use control::{FrontendKey, Mode, Protocol, Table, TableRx};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::balance::{BalanceConfig, Balancers, Scope};
 use crate::drain;
 use crate::l4::{self, RelayConfig};
+use crate::spread::{Open, Spread};
 
 /// Settings of the data plane server.
 #[derive(Debug, Clone)]
@@ -78,6 +83,27 @@ pub struct Server {
     l7: Arc<crate::l7::L7>,
     /// Listeners not closed yet (see [`Server::listeners_open`]).
     listeners_open: Arc<AtomicUsize>,
+    /// Connection counts of the data threads and a channel into each, set
+    /// by [`Server::run_threaded`] with more than one thread.
+    spread: Arc<OnceLock<Arc<Spread<Handed>>>>,
+}
+
+/// A connection that one data thread accepted and hands to another.
+#[derive(Debug)]
+struct Handed {
+    /// Deregistered from the accepting thread's reactor.
+    sock: std::net::TcpStream,
+    peer: SocketAddr,
+    listening: Listening,
+    slot: OwnedSemaphorePermit,
+    open: Open,
+}
+
+/// What an accept loop of a data thread needs to hand connections over.
+#[derive(Debug, Clone)]
+struct Lane {
+    spread: Arc<Spread<Handed>>,
+    me: usize,
 }
 
 /// Serves redirected TCP connections from `listeners` (typically the v4 and
@@ -109,7 +135,14 @@ impl Server {
             l7: Arc::new(crate::l7::L7::new(cfg.relay.connect.mark)),
             cfg: Arc::new(cfg),
             listeners_open: Arc::new(AtomicUsize::new(0)),
+            spread: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Open connections per data thread (empty unless
+    /// [`Server::run_threaded`] runs more than one).
+    pub fn thread_connections(&self) -> Vec<usize> {
+        self.spread.get().map(|s| s.counts()).unwrap_or_default()
     }
 
     /// How many of the listeners given to [`Server::run`] or
@@ -157,7 +190,7 @@ impl Server {
         self.listeners_open
             .fetch_add(listeners.len(), Ordering::SeqCst);
         for l in listeners {
-            loops.spawn(self.clone().accept_loop(l, drain.clone()));
+            loops.spawn(self.clone().accept_loop(l, drain.clone(), None));
         }
         drop(drain);
         while let Some(r) = loops.join_next().await {
@@ -176,7 +209,9 @@ impl Server {
     /// a work-stealing runtime spends its time on cross-thread wakeups and
     /// futex sleeps per small message; one event loop per core that owns its
     /// connections end to end does not (haproxy's and Envoy's model). The
-    /// table and balancer sync tasks stay on the calling runtime.
+    /// table and balancer sync tasks stay on the calling runtime. A thread
+    /// that accepts while it serves clearly more connections than another
+    /// hands the connection over ([`crate::spread`]).
     ///
     /// Returns once every thread has stopped accepting (at the drain signal)
     /// and its connections have ended, or, after the drain was forced, after
@@ -203,15 +238,29 @@ impl Server {
             .fetch_add(sets.iter().map(Vec::len).sum(), Ordering::SeqCst);
         let mut stopped = Vec::with_capacity(sets.len());
         let mut done = Vec::with_capacity(sets.len());
+        let mut inboxes = Vec::new();
+        let mut spread = None;
+        if sets.len() > 1 {
+            let (s, rx) = Spread::new(sets.len());
+            // Only the first run sets it; a second concurrent run (not done
+            // by `lightpath run`) would simply not spread its connections.
+            if self.spread.set(s.clone()).is_ok() {
+                spread = Some(s);
+                inboxes = rx;
+            }
+        }
+        let mut inboxes = inboxes.into_iter();
         for (i, set) in sets.into_iter().enumerate() {
             let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let this = self.clone();
             let drain = drain.clone();
+            let lane = spread.clone().map(|spread| Lane { spread, me: i });
+            let inbox = inboxes.next();
             let spawned = std::thread::Builder::new()
                 .name(format!("lightpath-data-{i}"))
                 .spawn(move || {
-                    this.data_thread(set, drain, stopped_tx);
+                    this.data_thread(set, lane.zip(inbox), drain, stopped_tx);
                     let _ = tx.send(());
                 });
             match spawned {
@@ -244,11 +293,13 @@ impl Server {
         Ok(())
     }
 
-    /// One data thread: its listeners' accept loops on a current-thread
+    /// One data thread: its listeners' accept loops (and, with `lane`, the
+    /// loop taking connections other threads hand over) on a current-thread
     /// runtime, then its connections until they end.
     fn data_thread(
         self,
         set: Vec<std::net::TcpListener>,
+        lane: Option<(Lane, tokio::sync::mpsc::UnboundedReceiver<Handed>)>,
         drain: drain::Watch,
         stopped: tokio::sync::oneshot::Sender<()>,
     ) {
@@ -264,11 +315,15 @@ impl Server {
         };
         rt.block_on(async move {
             let mut loops = tokio::task::JoinSet::new();
+            let (lane, inbox) = lane.unzip();
+            if let Some(inbox) = inbox {
+                loops.spawn(self.clone().take_handed(inbox, drain.clone()));
+            }
             for l in set {
                 let addr = l.local_addr().ok();
                 match TcpListener::from_std(l) {
                     Ok(l) => {
-                        loops.spawn(self.clone().accept_loop(l, drain.clone()));
+                        loops.spawn(self.clone().accept_loop(l, drain.clone(), lane.clone()));
                     }
                     Err(e) => {
                         self.listeners_open.fetch_sub(1, Ordering::SeqCst);
@@ -299,7 +354,112 @@ impl Server {
         });
     }
 
-    async fn accept_loop(self, listener: TcpListener, drain: drain::Watch) {
+    /// Serves the connections other data threads hand to this one, until
+    /// the drain; those already sent by then are still served, and later
+    /// sends fail, so their thread serves them itself.
+    async fn take_handed(
+        self,
+        mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+        drain: drain::Watch,
+    ) {
+        loop {
+            let handed = tokio::select! {
+                biased;
+                _ = drain.signaled() => break,
+                h = inbox.recv() => h,
+            };
+            match handed {
+                Some(h) => self.adopt(h, &drain),
+                None => return,
+            }
+        }
+        inbox.close();
+        while let Ok(h) = inbox.try_recv() {
+            self.adopt(h, &drain);
+        }
+    }
+
+    /// Registers a handed-over connection with this thread and serves it.
+    fn adopt(&self, h: Handed, drain: &drain::Watch) {
+        match TcpStream::from_std(h.sock) {
+            Ok(sock) => {
+                self.spawn_connection(sock, h.peer, h.listening, h.slot, Some(h.open), drain)
+            }
+            // The socket is closed as it drops; the client sees a reset or EOF.
+            Err(e) => {
+                tracing::warn!(peer = %h.peer, error = %e, "handed-over connection not registered")
+            }
+        }
+    }
+
+    /// Serves an accepted connection on this thread, or hands it to a
+    /// less-loaded one (see [`crate::spread`]).
+    fn dispatch(
+        &self,
+        sock: TcpStream,
+        peer: SocketAddr,
+        listening: Listening,
+        slot: OwnedSemaphorePermit,
+        lane: Option<&Lane>,
+        drain: &drain::Watch,
+    ) {
+        let Some(lane) = lane else {
+            return self.spawn_connection(sock, peer, listening, slot, None, drain);
+        };
+        let open = lane.spread.place(lane.me);
+        if open.lane() == lane.me {
+            return self.spawn_connection(sock, peer, listening, slot, Some(open), drain);
+        }
+        let to = open.lane();
+        let sock = match sock.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                // Deregistering failed and closed the socket.
+                tracing::warn!(%peer, error = %e, "connection not handed over");
+                return;
+            }
+        };
+        let handed = Handed {
+            sock,
+            peer,
+            listening,
+            slot,
+            open,
+        };
+        if let Err(h) = lane.spread.send(to, handed) {
+            // That thread stopped taking connections: serve it here.
+            let open = lane.spread.open_on(lane.me);
+            drop(h.open);
+            match TcpStream::from_std(h.sock) {
+                Ok(sock) => self.spawn_connection(sock, peer, listening, h.slot, Some(open), drain),
+                Err(e) => tracing::warn!(%peer, error = %e, "connection not registered again"),
+            }
+        }
+    }
+
+    /// One task for one connection on this thread's runtime.
+    fn spawn_connection(
+        &self,
+        sock: TcpStream,
+        peer: SocketAddr,
+        listening: Listening,
+        slot: OwnedSemaphorePermit,
+        open: Option<Open>,
+        drain: &drain::Watch,
+    ) {
+        // The snapshot current at accept time, for this connection.
+        let table = self.table.borrow().clone();
+        let this = self.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            this.handle(sock, peer, listening, &table, &drain).await;
+            drop(slot);
+            drop(open);
+            drop(drain);
+        });
+    }
+
+    async fn accept_loop(self, listener: TcpListener, drain: drain::Watch, lane: Option<Lane>) {
         let mut backoff = Backoff::new();
         let listening = Listening {
             addr: listener.local_addr().ok(),
@@ -336,15 +496,7 @@ impl Server {
                         l4::abort(&sock);
                         continue;
                     };
-                    // The snapshot current at accept time, for this connection.
-                    let table = self.table.borrow().clone();
-                    let this = self.clone();
-                    let drain = drain.clone();
-                    tokio::spawn(async move {
-                        this.handle(sock, peer, listening, &table, &drain).await;
-                        drop(slot);
-                        drop(drain);
-                    });
+                    self.dispatch(sock, peer, listening, slot, lane.as_ref(), &drain);
                 }
                 Err(e) if is_connection_error(&e) => {
                     // The client gave up between SYN and accept: not our problem.

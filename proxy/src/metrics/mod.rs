@@ -64,6 +64,8 @@ pub mod names {
     pub const SYNC_AGE: &str = "lightpath_table_sync_age_seconds";
     pub const REDIRECT_APPLY_DURATION: &str = "lightpath_redirect_apply_duration_seconds";
     pub const REDIRECT_APPLY_FAILURES: &str = "lightpath_redirect_apply_failures_total";
+    /// Label `thread`: the data thread's index.
+    pub const DATA_THREAD_CONNECTIONS: &str = "lightpath_data_thread_connections";
     pub const TOKIO_WORKERS: &str = "lightpath_tokio_workers";
     pub const TOKIO_ALIVE_TASKS: &str = "lightpath_tokio_alive_tasks";
     pub const TOKIO_GLOBAL_QUEUE_DEPTH: &str = "lightpath_tokio_global_queue_depth";
@@ -177,6 +179,10 @@ fn describe() {
     describe_counter!(
         REDIRECT_APPLY_FAILURES,
         "nftables transactions that failed."
+    );
+    describe_gauge!(
+        DATA_THREAD_CONNECTIONS,
+        "TCP connections open on each data thread (connections are handed to the least-loaded thread when the counts drift apart)."
     );
     describe_gauge!(TOKIO_WORKERS, "Data-plane runtime worker threads.");
     describe_gauge!(TOKIO_ALIVE_TASKS, "Data-plane runtime tasks alive.");

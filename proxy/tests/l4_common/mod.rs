@@ -21,7 +21,8 @@ mod loopback;
 use loopback::service_port;
 /// A running server with its loopback frontends (`Harness::start(n, cfg,
 /// rows)`), table sender and drain signal.
-pub use loopback::Served as Harness;
+#[allow(unused_imports)]
+pub use loopback::{table, Served as Harness};
 
 /// Upper bound for any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(10);
