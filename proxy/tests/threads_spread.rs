@@ -11,11 +11,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use control::Affinity;
-use l4_common::{service, table, Backend, WAIT};
+use l4_common::{connect_greeted, roundtrip, service, table, Backend, WAIT};
 use lightpath::drain;
 use lightpath::server::{Server, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 fn listener() -> (std::net::TcpListener, SocketAddr) {
@@ -56,15 +54,7 @@ async fn connections_accepted_by_one_thread_are_served_by_both() {
     // thread 0's port; each is greeted by the backend through the relay.
     let mut clients = Vec::new();
     for i in 0..8 {
-        let mut c = tokio::time::timeout(WAIT, TcpStream::connect(front))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        let mut hello = [0u8; 4];
-        tokio::time::timeout(WAIT, c.read_exact(&mut hello))
-            .await
-            .expect("greeting in time")
-            .expect("greeting");
+        let (c, hello) = connect_greeted(front).await;
         assert_eq!(hello, b.id, "connection {i} relayed");
         clients.push(c);
     }
@@ -86,14 +76,7 @@ async fn connections_accepted_by_one_thread_are_served_by_both() {
 
     // Both threads relay: every connection echoes its own bytes.
     for (i, c) in clients.iter_mut().enumerate() {
-        let msg = format!("hello from {i}\n");
-        c.write_all(msg.as_bytes()).await.expect("write");
-        let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(WAIT, c.read_exact(&mut got))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(got, msg.as_bytes(), "connection {i} echoed");
+        roundtrip(c, format!("hello from {i}\n").as_bytes()).await;
     }
 
     // Closing uncounts them on the thread that served them.
@@ -101,12 +84,7 @@ async fn connections_accepted_by_one_thread_are_served_by_both() {
     wait_counts(&server, "all closed", |c| c == [0, 0]).await;
 
     // A connection after the closes is served where it was accepted.
-    let mut c = TcpStream::connect(front).await.expect("connect");
-    let mut hello = [0u8; 4];
-    tokio::time::timeout(WAIT, c.read_exact(&mut hello))
-        .await
-        .expect("greeting in time")
-        .expect("greeting");
+    let (c, _) = connect_greeted(front).await;
     wait_counts(&server, "one on thread 0", |c| c == [1, 0]).await;
     drop(c);
 
