@@ -379,7 +379,8 @@ impl Server {
         }
     }
 
-    /// Registers a handed-over connection with this thread and serves it.
+    /// Registers a handed-over connection (or one whose hand-over failed)
+    /// with this thread and serves it.
     fn adopt(&self, h: Handed, drain: &drain::Watch) {
         match TcpStream::from_std(h.sock) {
             Ok(sock) => {
@@ -426,14 +427,10 @@ impl Server {
             slot,
             open,
         };
-        if let Err(h) = lane.spread.send(to, handed) {
+        if let Err(mut h) = lane.spread.send(to, handed) {
             // That thread stopped taking connections: serve it here.
-            let open = lane.spread.open_on(lane.me);
-            drop(h.open);
-            match TcpStream::from_std(h.sock) {
-                Ok(sock) => self.spawn_connection(sock, peer, listening, h.slot, Some(open), drain),
-                Err(e) => tracing::warn!(%peer, error = %e, "connection not registered again"),
-            }
+            h.open = lane.spread.open_on(lane.me);
+            self.adopt(h, drain);
         }
     }
 
