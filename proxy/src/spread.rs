@@ -14,8 +14,9 @@
 //! than the least-loaded thread hands the socket over: the socket leaves
 //! this thread's reactor, travels over a channel, and joins the other
 //! thread's reactor. That costs two `epoll_ctl` calls and one cross-thread
-//! wake-up, paid only on imbalance. Balanced threads pay one relaxed load
-//! per thread and one atomic add per connection.
+//! wake-up, paid only on imbalance. Balanced threads pay, per connection,
+//! one relaxed load per thread, and at open and again at close an atomic add
+//! on the count, one on its gauge and one on the counts' `Arc`.
 //!
 //! "Clearly more" means more than the least-loaded count plus a quarter of
 //! it, and only while that count is below [`SPREAD_BELOW`] (8). A thread
