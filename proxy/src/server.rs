@@ -640,13 +640,17 @@ impl Listening {
 /// table: balancers of removed service ports are dropped and new ones exist
 /// before their first connection, and L7 state (which starts health checks
 /// on a service's balancer) always sees the balancers of the same snapshot.
-/// One loop, so that order holds for every snapshot.
+/// One loop, so that order holds for every snapshot. Between snapshots it
+/// sweeps the idle upstream connections of the L7 services.
 async fn sync_table(
     mut table: TableRx,
     balancers: Arc<Balancers>,
     l7: Arc<crate::l7::L7>,
     drain: drain::Watch,
 ) {
+    let mut sweep = tokio::time::interval(crate::l7::IDLE_SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut source_open = true;
     // Starts from the snapshot current now: it may be newer than the one the
     // balancers were built from in `Server::new`.
     loop {
@@ -658,13 +662,18 @@ async fn sync_table(
             balancers = n,
             "balancers and L7 state synced"
         );
-        tokio::select! {
-            biased;
-            _ = drain.signaled() => return,
-            r = table.changed() => {
-                if r.is_err() {
-                    // The source is gone; the last table keeps serving.
-                    return;
+        loop {
+            tokio::select! {
+                biased;
+                _ = drain.signaled() => return,
+                r = table.changed(), if source_open => match r {
+                    Ok(()) => break,
+                    // The source is gone; the last table keeps serving (and
+                    // its idle connections are still swept).
+                    Err(_) => source_open = false,
+                },
+                _ = sweep.tick() => {
+                    l7.sweep_idle();
                 }
             }
         }

@@ -716,3 +716,99 @@ async fn max_retries_limit_overflows_retries_not_requests() {
     assert!(a2.requests() > 0, "a2 was never picked");
     assert!(retried, "a2's 503 was retried on b2");
 }
+
+/// Idle upstream connections are closed once `upstream-idle-timeout` has
+/// passed, though no request comes to the service any more: the periodic
+/// sweep closes them, not the service's next request.
+#[tokio::test]
+async fn idle_upstream_connections_close_after_the_idle_timeout_without_traffic() {
+    let b = ok_backend("b").await;
+    let p = Proxy::start(service(
+        "idle",
+        &[b.addr],
+        Mode::Http,
+        &[("lightpath.io/upstream-idle-timeout", "300ms")],
+    ))
+    .await;
+    let c = client();
+    let url = p.url("/");
+    let req = |_| Request::get(url.as_str()).body(full("")).expect("req");
+    let got = load(&c, 8, 4, req).await;
+    assert_eq!(got.get(&200), Some(&8), "{got:?}");
+    let quiet = tokio::time::Instant::now();
+    assert!(b.open() >= 1, "the pooled connections are open at first");
+    let deadline = quiet + WAIT;
+    while b.open() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} idle upstream connection(s) still open {:?} after the last request",
+            b.open(),
+            quiet.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(200),
+        "closed after {:?}, before the idle timeout",
+        quiet.elapsed()
+    );
+    // The next request opens a new connection.
+    let before = b.connections.load(Ordering::SeqCst);
+    let (code, _, _) = get(&c, &url).await;
+    assert_eq!(code, 200);
+    assert_eq!(b.connections.load(Ordering::SeqCst), before + 1);
+}
+
+/// An idle connection never makes a request fail with "overflow": with
+/// `max-connections` 2, the idle connection pooled to an ejected endpoint
+/// holds a slot, and two concurrent requests to the healthy endpoint need
+/// both. It is closed to make room, and both are answered. (A POST's 503 is
+/// not retried but passed on, so its connection goes back to the pool.)
+#[tokio::test]
+async fn idle_connections_of_an_ejected_endpoint_do_not_overflow_max_connections() {
+    let sick = Backend::start(|_, _| async move { status(503, "sick") }).await;
+    let slow = Backend::start(|_, _| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status(200, "ok")
+    })
+    .await;
+    let svc = service(
+        "room",
+        &[sick.addr, slow.addr],
+        Mode::Http,
+        &[
+            ("lightpath.io/max-connections", "2"),
+            ("lightpath.io/ejection-consecutive-failures", "1"),
+            ("lightpath.io/ejection-base-time", "60s"),
+        ],
+    );
+    let name = svc.name.clone();
+    let p = Proxy::start(svc).await;
+    let c = client();
+    let url = p.url("/");
+    let bal = p.server.balancers().get(&name).expect("balancer");
+    let sick_backend = bal.backend(sick.addr).expect("sick backend");
+    // One POST at a time until the sick endpoint is ejected.
+    let mut sent = 0;
+    while sick_backend.is_ready() {
+        assert!(sent < 50, "the sick endpoint was never ejected");
+        let post = Request::post(url.as_str()).body(full("x")).expect("req");
+        let (code, _, _) = send(&c, post).await;
+        assert!(code == 200 || code == 503, "{code}");
+        sent += 1;
+    }
+    assert_eq!(sick.open(), 1, "its idle connection is pooled");
+    assert!(slow.open() <= 1, "{}", slow.open());
+    let req = |_| Request::get(url.as_str()).body(full("")).expect("req");
+    let got = load(&c, 2, 2, req).await;
+    assert_eq!(got.get(&200), Some(&2), "{got:?}");
+    assert_eq!(slow.open(), 2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sick.open() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ejected endpoint's idle connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

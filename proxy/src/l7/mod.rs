@@ -73,6 +73,10 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Time a client has to send a complete request head on a new or idle
 /// keep-alive connection (slowloris bound).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle upstream connections are swept ([`L7::sweep_idle`]): an
+/// idle connection is closed at most this long after its idle timeout, or
+/// after its peer closed it.
+pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Process-wide L7 state: one [`Service`] per service port.
 pub struct L7 {
@@ -258,6 +262,17 @@ impl L7 {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         self.services.store(Arc::new(next));
+    }
+
+    /// Closes idle upstream connections that expired or that their peer
+    /// closed, in every service (see `upstream`'s module doc). The table
+    /// sync task calls it every [`IDLE_SWEEP_INTERVAL`].
+    pub fn sweep_idle(&self) -> usize {
+        self.services
+            .load()
+            .values()
+            .map(|s| s.shared.pools.sweep())
+            .sum()
     }
 
     /// Serves HTTP on one redirected connection until the client closes it

@@ -45,7 +45,7 @@ pub(crate) async fn proxy(
         let upstream = upstream_request(&parts.method, &parts.uri, &parts.headers, false, b);
         let pool = shared.pools.get(pick.addr());
         match pool
-            .send_upgrade(upstream, &shared.connect, &shared.limits)
+            .send_upgrade(upstream, &shared.connect, &shared.limits, &shared.pools)
             .await
         {
             Ok(mut resp) => {

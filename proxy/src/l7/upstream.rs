@@ -36,6 +36,18 @@
 //!   long as it is open (pooled idle ones included: the slot lives in
 //!   [`H1`]); every request waiting for a new connection counts against
 //!   `max-pending-requests`.
+//! * Idle connections are swept ([`Pools::sweep`], every second from the
+//!   table sync task): expired ones, and ones whose peer closed them, are
+//!   closed even when the service sees no more requests. Without it a quiet
+//!   service kept its idle sockets open past the idle timeout, in
+//!   CLOSE_WAIT once the backend closed its end, and holding their
+//!   `max-connections` slots.
+//! * An idle connection never makes a request fail: at the
+//!   `max-connections` limit, the service's least recently used idle
+//!   connection (of any endpoint) is closed to make room
+//!   ([`Pools::reclaim`]). Without it, idle connections to an endpoint that
+//!   outlier ejection keeps out of rotation held slots that requests to the
+//!   healthy endpoints needed, and those got 503 "overflow".
 
 use std::collections::HashMap;
 use std::future::Future as _;
@@ -387,16 +399,48 @@ impl EndpointPool {
         None
     }
 
+    /// Takes out of the idle lists the connections that expired, that their
+    /// peer closed, or that cannot take a request (each polled once, without
+    /// a waker, as at checkout). The caller drops them outside the locks.
+    fn sweep_into(&self, now: Instant, out: &mut Vec<Idle>) {
+        for shard in &self.idle {
+            let mut idle = shard.0.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.is_empty() {
+                continue;
+            }
+            let gone = idle.extract_if(.., |i| {
+                now.saturating_duration_since(i.since) >= self.idle_timeout
+                    || !i.conn.settle(self.addr)
+            });
+            out.extend(gone);
+        }
+    }
+
+    /// When this endpoint's least recently used idle connection was pooled,
+    /// and its list.
+    fn oldest_idle(&self) -> Option<(Instant, &Mutex<Vec<Idle>>)> {
+        self.idle
+            .iter()
+            .filter_map(|s| {
+                let since = s.0.lock().unwrap_or_else(|e| e.into_inner()).first()?.since;
+                Some((since, &s.0))
+            })
+            .min_by_key(|(since, _)| *since)
+    }
+
     /// Sends `req` to this endpoint. HTTP/1.1 responses come with the
     /// [`Checkin`] that the response body drives and finishes.
+    /// `pools` are the service's (this one among them): at the
+    /// `max-connections` limit an idle connection of theirs makes room.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
         if self.http2 {
-            return self.send_h2(req, cs, limits).await;
+            return self.send_h2(req, cs, limits, pools).await;
         }
         // HTTP/1.1: pooled connections of this thread first, then a new
         // one; another thread's only when no new one is allowed. One that
@@ -428,7 +472,7 @@ impl EndpointPool {
                 },
             }
         }
-        let conn = match self.connect_h1(cs, limits, tag).await {
+        let conn = match self.connect_h1(cs, limits, pools, tag).await {
             Ok(c) => c,
             Err(kind) => {
                 return Err(SendFailure {
@@ -501,6 +545,7 @@ impl EndpointPool {
         req: Request<Body>,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
         let mut sender = match self.open_h2() {
             Some(s) => s,
@@ -511,7 +556,7 @@ impl EndpointPool {
                 match self.open_h2() {
                     Some(s) => s,
                     None => {
-                        let s = match self.connect_h2(cs, limits).await {
+                        let s = match self.connect_h2(cs, limits, pools).await {
                             Ok(s) => s,
                             Err(kind) => {
                                 return Err(SendFailure {
@@ -546,8 +591,9 @@ impl EndpointPool {
         req: Request<Body>,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
     ) -> Result<Response<Incoming>, SendFailure> {
-        let mut sender = match self.connect_upgrade(cs, limits).await {
+        let mut sender = match self.connect_upgrade(cs, limits, pools).await {
             Ok(s) => s,
             Err(kind) => {
                 return Err(SendFailure {
@@ -569,12 +615,20 @@ impl EndpointPool {
         &self,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
     ) -> Result<(Io, GaugeGuard), FailKind> {
         let Some(_pending) = limits.pending.try_acquire(cs.max_pending) else {
             return Err(FailKind::Overflow(Limit::Pending));
         };
-        let Some(conn_slot) = limits.connections.try_acquire(cs.max_connections) else {
-            return Err(FailKind::Overflow(Limit::Connections));
+        let conn_slot = match limits.connections.try_acquire(cs.max_connections) {
+            Some(slot) => slot,
+            // At the limit an idle connection makes room (see the module
+            // doc); another request may take the freed slot first.
+            None if pools.reclaim() => limits
+                .connections
+                .try_acquire(cs.max_connections)
+                .ok_or(FailKind::Overflow(Limit::Connections))?,
+            None => return Err(FailKind::Overflow(Limit::Connections)),
         };
         let cfg = ConnectConfig {
             timeout: cs.timeout,
@@ -604,9 +658,10 @@ impl EndpointPool {
         &self,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
         tag: u32,
     ) -> Result<Box<H1>, FailKind> {
-        let (io, slot) = self.tcp(cs, limits).await?;
+        let (io, slot) = self.tcp(cs, limits, pools).await?;
         let (sender, conn) = Self::h1_builder()
             .handshake(io)
             .await
@@ -619,8 +674,9 @@ impl EndpointPool {
         &self,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
     ) -> Result<http1::SendRequest<Body>, FailKind> {
-        let (io, slot) = self.tcp(cs, limits).await?;
+        let (io, slot) = self.tcp(cs, limits, pools).await?;
         let (sender, conn) = Self::h1_builder()
             .handshake(io)
             .await
@@ -639,8 +695,9 @@ impl EndpointPool {
         &self,
         cs: &ConnectSettings,
         limits: &Limits,
+        pools: &Pools,
     ) -> Result<http2::SendRequest<Body>, FailKind> {
-        let (io, slot) = self.tcp(cs, limits).await?;
+        let (io, slot) = self.tcp(cs, limits, pools).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -718,6 +775,47 @@ impl Pools {
             .map(|(a, p)| (*a, p.clone()))
             .collect();
         self.map.store(Arc::new(next));
+    }
+
+    /// Closes the idle connections of every endpoint that expired, that
+    /// their peer closed, or that cannot take a request. How many.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        for pool in self.map.load().values() {
+            pool.sweep_into(now, &mut gone);
+        }
+        let n = gone.len();
+        drop(gone);
+        if n > 0 {
+            tracing::debug!(closed = n, "idle upstream connections swept");
+        }
+        n
+    }
+
+    /// At the `max-connections` limit: frees a slot by closing idle
+    /// connections, the expired and closed ones first, otherwise the one
+    /// unused the longest (of any endpoint). Whether one was closed.
+    pub fn reclaim(&self) -> bool {
+        if self.sweep() > 0 {
+            return true;
+        }
+        let map = self.map.load();
+        let Some((_, list)) = map
+            .values()
+            .filter_map(|p| p.oldest_idle())
+            .min_by_key(|(since, _)| *since)
+        else {
+            return false;
+        };
+        let mut idle = list.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.is_empty() {
+            return false;
+        }
+        let oldest = idle.remove(0);
+        drop(idle);
+        drop(oldest);
+        true
     }
 }
 
@@ -831,29 +929,50 @@ mod tests {
         r
     }
 
-    /// An HTTP/1.1 pool for `b` whose idle connections outlive any test.
-    fn h1_pool(b: &Backend) -> Arc<EndpointPool> {
-        Arc::new(EndpointPool::new(b.addr, false, Duration::from_secs(30)))
+    /// What a service's requests share: its endpoints' pools, its limits
+    /// and its connect settings (as `super::super::Shared` holds them).
+    struct Svc {
+        pools: Pools,
+        limits: Limits,
+        cs: ConnectSettings,
     }
 
-    /// A backend answering with `reply`, its pool, fresh limits, and
-    /// settings allowing `max_connections`.
-    fn fixture(
-        reply: Reply,
-        max_connections: usize,
-    ) -> (Backend, Arc<EndpointPool>, Limits, ConnectSettings) {
-        let b = backend(reply);
-        let pool = h1_pool(&b);
-        (b, pool, Limits::default(), settings(max_connections))
-    }
-
-    fn settings(max_connections: usize) -> ConnectSettings {
-        ConnectSettings {
-            timeout: Duration::from_secs(2),
-            mark: 0,
-            max_connections,
-            max_pending: 16,
+    impl Svc {
+        /// HTTP/1.1 pools whose idle connections expire after
+        /// `idle_timeout`, and settings allowing `max_connections`.
+        fn new(idle_timeout: Duration, max_connections: usize) -> Arc<Svc> {
+            Arc::new(Svc {
+                pools: Pools::new(false, idle_timeout),
+                limits: Limits::default(),
+                cs: ConnectSettings {
+                    timeout: Duration::from_secs(2),
+                    mark: 0,
+                    max_connections,
+                    max_pending: 16,
+                },
+            })
         }
+
+        async fn send(
+            &self,
+            pool: &Arc<EndpointPool>,
+        ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
+            pool.send(request(), &self.cs, &self.limits, &self.pools)
+                .await
+        }
+
+        fn connections(&self) -> usize {
+            self.limits.connections.get()
+        }
+    }
+
+    /// A backend answering with `reply`, its pool, and a service whose idle
+    /// connections outlive any test, allowing `max_connections`.
+    fn fixture(reply: Reply, max_connections: usize) -> (Backend, Arc<EndpointPool>, Arc<Svc>) {
+        let b = backend(reply);
+        let svc = Svc::new(Duration::from_secs(30), max_connections);
+        let pool = svc.pools.get(b.addr);
+        (b, pool, svc)
     }
 
     /// The next frame of `body`, driving its connection as
@@ -878,12 +997,11 @@ mod tests {
 
     /// One request from the calling thread's runtime; the response body is
     /// read to the end and the connection checked in.
-    async fn send_one(pool: &Arc<EndpointPool>, cs: &ConnectSettings, limits: &Limits) {
-        let (resp, mut checkin) =
-            tokio::time::timeout(Duration::from_secs(5), pool.send(request(), cs, limits))
-                .await
-                .expect("response within 5 s")
-                .expect("response");
+    async fn send_one(pool: &Arc<EndpointPool>, svc: &Svc) {
+        let (resp, mut checkin) = tokio::time::timeout(Duration::from_secs(5), svc.send(pool))
+            .await
+            .expect("response within 5 s")
+            .expect("response");
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
         let mut got = Vec::new();
@@ -901,10 +1019,10 @@ mod tests {
     /// poll at check-in leaves it ready for the next request.
     #[test]
     fn sequential_requests_reuse_one_connection() {
-        let (b, pool, limits, cs) = fixture(Reply::Ok, 16);
+        let (b, pool, svc) = fixture(Reply::Ok, 16);
         current_thread().block_on(async {
             for _ in 0..20 {
-                send_one(&pool, &cs, &limits).await;
+                send_one(&pool, &svc).await;
             }
         });
         assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
@@ -916,39 +1034,35 @@ mod tests {
     /// a fresh connection without an error.
     #[test]
     fn an_idle_connection_the_backend_closed_is_replaced() {
-        let (b, pool, limits, cs) = fixture(Reply::OkThenClose, 16);
+        let (b, pool, svc) = fixture(Reply::OkThenClose, 16);
         current_thread().block_on(async {
             for round in 1..=3 {
-                send_one(&pool, &cs, &limits).await;
+                send_one(&pool, &svc).await;
                 assert_eq!(pool.idle_len(), 1, "round {round}: pooled");
                 // The backend closes 30 ms after its response.
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         });
         assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
-        assert_eq!(
-            limits.connections.get(),
-            1,
-            "the closed ones released their slots"
-        );
+        assert_eq!(svc.connections(), 1, "the closed ones released their slots");
     }
 
     /// A response whose body is dropped half-way does not go back to the
     /// pool: its connection is closed and its `max-connections` slot freed.
     #[test]
     fn a_body_dropped_half_way_closes_its_connection() {
-        let (b, pool, limits, cs) = fixture(Reply::Half, 16);
+        let (b, pool, svc) = fixture(Reply::Half, 16);
         current_thread().block_on(async {
-            let (resp, mut checkin) = pool.send(request(), &cs, &limits).await.expect("response");
+            let (resp, mut checkin) = svc.send(&pool).await.expect("response");
             let mut body = resp.into_body();
             let first = next_frame(&mut body, &mut checkin).await.expect("a chunk");
             assert!(!first.is_empty());
             assert!(!body.is_end_stream());
-            assert_eq!(limits.connections.get(), 1);
+            assert_eq!(svc.connections(), 1);
             drop(body);
             drop(checkin);
             assert_eq!(pool.idle_len(), 0);
-            assert_eq!(limits.connections.get(), 0);
+            assert_eq!(svc.connections(), 0);
             let deadline = Instant::now() + Duration::from_secs(5);
             while b.peer_closed.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -967,10 +1081,10 @@ mod tests {
     /// next request takes it.
     #[test]
     fn max_connections_counts_pooled_connections() {
-        let (b, pool, limits, cs) = fixture(Reply::Ok, 1);
+        let (b, pool, svc) = fixture(Reply::Ok, 1);
         current_thread().block_on(async {
-            let (resp, checkin) = pool.send(request(), &cs, &limits).await.expect("response");
-            let refused = pool.send(request(), &cs, &limits).await;
+            let (resp, checkin) = svc.send(&pool).await.expect("response");
+            let refused = svc.send(&pool).await;
             match refused {
                 Err(SendFailure {
                     kind: FailKind::Overflow(Limit::Connections),
@@ -987,8 +1101,8 @@ mod tests {
             }
             checkin.expect("checkin").finish();
             assert_eq!(pool.idle_len(), 1);
-            assert_eq!(limits.connections.get(), 1, "the idle pooled one counts");
-            send_one(&pool, &cs, &limits).await;
+            assert_eq!(svc.connections(), 1, "the idle pooled one counts");
+            send_one(&pool, &svc).await;
         });
         assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
     }
@@ -998,21 +1112,18 @@ mod tests {
     /// than be refused: affinity is a preference, never a limit.
     #[test]
     fn at_the_connection_limit_another_threads_idle_connection_is_used() {
-        let b = backend(Reply::Ok);
-        let pool = h1_pool(&b);
-        let limits = Arc::new(Limits::default());
-        let cs = settings(1);
+        let (b, pool, svc) = fixture(Reply::Ok, 1);
         // Thread A opens the connection and keeps its runtime (whose I/O
         // driver the connection's socket is registered with) running until
         // the test is done.
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
         let a = {
-            let (pool, limits, cs) = (pool.clone(), limits.clone(), cs.clone());
+            let (pool, svc) = (pool.clone(), svc.clone());
             std::thread::spawn(move || {
                 let rt = current_thread();
                 rt.block_on(async move {
-                    send_one(&pool, &cs, &limits).await;
+                    send_one(&pool, &svc).await;
                     opened_tx.send(()).unwrap();
                     let wait = tokio::task::spawn_blocking(move || done_rx.recv());
                     let _ = wait.await;
@@ -1023,14 +1134,115 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("thread A got its response");
         assert_eq!(pool.idle_len(), 1);
-        assert_eq!(limits.connections.get(), 1);
+        assert_eq!(svc.connections(), 1);
         // Thread B (this one): at the limit, so it borrows A's connection.
         let rt = current_thread();
-        rt.block_on(send_one(&pool, &cs, &limits));
-        assert_eq!(limits.connections.get(), 1, "no second connection opened");
+        rt.block_on(send_one(&pool, &svc));
+        assert_eq!(svc.connections(), 1, "no second connection opened");
         assert_eq!(pool.idle_len(), 1, "the borrowed connection went back");
         assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
         done_tx.send(()).unwrap();
         a.join().unwrap();
+    }
+
+    /// Waits (up to 5 s) until `b` has seen `n` connections closed by the
+    /// proxy.
+    async fn closed_by_proxy(b: &Backend, n: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.peer_closed.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        b.peer_closed.load(Ordering::SeqCst)
+    }
+
+    /// The sweep closes an idle connection once its idle timeout passed,
+    /// though no request came to the service since: its socket is closed
+    /// (the backend reads EOF) and its `max-connections` slot freed.
+    #[test]
+    fn the_sweep_closes_an_expired_idle_connection() {
+        let b = backend(Reply::Ok);
+        let svc = Svc::new(Duration::from_millis(200), 16);
+        let pool = svc.pools.get(b.addr);
+        current_thread().block_on(async {
+            send_one(&pool, &svc).await;
+            assert_eq!(svc.pools.sweep(), 0, "not expired yet");
+            assert_eq!((pool.idle_len(), svc.connections()), (1, 1));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(svc.pools.sweep(), 1);
+            assert_eq!((pool.idle_len(), svc.connections()), (0, 0));
+            assert_eq!(closed_by_proxy(&b, 1).await, 1, "the backend saw the close");
+        });
+    }
+
+    /// An idle connection that its backend closed is closed by the sweep
+    /// long before it expires (no socket left in CLOSE_WAIT, no slot held).
+    #[test]
+    fn the_sweep_closes_an_idle_connection_its_backend_closed() {
+        let (b, pool, svc) = fixture(Reply::OkThenClose, 16);
+        current_thread().block_on(async {
+            send_one(&pool, &svc).await;
+            assert_eq!(pool.idle_len(), 1);
+            // The backend closes 30 ms after its response.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(svc.pools.sweep(), 1);
+            assert_eq!((pool.idle_len(), svc.connections()), (0, 0));
+        });
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// At the `max-connections` limit, an idle connection to another
+    /// endpoint is closed to make room: a request to endpoint B is served,
+    /// not refused, while A's idle connection holds the only slot.
+    #[test]
+    fn at_the_connection_limit_another_endpoints_idle_connection_makes_room() {
+        let (a, b) = (backend(Reply::Ok), backend(Reply::Ok));
+        let svc = Svc::new(Duration::from_secs(30), 1);
+        let (pool_a, pool_b) = (svc.pools.get(a.addr), svc.pools.get(b.addr));
+        current_thread().block_on(async {
+            send_one(&pool_a, &svc).await;
+            assert_eq!((pool_a.idle_len(), svc.connections()), (1, 1));
+            send_one(&pool_b, &svc).await;
+            assert_eq!(pool_a.idle_len(), 0, "A's idle connection made room");
+            assert_eq!((pool_b.idle_len(), svc.connections()), (1, 1));
+            assert_eq!(closed_by_proxy(&a, 1).await, 1, "A saw the close");
+            // And back: B's idle connection makes room for A.
+            send_one(&pool_a, &svc).await;
+            assert_eq!((pool_b.idle_len(), svc.connections()), (0, 1));
+            assert_eq!(closed_by_proxy(&b, 1).await, 1, "B saw the close");
+        });
+        assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// The least recently used idle connection is the one closed at the
+    /// limit, and a connection in use is never taken: with A idle longer
+    /// than B and a third request at the limit, A's goes; with none idle,
+    /// the request is refused.
+    #[test]
+    fn at_the_connection_limit_the_least_recently_used_idle_connection_goes() {
+        let (a, b, c) = (backend(Reply::Ok), backend(Reply::Ok), backend(Reply::Ok));
+        let svc = Svc::new(Duration::from_secs(30), 2);
+        let pools = [a.addr, b.addr, c.addr].map(|addr| svc.pools.get(addr));
+        current_thread().block_on(async {
+            send_one(&pools[0], &svc).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            send_one(&pools[1], &svc).await;
+            let (resp, _held) = svc.send(&pools[2]).await.expect("C answers");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(pools.each_ref().map(|p| p.idle_len()), [0, 1, 0]);
+            assert_eq!(closed_by_proxy(&a, 1).await, 1, "A's, the older, went");
+            // B's idle one makes room for the next; C's is in use (its
+            // response is held), so a third new connection is refused.
+            let (_resp, _held2) = svc.send(&pools[0]).await.expect("A answers");
+            match svc.send(&pools[1]).await {
+                Err(SendFailure {
+                    kind: FailKind::Overflow(Limit::Connections),
+                    request: Some(_),
+                }) => {}
+                other => panic!("expected a connections overflow, got {other:?}"),
+            }
+            assert_eq!(svc.connections(), 2);
+            assert_eq!(c.peer_closed.load(Ordering::SeqCst), 0, "C's is open");
+        });
     }
 }

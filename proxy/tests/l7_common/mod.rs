@@ -112,6 +112,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
+    /// Connections open now (accepted and not yet closed by either side).
+    pub open: Arc<AtomicUsize>,
     kill: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -136,15 +138,17 @@ impl Backend {
         let addr = l.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let (kill, killed) = watch::channel(false);
-        let (rq, cn) = (requests.clone(), connections.clone());
+        let (rq, cn, op) = (requests.clone(), connections.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
                     continue;
                 };
                 cn.fetch_add(1, Ordering::SeqCst);
-                let (h, rq, mut killed) = (h.clone(), rq.clone(), killed.clone());
+                op.fetch_add(1, Ordering::SeqCst);
+                let (h, rq, op, mut killed) = (h.clone(), rq.clone(), op.clone(), killed.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let n = rq.fetch_add(1, Ordering::SeqCst);
@@ -158,6 +162,7 @@ impl Backend {
                         _ = conn => {}
                         _ = killed.wait_for(|k| *k) => {}
                     }
+                    op.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -165,6 +170,7 @@ impl Backend {
             addr,
             requests,
             connections,
+            open,
             kill,
             task,
         }
@@ -172,6 +178,10 @@ impl Backend {
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Stops accepting and closes every open connection.
