@@ -1161,13 +1161,13 @@ mod tests {
     #[test]
     fn the_sweep_closes_an_expired_idle_connection() {
         let b = backend(Reply::Ok);
-        let svc = Svc::new(Duration::from_millis(200), 16);
+        let svc = Svc::new(Duration::from_secs(1), 16);
         let pool = svc.pools.get(b.addr);
         current_thread().block_on(async {
             send_one(&pool, &svc).await;
             assert_eq!(svc.pools.sweep(), 0, "not expired yet");
             assert_eq!((pool.idle_len(), svc.connections()), (1, 1));
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
             assert_eq!(svc.pools.sweep(), 1);
             assert_eq!((pool.idle_len(), svc.connections()), (0, 0));
             assert_eq!(closed_by_proxy(&b, 1).await, 1, "the backend saw the close");
@@ -1182,9 +1182,15 @@ mod tests {
         current_thread().block_on(async {
             send_one(&pool, &svc).await;
             assert_eq!(pool.idle_len(), 1);
-            // The backend closes 30 ms after its response.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            assert_eq!(svc.pools.sweep(), 1);
+            // The backend closes 30 ms after its response; the connection
+            // expires in 30 s.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut swept = 0;
+            while swept == 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                swept = svc.pools.sweep();
+            }
+            assert_eq!(swept, 1);
             assert_eq!((pool.idle_len(), svc.connections()), (0, 0));
         });
         assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
