@@ -561,7 +561,19 @@ impl Server {
         let scope = Scope::of(frontend);
         // The dispatch point: HTTP frontends are proxied per request.
         let result = match frontend.service.mode {
-            Mode::L4 => l4::relay(sock, peer.ip(), balancer, scope, &self.cfg.relay, drain).await,
+            Mode::L4 => {
+                let meters = Some(conn.meters());
+                l4::relay(
+                    sock,
+                    peer.ip(),
+                    balancer,
+                    scope,
+                    &self.cfg.relay,
+                    drain,
+                    meters,
+                )
+                .await
+            }
             Mode::Http | Mode::H2c => {
                 self.l7
                     .serve_connection(sock, peer, &frontend.service, balancer, scope, drain)
@@ -569,12 +581,9 @@ impl Server {
                 return;
             }
         };
-        match &result {
-            Ok(r) => conn.bytes(
-                r.transferred.client_to_upstream,
-                r.transferred.upstream_to_client,
-            ),
-            Err(_) => conn.failed(),
+        // Relayed bytes were counted as they flowed (`l4::Meters`).
+        if result.is_err() {
+            conn.failed();
         }
         if let Some(started) = access_started {
             let ms = started.elapsed().as_secs_f64() * 1e3;

@@ -59,15 +59,17 @@ async fn counters_match_the_traffic_sent() {
 
     let name = ServicePortName::new("metrics-l4", "echo", "tcp");
     let dead_name = ServicePortName::new("metrics-l4", "dead", "");
+    let stream_name = ServicePortName::new("metrics-l4", "stream", "tcp");
     let l4 = |name: &ServicePortName, eps: &[SocketAddr]| {
         service_port(name.clone(), Mode::L4, Affinity::None, eps, BTreeMap::new())
     };
     let rig = Rig::start(
-        2,
+        3,
         |a| {
             vec![
                 (a[0], l4(&name, &[b1, b2])),
                 (a[1], l4(&dead_name, &[dead])),
+                (a[2], l4(&stream_name, &[b1])),
             ]
         },
         serde_json::json!({"test": "metrics_l4"}),
@@ -179,6 +181,37 @@ async fn counters_match_the_traffic_sent() {
             smp.labels
         );
     }
+
+    // A long-lived connection's bytes show while it is open, in 64 KiB
+    // steps, and exactly once it closed.
+    let stream_frontend = rig.served.addrs[2];
+    let st = [("service", "stream")];
+    let bytes = |s: &_| {
+        (
+            sample(s, "lightpath_tcp_connections_active", &st),
+            sample(s, "lightpath_tcp_received_bytes_total", &st),
+            sample(s, "lightpath_tcp_sent_bytes_total", &st),
+        )
+    };
+    const LONG: usize = 512 * 1024 + 100;
+    let mut long = TcpStream::connect(stream_frontend).await.unwrap();
+    let payload: Vec<u8> = (0..LONG).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; LONG];
+    {
+        let (mut r, mut w) = long.split();
+        let (sent, read) = tokio::join!(w.write_all(&payload), r.read_exact(&mut back));
+        sent.unwrap();
+        read.unwrap();
+    }
+    assert_eq!(back, payload, "echo mismatch");
+    let open = 512.0 * 1024.0;
+    scrape_until(admin, bytes, (Some(1.0), Some(open), Some(open))).await;
+    long.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    long.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    let all = LONG as f64;
+    scrape_until(admin, bytes, (Some(0.0), Some(all), Some(all))).await;
 
     // The metrics-only listener serves nothing else.
     assert_eq!(get(metrics, "/config_dump").await.status, 404);

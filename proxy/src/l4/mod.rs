@@ -26,7 +26,7 @@ use crate::balance::{Balancer, Scope};
 use crate::drain;
 
 pub use connect::{connect, ConnectConfig, ConnectError};
-pub use copy::{copy_bidirectional, CopyConfig, CopyEnd, Transferred};
+pub use copy::{copy_bidirectional, CopyConfig, CopyEnd, Meters, Transferred};
 
 /// Settings of the L4 relay.
 #[derive(Debug, Clone, Default)]
@@ -71,6 +71,7 @@ pub async fn relay(
     scope: Scope,
     cfg: &RelayConfig,
     drain: &drain::Watch,
+    meters: Option<Meters<'_>>,
 ) -> Result<RelayReport, RelayError> {
     let connected = tokio::select! {
         r = connect(&balancer, scope, client_ip, &cfg.connect) => r,
@@ -87,7 +88,7 @@ pub async fn relay(
         }
     };
     let endpoint = pick.addr();
-    let (transferred, end) = copy_bidirectional(&client, &upstream, &cfg.copy, drain).await;
+    let (transferred, end) = copy_bidirectional(&client, &upstream, &cfg.copy, drain, meters).await;
     // The in-flight slot is held until both sockets are done.
     drop(pick);
     Ok(RelayReport {

@@ -188,13 +188,12 @@ pub struct TcpConnection {
 }
 
 impl TcpConnection {
-    /// Adds relayed bytes: `rx` from the client, `tx` to the client.
-    pub fn bytes(&self, rx: u64, tx: u64) {
-        if rx > 0 {
-            self.metrics.rx_bytes.increment(rx);
-        }
-        if tx > 0 {
-            self.metrics.tx_bytes.increment(tx);
+    /// The service's byte counters, which the relay adds to as bytes flow:
+    /// received from the client, sent to the client.
+    pub fn meters(&self) -> crate::l4::Meters<'_> {
+        crate::l4::Meters {
+            client_to_upstream: &self.metrics.rx_bytes,
+            upstream_to_client: &self.metrics.tx_bytes,
         }
     }
 
@@ -295,7 +294,8 @@ mod tests {
         let m = service(&spn("guard"));
         {
             let c = m.tcp_open();
-            c.bytes(10, 20);
+            c.meters().client_to_upstream.increment(10);
+            c.meters().upstream_to_client.increment(20);
             let text = handle.render();
             assert!(
                 text.lines().any(|l| l.starts_with(names::TCP_ACTIVE)
