@@ -13,6 +13,8 @@ mod support {
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use admin_util::*;
 use bytes::Bytes;
@@ -25,12 +27,17 @@ use support::loopback::service_port;
 use support::scrape::{scrape_until, Rig};
 use tokio::net::{TcpListener, TcpStream};
 
-/// `/missing` → 404, anything else → 200 "ok".
-async fn http_backend() -> SocketAddr {
+/// `/missing` → 404, anything else → 200 "ok". Also returns how many
+/// connections it has open.
+async fn http_backend() -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let count = open.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let count = count.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let status = if req.uri().path() == "/missing" {
@@ -45,18 +52,25 @@ async fn http_backend() -> SocketAddr {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
+                count.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
-    addr
+    (addr, open)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_request_counters_match_the_requests_sent() {
-    let b1 = http_backend().await;
-    let b2 = http_backend().await;
+    let (b1, open1) = http_backend().await;
+    let (b2, open2) = http_backend().await;
     let name = ServicePortName::new("metrics-l7", "web", "http");
-    let sp = service_port(name, Mode::Http, Affinity::None, &[b1, b2], BTreeMap::new());
+    // Pooled upstream connections outlive the test, so the gauge checked
+    // below stays put.
+    let annotations = BTreeMap::from([(
+        "lightpath.io/upstream-idle-timeout".to_string(),
+        "60s".to_string(),
+    )]);
+    let sp = service_port(name, Mode::Http, Affinity::None, &[b1, b2], annotations);
     let rig = Rig::start(1, |a| vec![(a[0], sp)], serde_json::Value::Null).await;
     let frontend = rig.served.addrs[0];
 
@@ -125,6 +139,14 @@ async fn http_request_counters_match_the_requests_sent() {
         sample(&s, "lightpath_http_retries_total", &labels),
         Some(0.0)
     );
+
+    // The upstream connections the backends have open (pooled, idle now),
+    // as the per-second sample reports them.
+    let backends_open = open1.load(Ordering::SeqCst) + open2.load(Ordering::SeqCst);
+    // Per backend, at most one per data thread (requests were sequential).
+    assert!((1..=4).contains(&backends_open), "{backends_open}");
+    let upstream = |s: &_| sample(s, "lightpath_http_upstream_connections", &labels);
+    scrape_until(rig.metrics_addr(), upstream, Some(backends_open as f64)).await;
 
     rig.shutdown().await;
 }

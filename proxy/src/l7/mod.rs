@@ -265,14 +265,22 @@ impl L7 {
     }
 
     /// Closes idle upstream connections that expired or that their peer
-    /// closed, in every service (see `upstream`'s module doc). The table
-    /// sync task calls it every [`IDLE_SWEEP_INTERVAL`].
+    /// closed, in every service (see `upstream`'s module doc), then samples
+    /// each used service's open upstream connections into its
+    /// `lightpath_http_upstream_connections` gauge. The table sync task
+    /// calls it every [`IDLE_SWEEP_INTERVAL`]. How many were closed.
     pub fn sweep_idle(&self) -> usize {
-        self.services
-            .load()
-            .values()
-            .map(|s| s.shared.pools.sweep())
-            .sum()
+        let mut closed = 0;
+        for s in self.services.load().values() {
+            closed += s.shared.pools.sweep();
+            // Only once the service's series exist (its first use); the
+            // sweep never registers them.
+            if s.shared.metrics.is_registered() {
+                let open = s.shared.limits.connections.get();
+                s.shared.metrics.http_upstream_connections.set(open as f64);
+            }
+        }
+        closed
     }
 
     /// Serves HTTP on one redirected connection until the client closes it

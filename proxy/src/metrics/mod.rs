@@ -50,6 +50,7 @@ pub mod names {
     pub const HTTP_RETRY_OVERFLOWS: &str = "lightpath_http_retry_overflows_total";
     pub const HTTP_RETRY_BUDGET_EXHAUSTED: &str = "lightpath_http_retry_budget_exhausted_total";
     pub const BREAKER_OVERFLOWS: &str = "lightpath_breaker_overflows_total";
+    pub const HTTP_UPSTREAM_CONNECTIONS: &str = "lightpath_http_upstream_connections";
     pub const EJECTIONS: &str = "lightpath_endpoint_ejections_total";
     pub const READMISSIONS: &str = "lightpath_endpoint_readmissions_total";
 
@@ -152,6 +153,10 @@ fn describe() {
         "HTTP retries skipped because the retry budget was spent."
     );
     describe_counter!(BREAKER_OVERFLOWS, "Requests refused by an open breaker.");
+    describe_gauge!(
+        HTTP_UPSTREAM_CONNECTIONS,
+        "HTTP upstream connections open, in use or idle in the pool (what max-connections bounds); sampled every second."
+    );
     describe_counter!(EJECTIONS, "Endpoints ejected by outlier detection.");
     describe_counter!(READMISSIONS, "Ejected endpoints readmitted.");
     describe_gauge!(

@@ -94,6 +94,8 @@ pub struct ServiceHandles {
     pub http_retry_overflows: Counter,
     pub http_retry_budget_exhausted: Counter,
     pub breaker_overflows: Counter,
+    /// Set by the L7 idle sweep every second (`crate::l7::L7::sweep_idle`).
+    pub http_upstream_connections: Gauge,
     pub ejections: Counter,
     pub readmissions: Counter,
 }
@@ -175,6 +177,7 @@ impl ServiceHandles {
                 labels.clone()
             ),
             breaker_overflows: counter!(names::BREAKER_OVERFLOWS, labels.clone()),
+            http_upstream_connections: gauge!(names::HTTP_UPSTREAM_CONNECTIONS, labels.clone()),
             ejections: counter!(names::EJECTIONS, labels.clone()),
             readmissions: counter!(names::READMISSIONS, labels),
         }
