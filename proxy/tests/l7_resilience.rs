@@ -812,3 +812,68 @@ async fn idle_connections_of_an_ejected_endpoint_do_not_overflow_max_connections
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// After an annotation change, a client connection that stays idle keeps
+/// the service's previous L7 state until its next request, and with it that
+/// state's pooled upstream connections: those are still closed once their
+/// idle timeout passes, and the client connection's next request is served
+/// with the new state.
+#[tokio::test]
+async fn idle_upstream_connections_of_a_replaced_state_still_close() {
+    let b = ok_backend("b").await;
+    let idle = ("lightpath.io/upstream-idle-timeout", "1s");
+    let p = Proxy::start(service("retire", &[b.addr], Mode::Http, &[idle])).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    let mut buf = Vec::new();
+    let get = b"GET / HTTP/1.1\r\nhost: retire\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut s, get)
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "b");
+    assert_eq!(b.open(), 1, "the upstream connection is pooled");
+
+    // New annotations: a new L7 state. The client connection stays idle.
+    p.publish(service(
+        "retire",
+        &[b.addr],
+        Mode::Http,
+        &[idle, ("lightpath.io/max-connections", "100")],
+    ));
+    let changed = tokio::time::Instant::now();
+    let deadline = changed + WAIT;
+    while b.open() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old state's idle upstream connection still open {:?} after the change",
+            changed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    tokio::io::AsyncWriteExt::write_all(&mut s, get)
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "b");
+    assert_eq!(b.connections.load(Ordering::SeqCst), 2);
+
+    // The service leaves the table; the client connection stays open and
+    // idle, and the state it holds still has its upstream connection
+    // closed on time.
+    Served::publish(&p, Vec::new());
+    let removed = tokio::time::Instant::now();
+    let deadline = removed + WAIT;
+    while b.open() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed service's idle upstream connection still open {:?} after",
+            removed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -82,6 +82,12 @@ pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub struct L7 {
     services: ArcSwap<HashMap<ServicePortName, Arc<Service>>>,
     write: Mutex<()>,
+    /// Shared state replaced (annotations changed) or dropped (service port
+    /// removed) that may still be alive: a client connection keeps the
+    /// state of its last request until its next one, and with it that
+    /// state's idle upstream connections, which the sweep must still close.
+    /// Pruned by the sweep once dead.
+    retired: Mutex<Vec<std::sync::Weak<Shared>>>,
     /// SO_MARK on upstream sockets (0 = none).
     mark: u32,
     server: auto::Builder<TokioExecutor>,
@@ -147,6 +153,7 @@ impl L7 {
         L7 {
             services: ArcSwap::from_pointee(HashMap::new()),
             write: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
             mark,
             server,
         }
@@ -168,6 +175,9 @@ impl L7 {
             }
         }
         let svc = Arc::new(self.build(port, old));
+        if let Some(old) = old.filter(|o| !Arc::ptr_eq(&o.shared, &svc.shared)) {
+            self.retire(&old.shared);
+        }
         let mut next = (*cur).clone();
         next.insert(port.name.clone(), svc.clone());
         self.services.store(Arc::new(next));
@@ -261,7 +271,20 @@ impl L7 {
             .filter(|(k, _)| seen.contains(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        for (k, v) in cur.iter() {
+            if !seen.contains(k) {
+                self.retire(&v.shared);
+            }
+        }
         self.services.store(Arc::new(next));
+    }
+
+    /// Keeps `shared` in the sweep while anything still holds it.
+    fn retire(&self, shared: &Arc<Shared>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(shared));
     }
 
     /// Closes idle upstream connections that expired or that their peer
@@ -279,6 +302,16 @@ impl L7 {
                 let open = s.shared.limits.connections.get();
                 s.shared.metrics.http_upstream_connections.set(open as f64);
             }
+        }
+        // Retired states: swept while alive, forgotten once dropped. Upgraded
+        // outside the lock, so the last reference never drops under it.
+        let retired: Vec<Arc<Shared>> = {
+            let mut r = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            r.retain(|w| w.strong_count() > 0);
+            r.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        for shared in retired {
+            closed += shared.pools.sweep();
         }
         closed
     }
