@@ -735,22 +735,13 @@ async fn idle_upstream_connections_close_after_the_idle_timeout_without_traffic(
     let req = |_| Request::get(url.as_str()).body(full("")).expect("req");
     let got = load(&c, 8, 4, req).await;
     assert_eq!(got.get(&200), Some(&8), "{got:?}");
-    let quiet = tokio::time::Instant::now();
     assert!(b.open() >= 1, "the pooled connections are open at first");
-    let deadline = quiet + WAIT;
-    while b.open() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} idle upstream connection(s) still open {:?} after the last request",
-            b.open(),
-            quiet.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let quiet = b
+        .all_closed("idle upstream connection(s), no request since")
+        .await;
     assert!(
-        quiet.elapsed() >= Duration::from_millis(700),
-        "closed after {:?}, before the idle timeout",
-        quiet.elapsed()
+        quiet >= Duration::from_millis(700),
+        "closed after {quiet:?}, before the idle timeout"
     );
     // The next request opens a new connection.
     let before = b.connections.load(Ordering::SeqCst);
@@ -803,14 +794,8 @@ async fn idle_connections_of_an_ejected_endpoint_do_not_overflow_max_connections
     let got = load(&c, 2, 2, req).await;
     assert_eq!(got.get(&200), Some(&2), "{got:?}");
     assert_eq!(slow.open(), 2);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sick.open() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the ejected endpoint's idle connection was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    sick.all_closed("idle connection(s) to the ejected endpoint")
+        .await;
 }
 
 /// After an annotation change, a client connection that stays idle keeps
@@ -843,16 +828,8 @@ async fn idle_upstream_connections_of_a_replaced_state_still_close() {
         Mode::Http,
         &[idle, ("lightpath.io/max-connections", "100")],
     ));
-    let changed = tokio::time::Instant::now();
-    let deadline = changed + WAIT;
-    while b.open() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the old state's idle upstream connection still open {:?} after the change",
-            changed.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    b.all_closed("idle upstream connection(s) of the replaced state")
+        .await;
 
     tokio::io::AsyncWriteExt::write_all(&mut s, get)
         .await
@@ -866,14 +843,6 @@ async fn idle_upstream_connections_of_a_replaced_state_still_close() {
     // idle, and the state it holds still has its upstream connection
     // closed on time.
     Served::publish(&p, Vec::new());
-    let removed = tokio::time::Instant::now();
-    let deadline = removed + WAIT;
-    while b.open() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the removed service's idle upstream connection still open {:?} after",
-            removed.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    b.all_closed("idle upstream connection(s) of the removed service")
+        .await;
 }

@@ -184,6 +184,23 @@ impl Backend {
         self.open.load(Ordering::SeqCst)
     }
 
+    /// Waits (up to [`WAIT`]) until every connection to this backend has
+    /// closed, and returns how long that took; `what` names the connections
+    /// in the failure message.
+    pub async fn all_closed(&self, what: &str) -> Duration {
+        let start = tokio::time::Instant::now();
+        while self.open() > 0 {
+            assert!(
+                start.elapsed() < WAIT,
+                "{} {what} still open after {:?}",
+                self.open(),
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        start.elapsed()
+    }
+
     /// Stops accepting and closes every open connection.
     pub fn kill(&self) {
         self.task.abort();
