@@ -1,6 +1,8 @@
 //! The L7 hot path: per-request header rewriting, and one HTTP/1.1
 //! keep-alive round trip through the in-process L7 proxy against the same
 //! round trip straight to the backend (both on loopback, same client).
+//! Off the hot path, at 10,000 HTTP services: the first L7 sync, and one
+//! idle-connection sweep (what the table sync task runs every second).
 //!
 //! Run: `cargo bench -p lightpath-benches --bench l7`.
 
@@ -10,12 +12,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 use control::Mode;
-use criterion::{criterion_group, criterion_main, Criterion};
+use control::{Frontend, FrontendKind, Table};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lightpath::l7::headers;
+use lightpath::balance::{BalanceConfig, Balancers};
+use lightpath::l7::{headers, L7};
 use lightpath_benches::{runtime, service, Proxy};
 use tokio::net::TcpListener;
 
@@ -98,5 +102,51 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// 10,000 HTTP service ports with 3 endpoints each, as a table.
+fn http_table() -> Table {
+    let frontends = (0..10_000u32).map(|i| {
+        let eps: Vec<SocketAddr> = (0..3u16)
+            .map(|e| SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250) as u8], 8080 + e)))
+            .collect();
+        let port = service(&format!("s{i}"), "http", Mode::Http, &eps);
+        let ip = [10, 96, (i >> 8) as u8, i as u8];
+        Frontend::new(SocketAddr::from((ip, 80)), FrontendKind::ClusterIp, port)
+    });
+    Table::new(1, frontends)
+}
+
+/// Off the hot path, at 10,000 HTTP service ports: the first `L7::sync`
+/// (every service's L7 state built, as at start), and `L7::sweep_idle`
+/// with a pool for each of the 30,000 endpoints (as after traffic) and no
+/// idle connection to close, which the table sync task runs every second.
+fn control(c: &mut Criterion) {
+    let table = http_table();
+    let balancers = Balancers::new(BalanceConfig::default());
+    let mut g = c.benchmark_group("l7/control");
+    g.sample_size(10);
+    g.bench_function("first_sync/10000_services", |b| {
+        b.iter_batched(
+            || L7::new(0),
+            |l7| {
+                l7.sync(&table, &balancers);
+                l7
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+    let l7 = L7::new(0);
+    l7.sync(&table, &balancers);
+    for fe in table.frontends.values() {
+        let svc = l7.service(&fe.service);
+        for ep in fe.service.cluster_endpoints.iter() {
+            svc.shared.pools.get(ep.addr);
+        }
+    }
+    c.bench_function("l7/control/idle_sweep/10000_services_30000_pools", |b| {
+        b.iter(|| black_box(l7.sweep_idle()))
+    });
+}
+
+criterion_group!(benches, bench, control);
 criterion_main!(benches);

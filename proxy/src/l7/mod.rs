@@ -37,7 +37,7 @@ pub mod settings;
 pub mod upgrade;
 pub mod upstream;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::SocketAddr;
@@ -242,41 +242,65 @@ impl L7 {
     /// HTTP service port (so annotation errors are reported when the
     /// service changes, not at its first request), starts health-check
     /// tasks, and drops the state of service ports that left.
+    ///
+    /// One new map per call, built under the writer lock: inserting the
+    /// ports one by one ([`L7::service`]'s copy-on-write) copied the whole
+    /// map per port, which made the first sync of 10,000 HTTP services take
+    /// seconds (BENCHMARKS.md, "Session 7").
     pub fn sync(&self, table: &Table, balancers: &Balancers) {
-        let mut seen: HashSet<&ServicePortName> = HashSet::new();
-        for fe in table.frontends.values() {
-            if !fe.service.mode.is_l7() || !seen.insert(&fe.service.name) {
-                continue;
+        let mut started = Vec::new();
+        {
+            let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            let cur = self.services.load_full();
+            let mut next: HashMap<ServicePortName, Arc<Service>> =
+                HashMap::with_capacity(cur.len());
+            let mut changed = false;
+            for fe in table.frontends.values() {
+                let port = &fe.service;
+                if !port.mode.is_l7() || next.contains_key(&port.name) {
+                    continue;
+                }
+                let old = cur.get(&port.name);
+                let svc = match old {
+                    Some(s) if Arc::ptr_eq(&s.port, port) => s.clone(),
+                    _ => {
+                        changed = true;
+                        let svc = Arc::new(self.build(port, old));
+                        if let Some(old) = old.filter(|o| !Arc::ptr_eq(&o.shared, &svc.shared)) {
+                            self.retire(&old.shared);
+                        }
+                        svc
+                    }
+                };
+                if svc.settings.health_check.is_some() {
+                    started.push(svc.clone());
+                }
+                next.insert(port.name.clone(), svc);
             }
-            let svc = self.service(&fe.service);
-            if let Some(hc) = &svc.settings.health_check {
-                if !svc.shared.health_started.swap(true, Ordering::AcqRel) {
-                    let bal = balancers.for_service(&fe.service);
-                    health::spawn(
-                        &bal,
-                        &svc.shared,
-                        hc.clone(),
-                        svc.settings.max_ejection_percent,
-                    );
+            for (k, v) in cur.iter() {
+                if !next.contains_key(k) {
+                    changed = true;
+                    self.retire(&v.shared);
                 }
             }
-        }
-        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let cur = self.services.load_full();
-        if cur.keys().all(|k| seen.contains(k)) {
-            return;
-        }
-        let next: HashMap<ServicePortName, Arc<Service>> = cur
-            .iter()
-            .filter(|(k, _)| seen.contains(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (k, v) in cur.iter() {
-            if !seen.contains(k) {
-                self.retire(&v.shared);
+            if changed {
+                self.services.store(Arc::new(next));
             }
         }
-        self.services.store(Arc::new(next));
+        for svc in started {
+            let Some(hc) = &svc.settings.health_check else {
+                continue;
+            };
+            if !svc.shared.health_started.swap(true, Ordering::AcqRel) {
+                let bal = balancers.for_service(&svc.port);
+                health::spawn(
+                    &bal,
+                    &svc.shared,
+                    hc.clone(),
+                    svc.settings.max_ejection_percent,
+                );
+            }
+        }
     }
 
     /// Keeps `shared` in the sweep while anything still holds it.
