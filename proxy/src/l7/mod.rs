@@ -168,20 +168,32 @@ impl L7 {
         }
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.services.load_full();
-        let old = cur.get(&port.name);
-        if let Some(s) = old {
-            if Arc::ptr_eq(&s.port, port) {
-                return s.clone();
-            }
+        let (svc, built) = self.state_for(port, cur.get(&port.name));
+        if built {
+            let mut next = (*cur).clone();
+            next.insert(port.name.clone(), svc.clone());
+            self.services.store(Arc::new(next));
+        }
+        svc
+    }
+
+    /// The state for `port`, given `old`, the current state of its name:
+    /// `old` itself when it is for this very snapshot, otherwise a new state
+    /// (`true`), and then `old`'s shared part is retired if it was not
+    /// reused. Called under the writer lock.
+    fn state_for(
+        &self,
+        port: &Arc<ServicePort>,
+        old: Option<&Arc<Service>>,
+    ) -> (Arc<Service>, bool) {
+        if let Some(s) = old.filter(|s| Arc::ptr_eq(&s.port, port)) {
+            return (s.clone(), false);
         }
         let svc = Arc::new(self.build(port, old));
         if let Some(old) = old.filter(|o| !Arc::ptr_eq(&o.shared, &svc.shared)) {
             self.retire(&old.shared);
         }
-        let mut next = (*cur).clone();
-        next.insert(port.name.clone(), svc.clone());
-        self.services.store(Arc::new(next));
-        svc
+        (svc, true)
     }
 
     fn build(&self, port: &Arc<ServicePort>, old: Option<&Arc<Service>>) -> Service {
@@ -260,18 +272,8 @@ impl L7 {
                 if !port.mode.is_l7() || next.contains_key(&port.name) {
                     continue;
                 }
-                let old = cur.get(&port.name);
-                let svc = match old {
-                    Some(s) if Arc::ptr_eq(&s.port, port) => s.clone(),
-                    _ => {
-                        changed = true;
-                        let svc = Arc::new(self.build(port, old));
-                        if let Some(old) = old.filter(|o| !Arc::ptr_eq(&o.shared, &svc.shared)) {
-                            self.retire(&old.shared);
-                        }
-                        svc
-                    }
-                };
+                let (svc, built) = self.state_for(port, cur.get(&port.name));
+                changed |= built;
                 if svc.settings.health_check.is_some() {
                     started.push(svc.clone());
                 }
