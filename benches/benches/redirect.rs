@@ -31,7 +31,7 @@ fn frontends(n: u32) -> Frontends {
             } else {
                 Action::Proxy
             };
-            (Frontend::tcp(ip, 80), action)
+            (Frontend::tcp(ip, 80), action.into())
         })
         .collect()
 }
@@ -54,15 +54,15 @@ fn diff(c: &mut Criterion) {
     let mut new = old.clone();
     new.insert(
         Frontend::tcp(Ipv4Addr::new(10, 96, 0, 5).into(), 80),
-        Action::Proxy,
+        Action::Proxy.into(),
     );
     new.insert(
         Frontend::tcp(Ipv4Addr::new(10, 96, 0, 1).into(), 80),
-        Action::Reject,
+        Action::Reject.into(),
     );
     new.insert(
         Frontend::tcp(Ipv4Addr::new(10, 97, 0, 1).into(), 443),
-        Action::Proxy,
+        Action::Proxy.into(),
     );
     c.bench_function("redirect/diff_script_3_of_10000", |b| {
         b.iter(|| diff_script(&cfg, black_box(&old), black_box(&new)))

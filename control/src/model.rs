@@ -15,6 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 /// Transport protocol of a frontend. SCTP is modelled so that translation can
@@ -216,6 +217,11 @@ pub struct ServicePort {
     /// `spec.healthCheckNodePort`, for LoadBalancer + eTP=Local services.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
+    /// The sources allowed to reach this port's LoadBalancer frontends, from
+    /// `spec.loadBalancerSourceRanges` (this family's ranges, merged; see
+    /// `translate`). `None`: any source. No other frontend kind is filtered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer_source_ranges: Option<Arc<[IpNet]>>,
     /// The Service's `lightpath.io/*` annotations, parsed by the data plane.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -242,6 +248,7 @@ impl ServicePort {
             internal_local: false,
             external_local: false,
             health_check_node_port: None,
+            load_balancer_source_ranges: None,
             annotations: BTreeMap::new(),
         }
     }
@@ -330,6 +337,16 @@ impl Frontend {
 
     pub fn verdict(&self) -> Option<Verdict> {
         self.service.verdict_for(self.kind)
+    }
+
+    /// The sources the kernel lets through to this frontend (`None`: any):
+    /// `spec.loadBalancerSourceRanges` applies to LoadBalancer IPs only, as
+    /// in kube-proxy (NodePorts, externalIPs and ClusterIPs stay open).
+    pub fn allowed_sources(&self) -> Option<&Arc<[IpNet]>> {
+        match self.kind {
+            FrontendKind::LoadBalancer => self.service.load_balancer_source_ranges.as_ref(),
+            _ => None,
+        }
     }
 }
 

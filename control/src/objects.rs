@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -129,6 +130,9 @@ pub struct ServiceInfo {
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` with `ipMode` unset or `VIP`.
     pub lb_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`, both families, as networks (host
+    /// bits cleared, as kube-proxy's sloppy CIDR parse does).
+    pub source_ranges: Vec<IpNet>,
     pub ports: Vec<PortInfo>,
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
@@ -253,6 +257,14 @@ fn parse_port(v: i32) -> Result<u16, String> {
 fn parse_ip(s: &str) -> Result<IpAddr, String> {
     s.parse::<IpAddr>()
         .map_err(|_| format!("invalid IP address {s:?}"))
+}
+
+/// A CIDR as kube-proxy's `ParseCIDRSloppy` takes it: host bits allowed
+/// and cleared.
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("invalid CIDR {s:?} (want e.g. 203.0.113.0/24 or 2001:db8::/64)"))
 }
 
 /// How a port is carried, from the forcing annotation, `appProtocol`, or
@@ -384,6 +396,24 @@ pub fn parse_service(
         }
     }
 
+    let mut source_ranges = Vec::new();
+    for (i, raw) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        // kube-proxy trims (API validation let padded values through) and
+        // skips empty entries.
+        let raw = raw.trim();
+        if raw.is_empty() {
+            continue;
+        }
+        let net =
+            parse_cidr(raw).map_err(|m| err(format!("spec.loadBalancerSourceRanges[{i}]"), m))?;
+        source_ranges.push(net);
+    }
+
     let annotations: BTreeMap<String, String> = svc
         .metadata
         .annotations
@@ -506,6 +536,7 @@ pub fn parse_service(
         cluster_ips,
         external_ips,
         lb_ips,
+        source_ranges,
         ports,
         internal_local,
         external_policy_local,

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use crate::model::{Endpoint, Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName};
 use crate::objects::{Family, NodeInfo, PortInfo, ServiceInfo, SliceInfo};
 use crate::options::Options;
@@ -90,6 +92,37 @@ fn candidates(
     set.into_values().collect()
 }
 
+/// kube-proxy's LoadBalancer firewall for one family: that family's
+/// `loadBalancerSourceRanges`, plus the LoadBalancer IPs themselves when a
+/// range holds one of this node's addresses (a VIP bound on the node makes
+/// node-to-VIP traffic arrive from the VIP; kube-proxy compares its primary
+/// node IP). `None` when no range is of this family: that family is open to
+/// every source, even if the other family has ranges (kube-proxy's
+/// `usesFWChain`). Nested and adjacent ranges are merged, so the kernel's
+/// interval set never sees two overlapping elements for one frontend.
+fn lb_firewall(
+    ranges: &[IpNet],
+    family: Family,
+    lb_ips: &[IpAddr],
+    node_ips: &[IpAddr],
+) -> Option<Arc<[IpNet]>> {
+    let mut nets: Vec<IpNet> = ranges
+        .iter()
+        .filter(|n| Family::of(&n.addr()) == family)
+        .copied()
+        .collect();
+    if nets.is_empty() || lb_ips.is_empty() {
+        return None;
+    }
+    if nets
+        .iter()
+        .any(|n| node_ips.iter().any(|ip| n.contains(ip)))
+    {
+        nets.extend(lb_ips.iter().map(|ip| IpNet::from(*ip)));
+    }
+    Some(IpNet::aggregate(&nets).into())
+}
+
 /// Every frontend of `svc` on this node. `slices` are the service's
 /// EndpointSlices sorted by name.
 pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Vec<Frontend> {
@@ -108,6 +141,7 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
         let external_ips = of_family(&svc.external_ips);
         let lb_ips = of_family(&svc.lb_ips);
         let node_ips = of_family(&node.ips);
+        let firewall = lb_firewall(&svc.source_ranges, family, &lb_ips, &node_ips);
 
         for port in &svc.ports {
             let sets = categorize(
@@ -140,6 +174,7 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
                 internal_local: svc.internal_local,
                 external_local: svc.external_policy_local && externally_accessible,
                 health_check_node_port: svc.health_check_node_port,
+                load_balancer_source_ranges: firewall.clone(),
                 annotations: svc.annotations.clone(),
             });
             let mut push = |ip: IpAddr, p: u16, kind: FrontendKind| {

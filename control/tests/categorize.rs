@@ -110,6 +110,7 @@ fn run(c: &Case) {
         internal_local: c.internal_local,
         external_local: c.external_local && c.externally_accessible,
         health_check_node_port: None,
+        load_balancer_source_ranges: None,
         annotations: BTreeMap::new(),
     };
     let got = |eps: &[control::Endpoint]| {

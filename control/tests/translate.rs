@@ -541,6 +541,99 @@ fn loadbalancer_frontends_nodeports_and_health_check() {
     assert!(Arc::ptr_eq(&np.service, sp));
 }
 
+/// The allowed sources of the frontend at `addr`, as text (`None`: any).
+fn sources(t: &control::Table, addr: &str) -> Option<Vec<String>> {
+    t.lookup(&key(addr))
+        .unwrap_or_else(|| panic!("no frontend {addr}"))
+        .allowed_sources()
+        .map(|nets| nets.iter().map(|n| n.to_string()).collect())
+}
+
+#[test]
+fn source_ranges_restrict_only_load_balancer_ips() {
+    let mut gw = lb_service();
+    // Padded, nested, with host bits, of both families, and one empty
+    // entry: trimmed, merged, cleared, split by family, skipped.
+    gw["spec"]["loadBalancerSourceRanges"] = json!([
+        " 198.51.100.0/24 ",
+        "198.51.100.128/25",
+        "192.0.2.77/28",
+        "",
+        "2001:db8::/32"
+    ]);
+    let mut st = state_with(vec![gw, gw_slice(vec![ep("10.244.0.5", Some(NODE))])]);
+    st.upsert_node(our_node(None, "10.244.0.1")).unwrap();
+    let t = st.snapshot();
+    let want = Some(vec![
+        "192.0.2.64/28".to_string(),
+        "198.51.100.0/24".to_string(),
+    ]);
+    assert_eq!(sources(&t, "203.0.113.7:80"), want);
+    assert_eq!(sources(&t, "203.0.113.8:80"), want);
+    // kube-proxy: NodePorts, ClusterIPs (and externalIPs) are not filtered.
+    assert_eq!(sources(&t, "10.96.2.2:80"), None);
+    assert_eq!(sources(&t, "10.244.0.1:30080"), None);
+    // The ranges are on the service port (config_dump shows them there).
+    let sp = &t.lookup(&key("10.96.2.2:80")).unwrap().service;
+    assert_eq!(
+        sp.load_balancer_source_ranges.as_deref().map(<[_]>::len),
+        Some(2)
+    );
+}
+
+#[test]
+fn a_range_holding_the_node_also_allows_the_load_balancer_ips() {
+    let mut gw = lb_service();
+    gw["spec"]["loadBalancerSourceRanges"] = json!(["10.244.0.0/24"]);
+    let mut st = state_with(vec![gw, gw_slice(vec![ep("10.244.0.5", Some(NODE))])]);
+    st.upsert_node(our_node(None, "10.244.0.1")).unwrap();
+    let t = st.snapshot();
+    // kube-proxy's allowFromNode: a VIP bound on the node makes node-to-VIP
+    // traffic arrive from the VIP itself.
+    assert_eq!(
+        sources(&t, "203.0.113.7:80"),
+        Some(vec![
+            "10.244.0.0/24".to_string(),
+            "203.0.113.7/32".to_string(),
+            "203.0.113.8/32".to_string()
+        ])
+    );
+    // A node outside every range: only the ranges.
+    st.upsert_node(our_node(None, "10.9.0.1")).unwrap();
+    assert_eq!(
+        sources(&st.snapshot(), "203.0.113.7:80"),
+        Some(vec!["10.244.0.0/24".to_string()])
+    );
+}
+
+#[test]
+fn ranges_of_the_other_family_only_leave_this_family_open() {
+    // kube-proxy's usesFWChain is per family: IPv6 ranges alone do not
+    // restrict the IPv4 LoadBalancer IPs.
+    let mut gw = lb_service();
+    gw["spec"]["loadBalancerSourceRanges"] = json!(["2001:db8::/32"]);
+    let t = state_with(vec![gw, gw_slice(vec![ep("10.244.0.5", Some(NODE))])]).snapshot();
+    assert_eq!(sources(&t, "203.0.113.7:80"), None);
+    // No ranges at all: open.
+    let t = state_with(vec![lb_service()]).snapshot();
+    assert_eq!(sources(&t, "203.0.113.7:80"), None);
+}
+
+#[test]
+fn an_invalid_range_names_the_field_and_keeps_the_previous_service() {
+    let mut st = state_with(vec![lb_service()]);
+    let good = st.snapshot();
+    let mut bad = lb_service();
+    bad["spec"]["loadBalancerSourceRanges"] = json!(["10.0.0.0/8", "10.0.0.0/33"]);
+    let e = st.upsert_service(svc(bad)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Service edge/gw: spec.loadBalancerSourceRanges[1]: invalid CIDR \"10.0.0.0/33\" \
+         (want e.g. 203.0.113.0/24 or 2001:db8::/64)"
+    );
+    assert!(Arc::ptr_eq(&good, &st.snapshot()));
+}
+
 #[test]
 fn etp_local_with_only_remote_endpoints_drops_external_but_serves_cluster_ip() {
     let mut st = state_with(vec![

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control::{Options, Protocol, Table, TableRx, Verdict};
-use redirect::{Action, Frontend, Redirector};
+use redirect::{Action, Frontend, Redirector, Rule};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -187,7 +187,11 @@ pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
                 Some(Verdict::Reject) => Action::Reject,
                 Some(Verdict::Drop) => Action::Drop,
             };
-            Some((fe, action))
+            let rule = match f.allowed_sources() {
+                None => Rule::from(action),
+                Some(nets) => Rule::only(action, nets.clone()),
+            };
+            Some((fe, rule))
         })
         .collect()
 }

@@ -144,6 +144,10 @@ pub fn render_text(table: &Table, node: &str) -> String {
                 .collect();
             s.push_str(&format!("    annot.   {}\n", a.join(", ")));
         }
+        if let Some(nets) = f.allowed_sources() {
+            let n: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+            s.push_str(&format!("    sources  {} (others dropped)\n", n.join(", ")));
+        }
         let why = match f.verdict() {
             None => format!("({} endpoints)", f.endpoints().len()),
             Some(Verdict::Reject) => "(no usable endpoints anywhere)".into(),
@@ -203,6 +207,10 @@ pub struct JsonFrontend {
     pub verdict: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
+    /// The only sources the kernel lets through (`loadBalancerSourceRanges`,
+    /// LoadBalancer frontends only); absent: any source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_sources: Option<Vec<String>>,
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
@@ -274,6 +282,9 @@ pub fn json_view(table: &Table, node: &str) -> JsonTable {
                 local_endpoints: json_eps(&sp.local_endpoints),
                 verdict: verdict_name(f.verdict()),
                 health_check_node_port: sp.health_check_node_port,
+                allowed_sources: f
+                    .allowed_sources()
+                    .map(|nets| nets.iter().map(|n| n.to_string()).collect()),
                 annotations: sp.annotations.clone(),
             }
         })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lightpath::defaults;
 use redirect::nft::Frontends;
-use redirect::{Action, Frontend, Redirector};
+use redirect::{Action, Frontend, Redirector, Rule};
 use support::netns::*;
 
 /// The redirect configuration `lightpath run` uses by default.
@@ -27,7 +27,12 @@ fn config() -> redirect::Config {
     }
 }
 
-/// `n` frontends, a tenth of them IPv6 and a tenth with no endpoints.
+fn ranges(nets: &[&str]) -> std::sync::Arc<[ipnet::IpNet]> {
+    nets.iter().map(|n| n.parse().expect("literal")).collect()
+}
+
+/// `n` frontends: a tenth of them IPv6, a tenth with no endpoints, and a
+/// tenth restricted to two source ranges.
 fn frontends(n: u32) -> Frontends {
     (0..n)
         .map(|i| {
@@ -41,7 +46,13 @@ fn frontends(n: u32) -> Frontends {
             } else {
                 Action::Proxy
             };
-            (Frontend::tcp(ip, 80 + (i % 3) as u16), action)
+            let rule = if i % 10 == 3 {
+                // A LoadBalancer IP with two source ranges.
+                Rule::only(action, ranges(&["203.0.113.0/24", "198.51.100.0/24"]))
+            } else {
+                action.into()
+            };
+            (Frontend::tcp(ip, 80 + (i % 3) as u16), rule)
         })
         .collect()
 }
@@ -97,15 +108,20 @@ fn rule_count_is_independent_of_the_number_of_services() {
         let mut next = frontends(10_000);
         next.insert(
             Frontend::tcp("10.96.0.5".parse().expect("literal"), 82),
-            Action::Proxy,
+            Action::Proxy.into(),
         );
         next.insert(
             Frontend::tcp("10.96.0.1".parse().expect("literal"), 81),
-            Action::Reject,
+            Action::Reject.into(),
         );
         next.insert(
             Frontend::tcp("10.97.0.1".parse().expect("literal"), 443),
-            Action::Proxy,
+            Action::Proxy.into(),
+        );
+        // And one restricted frontend's ranges change.
+        next.insert(
+            Frontend::tcp("10.96.0.3".parse().expect("literal"), 80),
+            Rule::only(Action::Proxy, ranges(&["192.0.2.0/24"])),
         );
         let start = Instant::now();
         let stats = r.update(next).expect("update");
@@ -118,15 +134,16 @@ fn rule_count_is_independent_of_the_number_of_services() {
         rs, rb,
         "rule count must not depend on the number of frontends"
     );
-    assert!(rs <= 16, "a constant handful of rules, got {rs}");
+    assert!(rs <= 26, "a constant handful of rules, got {rs}");
     // Every frontend is one element of its family's prerouting map and one
-    // of its output map.
-    assert_eq!(element_count(&small_ns), 2 * 10);
-    assert_eq!(element_count(&big_ns), 2 * 10_001);
+    // of its output map; a restricted one also has one element per range in
+    // its family's allow set.
+    assert_eq!(element_count(&small_ns), 2 * 10 + 2);
+    assert_eq!(element_count(&big_ns), 2 * 10_001 + 2 * 1_000 - 1);
     assert!(!stats.full_reload, "incremental update refused");
     assert_eq!(
-        stats.changed, 3,
-        "2 changed their action + 1 added: {stats:?}"
+        stats.changed, 4,
+        "2 changed their action + 1 added + 1 changed its ranges: {stats:?}"
     );
     eprintln!("10,000 frontends: {rb} rules (10 frontends: {rs}); full load {load:?}; incremental update of 3 frontends {update:?}");
     assert!(

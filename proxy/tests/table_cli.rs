@@ -161,6 +161,49 @@ spec: {clusterIP: 10.96.5.3, ports: [{port: 80}]}
 }
 
 #[test]
+fn source_ranges_are_shown_on_load_balancer_frontends_only() {
+    let dir = std::env::temp_dir().join(format!("lp-table-cli-lbsrc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("m.yaml");
+    std::fs::write(
+        &p,
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {namespace: t, name: edge}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.6.1
+  loadBalancerSourceRanges: [203.0.113.0/24, 198.51.100.9/32]
+  ports: [{name: tcp, port: 443, nodePort: 30443}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.6}]}}
+"#,
+    )
+    .unwrap();
+    let args = ["--manifests", p.to_str().unwrap(), "--node-name", "node-a"];
+    let text = lightpath(&args, &[]);
+    let json = lightpath(&[&args[..], &["--json"]].concat(), &[]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = stdout(&text);
+    assert!(
+        text.contains("192.0.2.6:443/TCP  loadBalancer  t/edge:tcp  mode=l4  affinity=none  policy=Cluster\n    cluster  -\n    local    -\n    sources  198.51.100.9/32, 203.0.113.0/24 (others dropped)\n"),
+        "{text}"
+    );
+    assert_eq!(text.matches("    sources  ").count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    for f in v["frontends"].as_array().unwrap() {
+        if f["kind"] == "loadBalancer" {
+            assert_eq!(
+                f["allowedSources"],
+                serde_json::json!(["198.51.100.9/32", "203.0.113.0/24"])
+            );
+        } else {
+            assert!(f.get("allowedSources").is_none(), "{f}");
+        }
+    }
+}
+
+#[test]
 fn flags_from_environment_and_labelled_only() {
     let ex = example();
     let o = lightpath(

@@ -23,5 +23,5 @@ pub mod routing;
 pub mod sockopt;
 
 pub use error::Error;
-pub use nft::{Action, Config, Frontend, L4Proto};
+pub use nft::{Action, Config, Frontend, L4Proto, Rule};
 pub use redirector::{cleanup, Redirector, UpdateStats};

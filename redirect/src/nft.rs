@@ -28,6 +28,13 @@
 //!     sockets itself.
 //!   - no endpoints at all: `goto reject_fe`; endpoints only elsewhere under
 //!     a Local policy: `drop`.
+//!   - a LoadBalancer IP with `loadBalancerSourceRanges`: `goto fw_tproxy_v4`
+//!     (or `fw_reject_v4` without endpoints), where one lookup of
+//!     `daddr . proto . dport . saddr` in the interval set `allow_v4` lets
+//!     the allowed sources on and drops the rest, before any reject
+//!     (kube-proxy's `firewall-ips` check). Only SYNs are checked in the
+//!     proxy chain: a connection accepted before a range change keeps
+//!     flowing, as kube-proxy checks new connections only.
 //! * `output` (route, priority mangle): lightpath's own sockets (upstream
 //!   connections, and its listeners, whose mark every accepted connection
 //!   inherits) carry the upstream mark and return at the first rule, so it
@@ -47,6 +54,9 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write};
 use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::Arc;
+
+use ipnet::IpNet;
 
 /// Elements per `add element`/`delete element` statement, so a 10,000-frontend
 /// load is a few hundred readable lines rather than one enormous one.
@@ -126,8 +136,40 @@ pub enum Action {
     Drop,
 }
 
-/// The desired state: every frontend and its action.
-pub type Frontends = BTreeMap<Frontend, Action>;
+/// What the kernel does with one frontend, and for which sources.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub action: Action,
+    /// Only these sources get `action` (a new TCP connection, or any UDP
+    /// datagram); every other source is dropped. `None`: every source.
+    /// Networks of the other family are ignored, and overlapping ones are
+    /// merged here (the kernel refuses overlapping interval elements), so
+    /// `Some` of nothing usable drops everything.
+    pub sources: Option<Arc<[IpNet]>>,
+}
+
+impl Rule {
+    /// `action` for the given sources only.
+    pub fn only(action: Action, sources: Arc<[IpNet]>) -> Self {
+        Rule {
+            action,
+            sources: Some(sources),
+        }
+    }
+}
+
+impl From<Action> for Rule {
+    /// `action` for every source.
+    fn from(action: Action) -> Self {
+        Rule {
+            action,
+            sources: None,
+        }
+    }
+}
+
+/// The desired state: every frontend and its rule.
+pub type Frontends = BTreeMap<Frontend, Rule>;
 
 /// Names and addresses the ruleset is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,6 +233,21 @@ fn tproxy_chain(f: Family) -> String {
     format!("tproxy_{}", f.suffix())
 }
 
+/// The firewall chain a source-restricted proxied frontend goes to.
+fn fw_tproxy_chain(f: Family) -> String {
+    format!("fw_tproxy_{}", f.suffix())
+}
+
+/// The firewall chain a source-restricted frontend without endpoints goes to.
+fn fw_reject_chain(f: Family) -> String {
+    format!("fw_reject_{}", f.suffix())
+}
+
+/// The interval set of allowed `daddr . proto . dport . saddr`.
+fn allow_set(f: Family) -> String {
+    format!("allow_{}", f.suffix())
+}
+
 /// The chain no-endpoint frontends jump to for `Action::Reject`.
 const REJECT_CHAIN: &str = "reject_fe";
 
@@ -219,12 +276,37 @@ impl Hook {
     }
 }
 
-fn verdict(hook: Hook, f: Family, action: Action) -> String {
-    match (action, hook) {
-        (Action::Proxy, Hook::Prerouting) => format!("goto {}", tproxy_chain(f)),
-        (Action::Proxy, Hook::Output) => format!("goto {MARK_LOCAL_CHAIN}"),
-        (Action::Reject, _) => format!("goto {REJECT_CHAIN}"),
-        (Action::Drop, _) => "drop".to_string(),
+/// The allowed sources of a restricted rule, of the frontend's family,
+/// merged so no two overlap; `None` for an unrestricted rule.
+fn allowed(fe: &Frontend, rule: &Rule) -> Option<Vec<IpNet>> {
+    let nets = rule.sources.as_ref()?;
+    let v4 = fe.family() == Family::V4;
+    let same: Vec<IpNet> = nets
+        .iter()
+        .filter(|n| matches!(n, IpNet::V4(_)) == v4)
+        .map(|n| n.trunc())
+        .collect();
+    Some(IpNet::aggregate(&same))
+}
+
+fn verdict(hook: Hook, fe: &Frontend, rule: &Rule) -> String {
+    let f = fe.family();
+    let restricted = allowed(fe, rule);
+    if restricted.as_ref().is_some_and(Vec::is_empty) {
+        // Restricted to no source at all.
+        return "drop".to_string();
+    }
+    match (rule.action, hook, restricted.is_some()) {
+        (Action::Proxy, Hook::Prerouting, false) => format!("goto {}", tproxy_chain(f)),
+        (Action::Proxy, Hook::Prerouting, true) => format!("goto {}", fw_tproxy_chain(f)),
+        // Marked and looped through `lo` into prerouting, where a
+        // restricted frontend's firewall applies with the node's source.
+        (Action::Proxy, Hook::Output, _) => format!("goto {MARK_LOCAL_CHAIN}"),
+        (Action::Reject, Hook::Prerouting, true) => format!("goto {}", fw_reject_chain(f)),
+        // Node-local clients are refused before the firewall, as in
+        // kube-proxy (its endpoints check precedes the firewall in output).
+        (Action::Reject, _, _) => format!("goto {REJECT_CHAIN}"),
+        (Action::Drop, _, _) => "drop".to_string(),
     }
 }
 
@@ -246,6 +328,14 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
                 f.addr_type()
             );
         }
+    }
+    for f in Family::BOTH {
+        let _ = writeln!(
+            s,
+            "\tset {} {{\n\t\ttype {a} . inet_proto . inet_service . {a}\n\t\tflags interval\n\t}}",
+            allow_set(f),
+            a = f.addr_type()
+        );
     }
     let _ = writeln!(
         s,
@@ -269,6 +359,26 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
             }
         }
         let _ = writeln!(s, "\t\tgoto {REJECT_CHAIN}\n\t}}");
+    }
+    for f in Family::BOTH {
+        let check = format!(
+            "{} . {} saddr != @{} drop",
+            key_expr(f),
+            f.nft(),
+            allow_set(f)
+        );
+        // Established connections (no SYN) skip the check.
+        let _ = writeln!(
+            s,
+            "\tchain {} {{\n\t\ttcp flags ! syn goto {t}\n\t\t{check}\n\t\tgoto {t}\n\t}}",
+            fw_tproxy_chain(f),
+            t = tproxy_chain(f)
+        );
+        let _ = writeln!(
+            s,
+            "\tchain {} {{\n\t\t{check}\n\t\tgoto {REJECT_CHAIN}\n\t}}",
+            fw_reject_chain(f)
+        );
     }
     let _ = writeln!(
         s,
@@ -300,7 +410,7 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "}}");
 
-    let adds: Vec<(&Frontend, Action)> = frontends.iter().map(|(f, a)| (f, *a)).collect();
+    let adds: Vec<(&Frontend, &Rule)> = frontends.iter().collect();
     write_elements(&mut s, t, "add", &adds);
     s
 }
@@ -323,14 +433,14 @@ pub struct Diff {
 pub fn diff_script(cfg: &Config, old: &Frontends, new: &Frontends) -> Option<Diff> {
     let mut deletes = Vec::new();
     let mut adds = Vec::new();
-    for (fe, &a) in old {
-        if new.get(fe) != Some(&a) {
-            deletes.push((fe, a));
+    for (fe, r) in old {
+        if new.get(fe) != Some(r) {
+            deletes.push((fe, r));
         }
     }
-    for (fe, &a) in new {
-        if old.get(fe) != Some(&a) {
-            adds.push((fe, a));
+    for (fe, r) in new {
+        if old.get(fe) != Some(r) {
+            adds.push((fe, r));
         }
     }
     if deletes.is_empty() && adds.is_empty() {
@@ -349,19 +459,29 @@ pub fn delete_script(cfg: &Config) -> String {
     format!("add table inet {t}\ndelete table inet {t}\n", t = cfg.table)
 }
 
-fn write_elements(s: &mut String, table: &str, verb: &str, items: &[(&Frontend, Action)]) {
-    // Every frontend is in both maps of its family; group by map so each
-    // statement names one.
-    let mut groups: BTreeMap<(Hook, String), Vec<String>> = BTreeMap::new();
-    for (fe, a) in items {
+fn write_elements(s: &mut String, table: &str, verb: &str, items: &[(&Frontend, &Rule)]) {
+    // Every frontend is in both maps of its family, and a restricted one has
+    // an element per allowed network in its family's set; group by map or
+    // set so each statement names one (maps first, then sets).
+    let mut groups: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+    for (fe, rule) in items {
         let f = fe.family();
         for hook in Hook::BOTH {
             let text = if verb == "delete" {
                 fe.to_string()
             } else {
-                format!("{fe} : {}", verdict(hook, f, *a))
+                format!("{fe} : {}", verdict(hook, fe, rule))
             };
-            groups.entry((hook, hook.map(f))).or_default().push(text);
+            groups
+                .entry((hook as u8, hook.map(f)))
+                .or_default()
+                .push(text);
+        }
+        for net in allowed(fe, rule).into_iter().flatten() {
+            groups
+                .entry((2, allow_set(f)))
+                .or_default()
+                .push(format!("{fe} . {net}"));
         }
     }
     for ((_, name), elems) in groups {
@@ -458,10 +578,16 @@ mod tests {
                 "map {m} {{\n\t\ttype ipv6_addr . inet_proto . inet_service : verdict\n"
             )));
         }
-        assert!(
-            !s.lines().any(|l| l.trim().starts_with("set ")),
-            "no sets besides the maps: {s}"
-        );
+        // The only sets: the source-range firewall's, one per family.
+        let sets: Vec<&str> = s
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("set "))
+            .collect();
+        assert_eq!(sets, vec!["set allow_v4 {", "set allow_v6 {"], "{s}");
+        assert!(s.contains(
+            "set allow_v4 {\n\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr\n\t\tflags interval\n"
+        ));
         assert_eq!(chain(&s, "mark_local"), vec!["meta mark set 0x1"]);
     }
 
@@ -495,13 +621,13 @@ mod tests {
     #[test]
     fn every_action_is_one_element_per_map() {
         let mut f = Frontends::new();
-        f.insert(fe("10.96.0.10:53"), Action::Proxy);
+        f.insert(fe("10.96.0.10:53"), Action::Proxy.into());
         f.insert(
             Frontend::udp("10.96.0.10".parse().unwrap(), 53),
-            Action::Proxy,
+            Action::Proxy.into(),
         );
-        f.insert(fe("10.96.0.11:80"), Action::Reject);
-        f.insert(fe("[fd00::10]:443"), Action::Drop);
+        f.insert(fe("10.96.0.11:80"), Action::Reject.into());
+        f.insert(fe("[fd00::10]:443"), Action::Drop.into());
         let s = full_script(&cfg(), &f);
         let adds: Vec<&str> = s.lines().filter(|l| l.starts_with("add element")).collect();
         assert_eq!(
@@ -520,22 +646,159 @@ mod tests {
     #[test]
     fn rule_count_is_constant_in_frontends() {
         let small: Frontends = (0..10u16)
-            .map(|i| (fe(&format!("10.96.0.1:{}", 1000 + i)), Action::Proxy))
+            .map(|i| (fe(&format!("10.96.0.1:{}", 1000 + i)), Action::Proxy.into()))
             .collect();
         let big: Frontends = (0..10_000u32)
             .map(|i| {
                 let ip = std::net::Ipv4Addr::from(0x0a60_0000 + i);
-                (Frontend::tcp(ip.into(), 80), Action::Proxy)
+                (Frontend::tcp(ip.into(), 80), Action::Proxy.into())
             })
             .collect();
         let a = full_script(&cfg(), &small);
         let b = full_script(&cfg(), &big);
         assert_eq!(rule_lines(&a), rule_lines(&b));
-        assert_eq!(rule_lines(&b).len(), 14, "{:?}", rule_lines(&b));
+        assert_eq!(rule_lines(&b).len(), 24, "{:?}", rule_lines(&b));
         // 10,000 elements in each of two maps, in statements of at most
         // ELEMENTS_PER_STATEMENT.
         let stmts = b.lines().filter(|l| l.starts_with("add element")).count();
         assert_eq!(stmts, 2 * 10_000 / ELEMENTS_PER_STATEMENT);
+    }
+
+    fn nets(v: &[&str]) -> Arc<[IpNet]> {
+        v.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn restricted_frontends_go_through_the_firewall_before_their_action() {
+        let s = full_script(&cfg(), &Frontends::new());
+        // Allowed sources go on; others are dropped, before any reject.
+        // Only SYNs are checked on the proxy path: established
+        // connections survive a range change.
+        assert_eq!(
+            chain(&s, "fw_tproxy_v4"),
+            vec![
+                "tcp flags ! syn goto tproxy_v4",
+                "ip daddr . meta l4proto . th dport . ip saddr != @allow_v4 drop",
+                "goto tproxy_v4",
+            ]
+        );
+        assert_eq!(
+            chain(&s, "fw_reject_v6"),
+            vec![
+                "ip6 daddr . meta l4proto . th dport . ip6 saddr != @allow_v6 drop",
+                "goto reject_fe",
+            ]
+        );
+
+        let mut f = Frontends::new();
+        let lb = nets(&["203.0.113.0/24", "198.51.100.7/32"]);
+        f.insert(fe("192.0.2.10:80"), Rule::only(Action::Proxy, lb.clone()));
+        f.insert(fe("192.0.2.11:80"), Rule::only(Action::Reject, lb.clone()));
+        f.insert(fe("192.0.2.12:80"), Rule::only(Action::Drop, lb));
+        // Restricted to nothing usable (only IPv6 ranges for a v4 address).
+        f.insert(
+            fe("192.0.2.13:80"),
+            Rule::only(Action::Proxy, nets(&["2001:db8::/32"])),
+        );
+        f.insert(
+            fe("[2001:db8::10]:443"),
+            Rule::only(Action::Proxy, nets(&["2001:db8:1::/48", "10.0.0.0/8"])),
+        );
+        let s = full_script(&cfg(), &f);
+        let adds: Vec<&str> = s.lines().filter(|l| l.starts_with("add element")).collect();
+        assert_eq!(
+            adds,
+            vec![
+                "add element inet lightpath fe_v4 { 192.0.2.10 . tcp . 80 : goto fw_tproxy_v4, \
+                 192.0.2.11 . tcp . 80 : goto fw_reject_v4, 192.0.2.12 . tcp . 80 : drop, \
+                 192.0.2.13 . tcp . 80 : drop }",
+                "add element inet lightpath fe_v6 { 2001:db8::10 . tcp . 443 : goto fw_tproxy_v6 }",
+                // Node-local clients: proxied ones are checked in
+                // prerouting after the loop through lo; a reject comes
+                // first, as in kube-proxy.
+                "add element inet lightpath local_v4 { 192.0.2.10 . tcp . 80 : goto mark_local, \
+                 192.0.2.11 . tcp . 80 : goto reject_fe, 192.0.2.12 . tcp . 80 : drop, \
+                 192.0.2.13 . tcp . 80 : drop }",
+                "add element inet lightpath local_v6 { 2001:db8::10 . tcp . 443 : goto mark_local }",
+                "add element inet lightpath allow_v4 { 192.0.2.10 . tcp . 80 . 198.51.100.7/32, \
+                 192.0.2.10 . tcp . 80 . 203.0.113.0/24, 192.0.2.11 . tcp . 80 . 198.51.100.7/32, \
+                 192.0.2.11 . tcp . 80 . 203.0.113.0/24, 192.0.2.12 . tcp . 80 . 198.51.100.7/32, \
+                 192.0.2.12 . tcp . 80 . 203.0.113.0/24 }",
+                "add element inet lightpath allow_v6 { 2001:db8::10 . tcp . 443 . 2001:db8:1::/48 }",
+            ]
+        );
+    }
+
+    #[test]
+    fn overlapping_ranges_are_merged_and_host_bits_cleared() {
+        // The kernel refuses two overlapping interval elements for one key
+        // (the whole transaction fails), so nested and adjacent ranges
+        // become one element.
+        let mut f = Frontends::new();
+        f.insert(
+            fe("192.0.2.10:80"),
+            Rule::only(
+                Action::Proxy,
+                nets(&[
+                    "10.0.0.0/8",
+                    "10.1.0.0/16",
+                    "172.16.0.0/25",
+                    "172.16.0.128/25",
+                    "192.168.7.9/24",
+                ]),
+            ),
+        );
+        let s = full_script(&cfg(), &f);
+        let set: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with("add element inet lightpath allow_v4"))
+            .collect();
+        assert_eq!(
+            set,
+            vec![
+                "add element inet lightpath allow_v4 { 192.0.2.10 . tcp . 80 . 10.0.0.0/8, \
+                 192.0.2.10 . tcp . 80 . 172.16.0.0/24, 192.0.2.10 . tcp . 80 . 192.168.7.0/24 }"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_range_change_swaps_set_elements_in_one_transaction() {
+        let mut old = Frontends::new();
+        old.insert(
+            fe("192.0.2.10:80"),
+            Rule::only(Action::Proxy, nets(&["203.0.113.0/24"])),
+        );
+        let mut new = old.clone();
+        new.insert(
+            fe("192.0.2.10:80"),
+            Rule::only(Action::Proxy, nets(&["198.51.100.0/24"])),
+        );
+        let d = diff_script(&cfg(), &old, &new).unwrap();
+        assert_eq!(d.frontends, 1);
+        assert_eq!(
+            d.script.lines().collect::<Vec<_>>(),
+            vec![
+                "delete element inet lightpath fe_v4 { 192.0.2.10 . tcp . 80 }",
+                "delete element inet lightpath local_v4 { 192.0.2.10 . tcp . 80 }",
+                "delete element inet lightpath allow_v4 { 192.0.2.10 . tcp . 80 . 203.0.113.0/24 }",
+                "add element inet lightpath fe_v4 { 192.0.2.10 . tcp . 80 : goto fw_tproxy_v4 }",
+                "add element inet lightpath local_v4 { 192.0.2.10 . tcp . 80 : goto mark_local }",
+                "add element inet lightpath allow_v4 { 192.0.2.10 . tcp . 80 . 198.51.100.0/24 }",
+            ]
+        );
+        // Lifting the restriction leaves no set element behind.
+        let open: Frontends = [(fe("192.0.2.10:80"), Rule::from(Action::Proxy))].into();
+        let d = diff_script(&cfg(), &new, &open).unwrap();
+        assert!(d.script.contains(
+            "delete element inet lightpath allow_v4 { 192.0.2.10 . tcp . 80 . 198.51.100.0/24 }"
+        ));
+        assert!(!d.script.contains("add element inet lightpath allow_v4"));
+        assert!(d.script.contains(
+            "add element inet lightpath fe_v4 { 192.0.2.10 . tcp . 80 : goto tproxy_v4 }"
+        ));
+        // Unchanged ranges, unchanged elements.
+        assert_eq!(diff_script(&cfg(), &new, &new.clone()), None);
     }
 
     #[test]
@@ -551,10 +814,10 @@ mod tests {
     fn action_change_is_a_delete_and_an_add_in_one_transaction() {
         let ip = "10.96.0.10".parse().unwrap();
         let mut old = Frontends::new();
-        old.insert(Frontend::udp(ip, 53), Action::Proxy);
-        old.insert(Frontend::tcp(ip, 53), Action::Proxy);
+        old.insert(Frontend::udp(ip, 53), Action::Proxy.into());
+        old.insert(Frontend::tcp(ip, 53), Action::Proxy.into());
         let mut new = old.clone();
-        new.insert(Frontend::udp(ip, 53), Action::Reject);
+        new.insert(Frontend::udp(ip, 53), Action::Reject.into());
         let d = diff_script(&cfg(), &old, &new).unwrap();
         assert_eq!(d.frontends, 1);
         assert_eq!(
@@ -569,16 +832,16 @@ mod tests {
     #[test]
     fn diff_touches_only_changed_elements() {
         let mut old = Frontends::new();
-        old.insert(fe("10.96.0.1:80"), Action::Proxy);
-        old.insert(fe("10.96.0.2:80"), Action::Proxy);
-        old.insert(fe("10.96.0.3:80"), Action::Reject);
+        old.insert(fe("10.96.0.1:80"), Action::Proxy.into());
+        old.insert(fe("10.96.0.2:80"), Action::Proxy.into());
+        old.insert(fe("10.96.0.3:80"), Action::Reject.into());
         let mut new = old.clone();
         assert_eq!(diff_script(&cfg(), &old, &new), None);
 
         new.remove(&fe("10.96.0.1:80"));
-        new.insert(fe("10.96.0.3:80"), Action::Drop);
-        new.insert(fe("10.96.0.4:80"), Action::Proxy);
-        new.insert(fe("[fd00::4]:80"), Action::Reject);
+        new.insert(fe("10.96.0.3:80"), Action::Drop.into());
+        new.insert(fe("10.96.0.4:80"), Action::Proxy.into());
+        new.insert(fe("[fd00::4]:80"), Action::Reject.into());
         let d = diff_script(&cfg(), &old, &new).unwrap();
         assert_eq!(d.frontends, 4);
         let lines: Vec<&str> = d.script.lines().collect();

@@ -107,6 +107,7 @@ mod tests {
             internal_local: false,
             external_local: false,
             health_check_node_port: None,
+            load_balancer_source_ranges: None,
             annotations: Default::default(),
         })
     }

@@ -167,6 +167,7 @@ pub fn service_port(
         internal_local: false,
         external_local: health_check_node_port.is_some(),
         health_check_node_port,
+        load_balancer_source_ranges: None,
         annotations: Default::default(),
     })
 }
