@@ -19,6 +19,7 @@ fn config() -> Config {
         mark: 1,
         upstream_mark: 2,
         route_table: 100,
+        keep_client_source: true,
     }
 }
 

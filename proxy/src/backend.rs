@@ -8,7 +8,9 @@
 //!   answered with ours once everything is echoed (so half-close and large
 //!   transfers can be checked end to end);
 //! * an HTTP/1.1 port that answers every request with the backend's name
-//!   (so a client can tell which endpoint it reached);
+//!   (so a client can tell which endpoint it reached), and the address the
+//!   connection came from in an `x-peer-addr` header (so a test can tell
+//!   whether the proxy kept the client's address);
 //! * a UDP echo port: every datagram comes back with the backend's name and
 //!   a newline in front (request/response over UDP, and which endpoint
 //!   answered).
@@ -113,10 +115,25 @@ async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// The response header naming the address the backend saw the connection
+/// come from (the proxy's, or the client's when the proxy kept it).
+pub const PEER_HEADER: &str = "x-peer-addr";
+
 async fn http_conn(s: TcpStream, body: Bytes) {
+    let peer = s
+        .peer_addr()
+        .ok()
+        .and_then(|a| hyper::header::HeaderValue::from_str(&a.to_string()).ok());
     let svc = service_fn(move |_req| {
         let body = body.clone();
-        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+        let peer = peer.clone();
+        async move {
+            let mut resp = hyper::Response::new(Full::new(body));
+            if let Some(p) = peer {
+                resp.headers_mut().insert(PEER_HEADER, p);
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let _ = http1::Builder::new()
         .serve_connection(TokioIo::new(s), svc)

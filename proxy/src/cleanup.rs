@@ -14,7 +14,7 @@ pub fn main() -> Result<(), RunError> {
     let listen = defaults::PROXY_ADDR
         .parse()
         .map_err(|e| RunError::Runtime(std::io::Error::other(e)))?;
-    let cfg = redirect_config(listen, None)?;
+    let cfg = redirect_config(listen, None, false)?;
     redirect::cleanup(&cfg)?;
     println!(
         "removed nftables table inet {} and policy routing (fwmark {:#x} lookup {})",

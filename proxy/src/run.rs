@@ -63,6 +63,14 @@ pub struct RunArgs {
     /// SO_ORIGINAL_DST).
     #[arg(long, env = "LIGHTPATH_NO_REDIRECT")]
     pub no_redirect: bool,
+    /// Connect to endpoints from the node's address always, like
+    /// kube-proxy's --masquerade-all. By default the client's address is
+    /// kept where kube-proxy keeps it (ClusterIP traffic, and external
+    /// traffic to externalTrafficPolicy: Local services), so endpoints and
+    /// their NetworkPolicies see the real client. Implied by --no-redirect
+    /// (the reply rule is lightpath's own).
+    #[arg(long, env = "LIGHTPATH_MASQUERADE_ALL")]
+    pub masquerade_all: bool,
     /// On exit keep the rules, so connections to services fail fast until a
     /// new lightpath starts (fail closed). The default.
     #[arg(
@@ -152,6 +160,7 @@ pub fn main(args: RunArgs) -> Result<(), RunError> {
 pub fn redirect_config(
     listen: SocketAddr,
     listen_v6: Option<SocketAddr>,
+    keep_client_source: bool,
 ) -> Result<redirect::Config, RunError> {
     let SocketAddr::V4(listener_v4) = listen else {
         return Err(RunError::ListenFamily(listen));
@@ -167,6 +176,7 @@ pub fn redirect_config(
         mark: defaults::TPROXY_MARK,
         upstream_mark: defaults::UPSTREAM_MARK,
         route_table: defaults::ROUTE_TABLE,
+        keep_client_source,
     })
 }
 
@@ -286,7 +296,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     let rules = if args.no_redirect {
         None
     } else {
-        let cfg = redirect_config(args.listen, v6)?;
+        let cfg = redirect_config(args.listen, v6, !args.masquerade_all)?;
         let initial = kernel_frontends(&table.borrow());
         let count = initial.len();
         let r = tokio::task::block_in_place(|| Redirector::install(cfg, initial))?;
@@ -301,6 +311,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut server_cfg = ServerConfig::default();
     if !args.no_redirect {
         server_cfg.relay.connect.mark = defaults::UPSTREAM_MARK;
+        server_cfg.relay.connect.keep_client_source = !args.masquerade_all;
     }
     let (drain_signal, drain_watch) = drain::channel();
     let (stop_rules_tx, stop_rules_rx) = tokio::sync::watch::channel(false);
@@ -516,11 +527,12 @@ mod tests {
 
     #[test]
     fn listen_must_be_v4() {
-        let e = redirect_config("[::1]:15001".parse().unwrap(), None).unwrap_err();
+        let e = redirect_config("[::1]:15001".parse().unwrap(), None, true).unwrap_err();
         assert!(e.to_string().contains("--listen [::1]:15001"), "{e}");
         let c = redirect_config(
             defaults::PROXY_ADDR.parse().unwrap(),
             Some(defaults::PROXY_ADDR_V6.parse().unwrap()),
+            true,
         )
         .unwrap();
         assert_eq!(c.table, "lightpath");

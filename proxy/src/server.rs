@@ -563,9 +563,14 @@ impl Server {
         let result = match frontend.service.mode {
             Mode::L4 => {
                 let meters = Some(conn.meters());
+                let keep = self.cfg.relay.connect.keep_client_source;
+                let client = l4::Client {
+                    ip: peer.ip(),
+                    source: l4::Source::for_frontend(frontend, peer.ip(), keep),
+                };
                 l4::relay(
                     sock,
-                    peer.ip(),
+                    client,
                     balancer,
                     scope,
                     &self.cfg.relay,

@@ -24,6 +24,7 @@ fn config() -> redirect::Config {
         mark: defaults::TPROXY_MARK,
         upstream_mark: defaults::UPSTREAM_MARK,
         route_table: defaults::ROUTE_TABLE,
+        keep_client_source: true,
     }
 }
 

@@ -10,6 +10,7 @@ fn main() {
         mark: 1,
         upstream_mark: 2,
         route_table: 100,
+        keep_client_source: true,
     };
     let mut f = redirect::nft::Frontends::new();
     f.insert(

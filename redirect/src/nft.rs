@@ -35,6 +35,14 @@
 //!     (kube-proxy's `firewall-ips` check). Only SYNs are checked in the
 //!     proxy chain: a connection accepted before a range change keeps
 //!     flowing, as kube-proxy checks new connections only.
+//!
+//!   Then, with [`Config::keep_client_source`], the reply rule: a TCP
+//!   packet that is not a bare SYN and belongs to a transparent socket of
+//!   this node (`socket transparent 1`: lightpath's upstream connections
+//!   bound to a client's address) gets the mark, so policy routing delivers
+//!   it locally instead of forwarding it to the client. It comes after the
+//!   frontend lookup, so frontend packets never pay for the socket lookup,
+//!   and it skips SYNs for the TIME_WAIT pitfall the tproxy notes record.
 //! * `output` (route, priority mangle): lightpath's own sockets (upstream
 //!   connections, and its listeners, whose mark every accepted connection
 //!   inherits) carry the upstream mark and return at the first rule, so it
@@ -187,6 +195,11 @@ pub struct Config {
     pub upstream_mark: u32,
     /// Policy-routing table with the `local` default route.
     pub route_table: u32,
+    /// lightpath connects to endpoints from its clients' addresses (where
+    /// kube-proxy would not masquerade): add the reply rule that steers
+    /// the endpoints' answers, addressed to those clients, back to its
+    /// transparent upstream sockets.
+    pub keep_client_source: bool,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq)]
@@ -393,6 +406,13 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     for f in Family::BOTH {
         let _ = writeln!(s, "\t\t{} vmap @{}", key_expr(f), frontend_map(f));
     }
+    if cfg.keep_client_source {
+        let _ = writeln!(
+            s,
+            "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set {:#x} accept",
+            cfg.mark
+        );
+    }
     let _ = writeln!(s, "\t}}");
 
     let _ = writeln!(
@@ -507,6 +527,7 @@ mod tests {
             mark: 1,
             upstream_mark: 2,
             route_table: 100,
+            keep_client_source: false,
         }
     }
 
@@ -589,6 +610,23 @@ mod tests {
             "set allow_v4 {\n\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr\n\t\tflags interval\n"
         ));
         assert_eq!(chain(&s, "mark_local"), vec!["meta mark set 0x1"]);
+    }
+
+    #[test]
+    fn the_reply_rule_follows_the_frontend_lookup_and_skips_syns() {
+        let mut c = cfg();
+        c.keep_client_source = true;
+        let s = full_script(&c, &Frontends::new());
+        assert_eq!(
+            chain(&s, "prerouting"),
+            vec![
+                "ip daddr . meta l4proto . th dport vmap @fe_v4",
+                "ip6 daddr . meta l4proto . th dport vmap @fe_v6",
+                "meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set 0x1 accept",
+            ]
+        );
+        // Without kept sources, no socket lookup at all.
+        assert!(!full_script(&cfg(), &Frontends::new()).contains("socket"));
     }
 
     #[test]

@@ -21,10 +21,16 @@
 //!   accepted socket whose local address would tell) and [`reply_socket`]
 //!   (bound to the non-local service address, so replies carry it as source).
 //! * [`upstream_connect`]: SO_MARK on lightpath's own connections, so the
-//!   `output` rule never sends them back to lightpath.
+//!   `output` rule never sends them back to lightpath; and, to keep the
+//!   client's address as the source, IP_TRANSPARENT plus a bind to that
+//!   (non-local) address with IP_BIND_ADDRESS_NO_PORT (the port is chosen at
+//!   connect time per 4-tuple, so one busy client cannot exhaust a port
+//!   range of its own). The endpoint's replies, addressed to the client,
+//!   are steered back to the socket by the nftables reply rule
+//!   ([`crate::nft`]).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -85,10 +91,19 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// when this returns: register the stream with the reactor and wait for it
 /// to become writable (or to report an error) under the caller's timeout.
 ///
+/// With `source`, the connection comes from that address (any port), which
+/// need not be local: the client's own, as kube-proxy leaves it when it does
+/// not masquerade. Needs CAP_NET_ADMIN, and the reply rule in the node's
+/// nftables table for the endpoint's answers to reach the socket.
+///
 /// Why not `tokio::net::TcpSocket::connect`: it always asks `SO_ERROR`
 /// after the socket turns writable, one `getsockopt` per connection that
 /// only tells something when the readiness already said error or hang-up.
-pub fn upstream_connect(dest: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> {
+pub fn upstream_connect(
+    dest: SocketAddr,
+    mark: u32,
+    source: Option<IpAddr>,
+) -> io::Result<std::net::TcpStream> {
     let sock = Socket::new(
         Domain::for_address(dest),
         Type::STREAM.nonblocking(),
@@ -98,6 +113,21 @@ pub fn upstream_connect(dest: SocketAddr, mark: u32) -> io::Result<std::net::Tcp
         set_mark(&sock, mark)?;
     }
     sock.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        if ip.is_ipv4() != dest.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("source {ip} and destination {dest} are of different families"),
+            ));
+        }
+        match dest {
+            SocketAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
+        }
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+        sock.bind(&SocketAddr::new(ip, 0).into())?;
+    }
     match sock.connect(&dest.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -282,13 +312,39 @@ mod tests {
     async fn upstream_connect_without_mark_connects() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let s = upstream_connect(addr, 0).unwrap();
+        let s = upstream_connect(addr, 0, None).unwrap();
         assert!(SockRef::from(&s).tcp_nodelay().unwrap());
+        assert!(!SockRef::from(&s).ip_transparent_v4().unwrap());
         let s = tokio::net::TcpStream::from_std(s).unwrap();
         let (w, a) = tokio::join!(s.writable(), l.accept());
         w.unwrap();
         assert_eq!(a.unwrap().1, s.local_addr().unwrap());
         assert_eq!(s.take_error().unwrap().map(|e| e.kind()), None);
+    }
+
+    #[tokio::test]
+    async fn upstream_connect_from_a_given_source() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let from: IpAddr = "127.0.0.5".parse().unwrap();
+        match upstream_connect(addr, 0, Some(from)) {
+            Ok(s) => {
+                assert!(SockRef::from(&s).ip_transparent_v4().unwrap());
+                let s = tokio::net::TcpStream::from_std(s).unwrap();
+                let (w, a) = tokio::join!(s.writable(), l.accept());
+                w.unwrap();
+                // The listener sees the given source, with a port the
+                // kernel chose at connect time.
+                let peer = a.unwrap().1;
+                assert_eq!(peer.ip(), from);
+                assert_ne!(peer.port(), 0);
+                assert_eq!(peer, s.local_addr().unwrap());
+            }
+            // IP_TRANSPARENT needs CAP_NET_ADMIN.
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+        let e = upstream_connect(addr, 0, Some("::1".parse().unwrap())).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 
     fn orig_dst_roundtrip(bind: &str) {

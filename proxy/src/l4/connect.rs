@@ -30,6 +30,11 @@ pub struct ConnectConfig {
     /// SO_MARK for upstream sockets so the node's own redirect rules never
     /// capture them; 0 = no mark (tests without CAP_NET_ADMIN).
     pub mark: u32,
+    /// Connect from the client's address where kube-proxy would not
+    /// masquerade ([`Source::for_frontend`]). Only when lightpath installed
+    /// the nftables reply rule that brings the answers back, and not under
+    /// `--masquerade-all`.
+    pub keep_client_source: bool,
 }
 
 impl Default for ConnectConfig {
@@ -38,6 +43,7 @@ impl Default for ConnectConfig {
             timeout: Duration::from_secs(1),
             attempts: 3,
             mark: 0,
+            keep_client_source: false,
         }
     }
 }
@@ -59,26 +65,27 @@ pub enum ConnectError {
 }
 
 /// Connects to an endpoint of `scope` for `client`, trying up to
-/// `cfg.attempts` distinct endpoints. Returns the stream (TCP_NODELAY, no
+/// `cfg.attempts` distinct endpoints, from the client's own address when
+/// `source` says so ([`Source`]). Returns the stream (TCP_NODELAY, no
 /// keepalive yet: see [`attempt`]), the balancer's in-flight [`Pick`] (hold
 /// it for the connection's lifetime) and the number of attempts made.
 pub async fn connect(
     balancer: &Balancer,
     scope: Scope,
-    client: IpAddr,
+    client: Client,
     cfg: &ConnectConfig,
 ) -> Result<(TcpStream, Pick, usize), ConnectError> {
     let attempts = cfg.attempts.max(1);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(attempts);
     let mut last_err: Option<(SocketAddr, io::Error)> = None;
     while tried.len() < attempts {
-        let Some(mut pick) = balancer.pick(scope, client, &tried) else {
+        let Some(mut pick) = balancer.pick(scope, client.ip, &tried) else {
             break;
         };
         let addr = pick.addr();
         tried.push(addr);
         let started = std::time::Instant::now();
-        match attempt(addr, cfg).await {
+        match attempt(addr, client.source.for_endpoint(client.ip, addr), cfg).await {
             Ok(stream) => {
                 balancer.metrics().connect_succeeded(started.elapsed());
                 pick.record_success();
@@ -107,16 +114,72 @@ pub async fn connect(
     }
 }
 
+/// The client a connection is made for: its address (session affinity, the
+/// balancer's pick) and which source the upstream connection takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub source: Source,
+}
+
+/// Which address an upstream connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The node's own (the kernel picks it): kube-proxy's masquerade.
+    Node,
+    /// The client's, as kube-proxy leaves it where it does not masquerade
+    /// (see [`Source::for_frontend`]).
+    Client,
+}
+
+impl Source {
+    /// kube-proxy's rule, per frontend: traffic to a ClusterIP, and to an
+    /// external frontend (NodePort, externalIP, LoadBalancer IP) of an
+    /// `externalTrafficPolicy: Local` service, reaches the endpoint from the
+    /// client's address; other external traffic is masqueraded, since an
+    /// endpoint on another node would answer the client directly. Always
+    /// `Node` when `keep` is off (`--masquerade-all`, or no reply rule),
+    /// and for a loopback client (its address cannot leave the host).
+    pub fn for_frontend(frontend: &control::Frontend, client: IpAddr, keep: bool) -> Source {
+        let client = client.to_canonical();
+        let kept =
+            frontend.kind == control::FrontendKind::ClusterIp || frontend.service.external_local;
+        if keep && kept && !client.is_loopback() && !client.is_unspecified() {
+            Source::Client
+        } else {
+            Source::Node
+        }
+    }
+
+    /// The bind address for a connection to `endpoint`: `None` for the node's
+    /// own, and for a client that is the endpoint itself (hairpin: the pod
+    /// would answer itself, so kube-proxy masquerades it too).
+    pub fn for_endpoint(self, client: IpAddr, endpoint: SocketAddr) -> Option<IpAddr> {
+        let client = client.to_canonical();
+        match self {
+            Source::Client if client != endpoint.ip() && client.is_ipv4() == endpoint.is_ipv4() => {
+                Some(client)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// One attempt for a connection that is meant to live (L7's pooled upstream
 /// connections): [`attempt`], then TCP keepalive at once (four
 /// `setsockopt`s).
-pub async fn connect_one(addr: SocketAddr, cfg: &ConnectConfig) -> io::Result<TcpStream> {
-    let stream = attempt(addr, cfg).await?;
+pub async fn connect_one(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    cfg: &ConnectConfig,
+) -> io::Result<TcpStream> {
+    let stream = attempt(addr, source, cfg).await?;
     super::set_keepalive(&stream);
     Ok(stream)
 }
 
-/// One attempt: a (marked) non-blocking socket, connected within the
+/// One attempt: a (marked) non-blocking socket, from `source` when given
+/// (see [`redirect::sockopt::upstream_connect`]), connected within the
 /// timeout, without keepalive. The L4 relay uses this: most relayed
 /// connections are over long before a keepalive probe (60 s idle) could
 /// matter, so the copy sets keepalive only on those still open after
@@ -127,8 +190,12 @@ pub async fn connect_one(addr: SocketAddr, cfg: &ConnectConfig) -> io::Result<Tc
 /// socket is closed, EPOLLHUP; one that succeeds raises EPOLLOUT alone
 /// (`tcp_poll` reports nothing while in SYN-SENT). So the error is fetched
 /// only when the readiness says error or hang-up.
-pub async fn attempt(addr: SocketAddr, cfg: &ConnectConfig) -> io::Result<TcpStream> {
-    let stream = TcpStream::from_std(redirect::sockopt::upstream_connect(addr, cfg.mark)?)?;
+pub async fn attempt(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    cfg: &ConnectConfig,
+) -> io::Result<TcpStream> {
+    let stream = TcpStream::from_std(redirect::sockopt::upstream_connect(addr, cfg.mark, source)?)?;
     match tokio::time::timeout(cfg.timeout, established(&stream)).await {
         Ok(r) => r?,
         Err(_) => {
@@ -173,13 +240,13 @@ mod tests {
             let l = tokio::net::TcpListener::bind(bind).await.unwrap();
             let addr = l.local_addr().unwrap();
             let cfg = cfg(1000);
-            let (s, a) = tokio::join!(attempt(addr, &cfg), l.accept());
+            let (s, a) = tokio::join!(attempt(addr, None, &cfg), l.accept());
             let s = s.unwrap();
             assert_eq!(a.unwrap().1, s.local_addr().unwrap());
             assert_eq!(s.peer_addr().unwrap(), addr);
             assert!(s.nodelay().unwrap());
             assert!(!SockRef::from(&s).keepalive().unwrap(), "attempt: lazy");
-            let (s, a) = tokio::join!(connect_one(addr, &cfg), l.accept());
+            let (s, a) = tokio::join!(connect_one(addr, None, &cfg), l.accept());
             let s = s.unwrap();
             a.unwrap();
             let sock = SockRef::from(&s);
@@ -195,10 +262,10 @@ mod tests {
             let addr = l.local_addr().unwrap();
             drop(l);
             let started = std::time::Instant::now();
-            let e = attempt(addr, &cfg(1000)).await.unwrap_err();
+            let e = attempt(addr, None, &cfg(1000)).await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
             assert!(started.elapsed() < Duration::from_millis(500));
-            let e = connect_one(addr, &cfg(1000)).await.unwrap_err();
+            let e = connect_one(addr, None, &cfg(1000)).await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
         }
     }
@@ -216,7 +283,7 @@ mod tests {
         let mut held = Vec::new();
         let mut timed_out = None;
         for _ in 0..4 {
-            match attempt(addr, &cfg(300)).await {
+            match attempt(addr, None, &cfg(300)).await {
                 Ok(s) => held.push(s),
                 Err(e) => {
                     timed_out = Some(e);

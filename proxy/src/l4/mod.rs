@@ -16,7 +16,7 @@ pub mod connect;
 pub mod copy;
 pub mod splice;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use crate::balance::{Balancer, Scope};
 use crate::drain;
 
-pub use connect::{connect, ConnectConfig, ConnectError};
+pub use connect::{connect, Client, ConnectConfig, ConnectError, Source};
 pub use copy::{copy_bidirectional, CopyConfig, CopyEnd, Meters, Transferred};
 
 /// Settings of the L4 relay.
@@ -53,9 +53,9 @@ pub enum RelayError {
     Forced,
 }
 
-/// Relays `client` (whose address is `client_ip`, as `accept` returned it:
+/// Relays `client` (whose address is `from.ip`, as `accept` returned it:
 /// no `getpeername` per connection) to an endpoint chosen by `balancer` from
-/// `scope`. TCP_NODELAY and keepalive are expected on `client` already,
+/// `scope`, connecting from the source `from.source` says. TCP_NODELAY and keepalive are expected on `client` already,
 /// inherited from the listener (see [`tune_listener`]). The upstream socket
 /// gets TCP_NODELAY at connect and keepalive only if the connection is still
 /// open after [`CopyConfig::upstream_keepalive_after`] (see [`copy`]).
@@ -66,7 +66,7 @@ pub enum RelayError {
 /// closed when this returns.
 pub async fn relay(
     client: TcpStream,
-    client_ip: IpAddr,
+    from: Client,
     balancer: Arc<Balancer>,
     scope: Scope,
     cfg: &RelayConfig,
@@ -74,7 +74,7 @@ pub async fn relay(
     meters: Option<Meters<'_>>,
 ) -> Result<RelayReport, RelayError> {
     let connected = tokio::select! {
-        r = connect(&balancer, scope, client_ip, &cfg.connect) => r,
+        r = connect(&balancer, scope, from, &cfg.connect) => r,
         _ = drain.forced() => {
             abort(&client);
             return Err(RelayError::Forced);

@@ -634,11 +634,12 @@ impl EndpointPool {
             timeout: cs.timeout,
             attempts: 1,
             mark: cs.mark,
+            keep_client_source: false,
         };
         // `connect_one` (not `attempt`): pooled connections live long, so
         // they get TCP keepalive at once. TCP_NODELAY is set before the
         // connect (`redirect::sockopt::upstream_connect`).
-        let stream = connect_one(self.addr, &cfg)
+        let stream = connect_one(self.addr, None, &cfg)
             .await
             .map_err(FailKind::Connect)?;
         Ok((TokioIo::new(stream), conn_slot))

@@ -20,6 +20,15 @@ impl Netns {
         // Owned from here on: a failure below still deletes it.
         let ns = Netns { name };
         ns.try_ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on the interfaces created in here
+        // (they take the namespace's defaults): a tentative link-local
+        // address cannot source neighbour solicitations, and those for a
+        // packet from a non-local source (a kept client address) would not
+        // be sent for the first seconds. Without IPv6 there is nothing to set.
+        let _ = ns.exec(
+            "sh",
+            &["-c", "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad"],
+        );
         Ok(ns)
     }
 

@@ -1,0 +1,174 @@
+//! Which source address an endpoint sees, through real sockets: the client's
+//! own where kube-proxy does not masquerade (ClusterIP traffic, both
+//! families; external traffic of an `externalTrafficPolicy: Local`
+//! service), the node's where it does (external traffic of a Cluster-policy
+//! service, a pod reaching itself through its service, `--masquerade-all`).
+//! The backend reports the peer it saw in `x-peer-addr`.
+//! Needs root (see `support::netns::require_root`).
+
+mod support {
+    pub mod netns;
+}
+
+use std::net::{IpAddr, SocketAddr};
+
+use support::netns::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const VIP4: &str = "10.96.0.50";
+const VIP6: &str = "fd00:96::50";
+const LOCAL_VIP: &str = "10.96.0.51";
+const NODE_IP: &str = "10.0.1.1";
+const CLIENT_V6: &str = "fd00:1::2";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("literal")
+}
+
+/// `web` (dual-stack ClusterIP, NodePort 30050 with the default Cluster
+/// policy) and `local` (NodePort 30051, externalTrafficPolicy: Local), both
+/// over pod 1 on this node; port 80 is the backend's HTTP port, relayed at
+/// L4 (the port is named `web`).
+fn manifest() -> String {
+    let web = service_yaml(
+        "web",
+        &[ip(VIP4), ip(VIP6)],
+        &[1],
+        "node-a",
+        "type: NodePort",
+    )
+    .replace(
+        "{name: web, port: 80, targetPort: 8080, protocol: TCP}",
+        "{name: web, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30050}",
+    );
+    let local = service_yaml(
+        "local",
+        &[ip(LOCAL_VIP)],
+        &[1],
+        "node-a",
+        "type: NodePort\nexternalTrafficPolicy: Local",
+    )
+    .replace(
+        "{name: web, port: 80, targetPort: 8080, protocol: TCP}",
+        "{name: web, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30051}",
+    );
+    format!("{}{web}{local}", node_yaml())
+}
+
+/// One GET; the address the backend saw (its `x-peer-addr` header).
+async fn peer_seen(addr: SocketAddr) -> Result<SocketAddr, String> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::with_capacity(512);
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(IO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("{addr}: timed out"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-peer-addr: "))
+        .ok_or_else(|| format!("{addr}: no x-peer-addr in {text:?}"))?;
+    line.trim()
+        .parse()
+        .map_err(|e| format!("{addr}: bad x-peer-addr {line:?}: {e}"))
+}
+
+fn seen(r: Result<SocketAddr, String>) -> IpAddr {
+    // The backend listens dual-stack: IPv4 peers come v4-mapped.
+    r.unwrap_or_else(|e| panic!("{e}")).ip().to_canonical()
+}
+
+#[test]
+fn endpoints_see_the_client_where_kube_proxy_does_not_masquerade() {
+    if !require_root("endpoints_see_the_client_where_kube_proxy_does_not_masquerade") {
+        return;
+    }
+    let mut sb = Sandbox::new("srcip", 1);
+    sb.start_backend(1);
+    sb.serve(&manifest());
+    let table = sb.nft_table();
+    assert!(
+        table.contains("socket transparent 1"),
+        "reply rule: {table}"
+    );
+
+    let (cluster4, cluster6, np_cluster, np_local) = sb.client.run(|| async {
+        (
+            peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
+            peer_seen(SocketAddr::new(ip(VIP6), 80)).await,
+            peer_seen(SocketAddr::new(ip(NODE_IP), 30050)).await,
+            peer_seen(SocketAddr::new(ip(NODE_IP), 30051)).await,
+        )
+    });
+    assert_eq!(seen(cluster4), CLIENT_V4, "ClusterIP keeps the client (v4)");
+    assert_eq!(
+        seen(cluster6),
+        ip(CLIENT_V6),
+        "ClusterIP keeps the client (v6)"
+    );
+    assert_ne!(
+        seen(np_cluster),
+        CLIENT_V4,
+        "NodePort of a Cluster-policy service is masqueraded"
+    );
+    assert_eq!(
+        seen(np_local),
+        CLIENT_V4,
+        "NodePort of a Local-policy service keeps the client"
+    );
+
+    // The pod reaching itself through its service (hairpin): masqueraded,
+    // or it would answer itself; the connection works.
+    let pod = pod_v4(1);
+    let hairpin = sb.pods[0].run(|| async { peer_seen(SocketAddr::new(ip(VIP4), 80)).await });
+    assert_ne!(seen(hairpin), pod, "hairpin is masqueraded");
+
+    // A process on the node: its own address, as it is anyway.
+    let from_node = sb
+        .node
+        .run(|| async { peer_seen(SocketAddr::new(ip(VIP4), 80)).await });
+    let from_node = seen(from_node);
+    assert_ne!(from_node, CLIENT_V4);
+
+    // Many connections in a row: every one keeps the client and gets its
+    // answer (the reply rule brings each back; ports chosen per 4-tuple).
+    let all = sb.client.run(|| async {
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            got.push(peer_seen(SocketAddr::new(ip(VIP4), 80)).await);
+        }
+        got
+    });
+    for r in all {
+        assert_eq!(seen(r), CLIENT_V4);
+    }
+}
+
+#[test]
+fn masquerade_all_connects_from_the_node() {
+    if !require_root("masquerade_all_connects_from_the_node") {
+        return;
+    }
+    let mut sb = Sandbox::new("srcmasq", 1);
+    sb.start_backend(1);
+    let path = sb.write_manifest("svc.yaml", &manifest());
+    sb.start_lightpath(&path, &["--masquerade-all"]);
+    let table = sb.nft_table();
+    assert!(!table.contains("socket"), "no reply rule: {table}");
+    let (cluster, np_local) = sb.client.run(|| async {
+        (
+            peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
+            peer_seen(SocketAddr::new(ip(NODE_IP), 30051)).await,
+        )
+    });
+    assert_ne!(seen(cluster), CLIENT_V4);
+    assert_ne!(seen(np_local), CLIENT_V4);
+}
