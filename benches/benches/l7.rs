@@ -140,7 +140,7 @@ fn control(c: &mut Criterion) {
     for fe in table.frontends.values() {
         let svc = l7.service(&fe.service);
         for ep in fe.service.cluster_endpoints.iter() {
-            svc.shared.pools.get(ep.addr);
+            svc.shared.pools.get(ep.addr, None);
         }
     }
     c.bench_function("l7/control/idle_sweep/10000_services_30000_pools", |b| {

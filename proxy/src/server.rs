@@ -580,8 +580,9 @@ impl Server {
                 .await
             }
             Mode::Http | Mode::H2c => {
+                let keep = self.cfg.relay.connect.keep_client_source;
                 self.l7
-                    .serve_connection(sock, peer, &frontend.service, balancer, scope, drain)
+                    .serve_connection(sock, peer, frontend, balancer, keep, drain)
                     .await;
                 return;
             }

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 const VIP4: &str = "10.96.0.50";
 const VIP6: &str = "fd00:96::50";
 const LOCAL_VIP: &str = "10.96.0.51";
+const L7_VIP: &str = "10.96.0.52";
 const NODE_IP: &str = "10.0.1.1";
 const CLIENT_V6: &str = "fd00:1::2";
 
@@ -53,7 +54,10 @@ fn manifest() -> String {
         "{name: web, port: 80, targetPort: 8080, protocol: TCP}",
         "{name: web, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30051}",
     );
-    format!("{}{web}{local}", node_yaml())
+    // `app`: the same, its port named `http`: proxied at L7.
+    let app = service_yaml("app", &[ip(L7_VIP), ip("fd00:96::52")], &[1], "node-a", "")
+        .replace("name: web,", "name: http,");
+    format!("{}{web}{local}{app}", node_yaml())
 }
 
 /// One GET; the address the backend saw (its `x-peer-addr` header).
@@ -100,14 +104,18 @@ fn endpoints_see_the_client_where_kube_proxy_does_not_masquerade() {
         "reply rule: {table}"
     );
 
-    let (cluster4, cluster6, np_cluster, np_local) = sb.client.run(|| async {
+    let (cluster4, cluster6, np_cluster, np_local, l7_4, l7_6) = sb.client.run(|| async {
         (
             peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
             peer_seen(SocketAddr::new(ip(VIP6), 80)).await,
             peer_seen(SocketAddr::new(ip(NODE_IP), 30050)).await,
             peer_seen(SocketAddr::new(ip(NODE_IP), 30051)).await,
+            peer_seen(SocketAddr::new(ip(L7_VIP), 80)).await,
+            peer_seen(SocketAddr::new(ip("fd00:96::52"), 80)).await,
         )
     });
+    assert_eq!(seen(l7_4), CLIENT_V4, "HTTP (L7) keeps the client (v4)");
+    assert_eq!(seen(l7_6), ip(CLIENT_V6), "HTTP (L7) keeps the client (v6)");
     assert_eq!(seen(cluster4), CLIENT_V4, "ClusterIP keeps the client (v4)");
     assert_eq!(
         seen(cluster6),
@@ -128,8 +136,14 @@ fn endpoints_see_the_client_where_kube_proxy_does_not_masquerade() {
     // The pod reaching itself through its service (hairpin): masqueraded,
     // or it would answer itself; the connection works.
     let pod = pod_v4(1);
-    let hairpin = sb.pods[0].run(|| async { peer_seen(SocketAddr::new(ip(VIP4), 80)).await });
+    let (hairpin, hairpin_l7) = sb.pods[0].run(|| async {
+        (
+            peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
+            peer_seen(SocketAddr::new(ip(L7_VIP), 80)).await,
+        )
+    });
     assert_ne!(seen(hairpin), pod, "hairpin is masqueraded");
+    assert_ne!(seen(hairpin_l7), pod, "hairpin is masqueraded (L7)");
 
     // A process on the node: its own address, as it is anyway.
     let from_node = sb
@@ -144,6 +158,7 @@ fn endpoints_see_the_client_where_kube_proxy_does_not_masquerade() {
         let mut got = Vec::new();
         for _ in 0..50 {
             got.push(peer_seen(SocketAddr::new(ip(VIP4), 80)).await);
+            got.push(peer_seen(SocketAddr::new(ip(L7_VIP), 80)).await);
         }
         got
     });
@@ -163,12 +178,14 @@ fn masquerade_all_connects_from_the_node() {
     sb.start_lightpath(&path, &["--masquerade-all"]);
     let table = sb.nft_table();
     assert!(!table.contains("socket"), "no reply rule: {table}");
-    let (cluster, np_local) = sb.client.run(|| async {
+    let (cluster, np_local, l7) = sb.client.run(|| async {
         (
             peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
             peer_seen(SocketAddr::new(ip(NODE_IP), 30051)).await,
+            peer_seen(SocketAddr::new(ip(L7_VIP), 80)).await,
         )
     });
     assert_ne!(seen(cluster), CLIENT_V4);
     assert_ne!(seen(np_local), CLIENT_V4);
+    assert_ne!(seen(l7), CLIENT_V4);
 }

@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use control::{Mode, ServicePort, ServicePortName, Table};
+use control::{Frontend, Mode, ServicePort, ServicePortName, Table};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -350,12 +350,13 @@ impl L7 {
         self: &Arc<Self>,
         sock: TcpStream,
         peer: SocketAddr,
-        port: &Arc<ServicePort>,
+        frontend: &Frontend,
         balancer: Arc<Balancer>,
-        scope: Scope,
+        keep_source: bool,
         drain: &drain::Watch,
     ) {
         let _ = sock.set_nodelay(true);
+        let port = &frontend.service;
         // Creates (or refreshes) the service's L7 state before the first
         // request, so annotation errors are logged once, at the edge.
         let svc = self.service(port);
@@ -363,8 +364,9 @@ impl L7 {
             l7: self.clone(),
             svc: ArcSwap::new(svc),
             balancer,
-            scope,
+            scope: Scope::of(frontend),
             peer,
+            source: crate::l4::Source::for_frontend(frontend, peer.ip(), keep_source),
             forwarded: headers::ClientAddr::new(peer.ip()),
         });
         let svc = service_fn(move |req| {

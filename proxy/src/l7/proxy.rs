@@ -39,6 +39,8 @@ pub struct ClientConn {
     pub balancer: Arc<Balancer>,
     pub scope: Scope,
     pub peer: SocketAddr,
+    /// Whether upstream connections keep the peer's address as source.
+    pub source: crate::l4::Source,
     /// The peer's address as `X-Forwarded-For` has it, formatted once.
     pub forwarded: headers::ClientAddr,
 }
@@ -65,6 +67,14 @@ impl Conn {
 
     pub fn peer(&self) -> SocketAddr {
         self.client.peer
+    }
+
+    /// The source of upstream connections to `endpoint` for this client
+    /// (`None`: the node's address); see [`crate::l4::Source`].
+    pub fn source_for(&self, endpoint: SocketAddr) -> Option<std::net::IpAddr> {
+        self.client
+            .source
+            .for_endpoint(self.client.peer.ip(), endpoint)
     }
 
     /// The client's address for `X-Forwarded-For`.

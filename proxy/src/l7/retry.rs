@@ -186,7 +186,7 @@ async fn send(ctx: &Conn, attempt: Attempt) -> AttemptResult {
         }
     };
     let req = upstream_request(&head.method, &head.uri, &head.headers, shared.http2(), body);
-    let pool = shared.pools.get(endpoint);
+    let pool = shared.pools.get(endpoint, ctx.source_for(endpoint));
     let sending = pool.send(req, &shared.connect, &shared.limits, &shared.pools);
     let result = match s.per_try_timeout {
         None => Ok(sending.await),

@@ -43,7 +43,7 @@ pub(crate) async fn proxy(
         tried.push(pick.addr());
         let Some(b) = body.take() else { break };
         let upstream = upstream_request(&parts.method, &parts.uri, &parts.headers, false, b);
-        let pool = shared.pools.get(pick.addr());
+        let pool = shared.pools.get(pick.addr(), ctx.source_for(pick.addr()));
         match pool
             .send_upgrade(upstream, &shared.connect, &shared.limits, &shared.pools)
             .await

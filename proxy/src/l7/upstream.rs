@@ -28,6 +28,11 @@
 //!   way). A request therefore takes an idle connection opened on its own
 //!   thread, and opens one when there is none; another thread's idle
 //!   connection is used only when `max-connections` allows no new one.
+//! * A pool is per endpoint *and source*: where lightpath keeps the client's
+//!   address as the upstream source (`crate::l4::Source`), each client
+//!   address has pools of its own, since a connection carries one source.
+//!   Those pools are forgotten once they hold no connection and no request
+//!   uses them ([`Pools::sweep`]), so client churn does not grow the map.
 //! * Upgrades and CONNECT get a connection of their own that runs in a
 //!   spawned task (it becomes the tunnel and outlives the request).
 //! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint, run by a
@@ -52,7 +57,7 @@
 use std::collections::HashMap;
 use std::future::Future as _;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -286,6 +291,8 @@ impl Checkin {
 #[derive(Debug)]
 pub struct EndpointPool {
     addr: SocketAddr,
+    /// The source its connections come from; `None`: the node's own.
+    source: Option<IpAddr>,
     http2: bool,
     idle_timeout: Duration,
     /// Idle connections by the thread that opened them (see [`Shard`]).
@@ -315,9 +322,10 @@ const SHARDS: usize = 4;
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 impl EndpointPool {
-    fn new(addr: SocketAddr, http2: bool, idle_timeout: Duration) -> Self {
+    fn new(addr: SocketAddr, source: Option<IpAddr>, http2: bool, idle_timeout: Duration) -> Self {
         EndpointPool {
             addr,
+            source,
             http2,
             idle_timeout,
             idle: Default::default(),
@@ -328,6 +336,14 @@ impl EndpointPool {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Nothing uses this pool: no idle or HTTP/2 connection, and no
+    /// reference but the one this is called through (the map's).
+    fn is_unused(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1
+            && self.idle_len() == 0
+            && self.h2.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// Idle HTTP/1.1 connections currently pooled.
@@ -639,7 +655,7 @@ impl EndpointPool {
         // `connect_one` (not `attempt`): pooled connections live long, so
         // they get TCP keepalive at once. TCP_NODELAY is set before the
         // connect (`redirect::sockopt::upstream_connect`).
-        let stream = connect_one(self.addr, None, &cfg)
+        let stream = connect_one(self.addr, self.source, &cfg)
             .await
             .map_err(FailKind::Connect)?;
         Ok((TokioIo::new(stream), conn_slot))
@@ -727,13 +743,18 @@ pub struct Limits {
     pub queued: Arc<Gauge>,
 }
 
+/// A pool's key: the endpoint, and the source its connections come from
+/// (`None`: the node's own).
+type PoolKey = (SocketAddr, Option<IpAddr>);
+
 /// The endpoint pools of one service port. Lookups are lock-free; a pool
-/// is created under a writer lock the first time an endpoint is used.
+/// is created under a writer lock the first time an endpoint is used from
+/// a source.
 #[derive(Debug)]
 pub struct Pools {
     http2: bool,
     idle_timeout: Duration,
-    map: ArcSwap<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    map: ArcSwap<HashMap<PoolKey, Arc<EndpointPool>>>,
     write: Mutex<()>,
 }
 
@@ -747,51 +768,79 @@ impl Pools {
         }
     }
 
-    pub fn get(&self, addr: SocketAddr) -> Arc<EndpointPool> {
-        if let Some(p) = self.map.load().get(&addr) {
+    /// The pool of connections to `addr` from `source` (`None`: the
+    /// node's address).
+    pub fn get(&self, addr: SocketAddr, source: Option<IpAddr>) -> Arc<EndpointPool> {
+        let key = (addr, source);
+        if let Some(p) = self.map.load().get(&key) {
             return p.clone();
         }
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.map.load_full();
-        if let Some(p) = cur.get(&addr) {
+        if let Some(p) = cur.get(&key) {
             return p.clone();
         }
-        let p = Arc::new(EndpointPool::new(addr, self.http2, self.idle_timeout));
+        let p = Arc::new(EndpointPool::new(
+            addr,
+            source,
+            self.http2,
+            self.idle_timeout,
+        ));
         let mut next = (*cur).clone();
-        next.insert(addr, p.clone());
+        next.insert(key, p.clone());
         self.map.store(Arc::new(next));
         p
     }
 
-    /// Drops the pools (and so the idle connections) of endpoints that left.
+    /// Drops the pools (and so the idle connections) of endpoints that left,
+    /// from every source.
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.retain_pools(|(addr, _), _| keep(addr));
+    }
+
+    /// Keeps the pools `keep` says yes to (under the writer lock).
+    fn retain_pools(&self, keep: impl Fn(&PoolKey, &Arc<EndpointPool>) -> bool) {
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.map.load_full();
-        if cur.keys().all(&keep) {
+        if cur.iter().all(|(k, p)| keep(k, p)) {
             return;
         }
         let next: HashMap<_, _> = cur
             .iter()
-            .filter(|(a, _)| keep(a))
-            .map(|(a, p)| (*a, p.clone()))
+            .filter(|(k, p)| keep(k, p))
+            .map(|(k, p)| (*k, p.clone()))
             .collect();
         self.map.store(Arc::new(next));
     }
 
     /// Closes the idle connections of every endpoint that expired, that
-    /// their peer closed, or that cannot take a request. How many.
+    /// their peer closed, or that cannot take a request. How many. Then
+    /// forgets the client-source pools left unused: no idle connection, no
+    /// HTTP/2 connection, and no reference but the map's (a request or a
+    /// connection in use holds one).
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let mut gone = Vec::new();
+        let mut unused = false;
         for pool in self.map.load().values() {
             pool.sweep_into(now, &mut gone);
+            unused |= pool.source.is_some() && pool.is_unused();
         }
         let n = gone.len();
         drop(gone);
         if n > 0 {
             tracing::debug!(closed = n, "idle upstream connections swept");
         }
+        if unused {
+            self.retain_pools(|(_, source), p| source.is_none() || !p.is_unused());
+        }
         n
+    }
+
+    /// Pools in the map (tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.load().len()
     }
 
     /// At the `max-connections` limit: frees a slot by closing idle
@@ -832,6 +881,30 @@ mod tests {
     use hyper::body::Body as _;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn unused_client_source_pools_are_forgotten_by_the_sweep() {
+        let pools = Pools::new(false, Duration::from_secs(4));
+        let ep: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let held = pools.get(ep, Some("10.0.1.2".parse().unwrap()));
+        drop(pools.get(ep, Some("10.0.1.3".parse().unwrap())));
+        drop(pools.get(ep, None));
+        assert_eq!(pools.len(), 3);
+        pools.sweep();
+        // In use (a request holds it): kept. Unused: forgotten. The
+        // node-source pool: kept (one per endpoint, bounded by the table).
+        assert_eq!(pools.len(), 2);
+        assert!(Arc::ptr_eq(
+            &held,
+            &pools.get(ep, Some("10.0.1.2".parse().unwrap()))
+        ));
+        drop(held);
+        pools.sweep();
+        assert_eq!(pools.len(), 1);
+        // Asked again, a client's pool is made again.
+        drop(pools.get(ep, Some("10.0.1.3".parse().unwrap())));
+        assert_eq!(pools.len(), 2);
+    }
 
     /// A runtime like a data thread's.
     fn current_thread() -> tokio::runtime::Runtime {
@@ -972,7 +1045,7 @@ mod tests {
     fn fixture(reply: Reply, max_connections: usize) -> (Backend, Arc<EndpointPool>, Arc<Svc>) {
         let b = backend(reply);
         let svc = Svc::new(Duration::from_secs(30), max_connections);
-        let pool = svc.pools.get(b.addr);
+        let pool = svc.pools.get(b.addr, None);
         (b, pool, svc)
     }
 
@@ -1163,7 +1236,7 @@ mod tests {
     fn the_sweep_closes_an_expired_idle_connection() {
         let b = backend(Reply::Ok);
         let svc = Svc::new(Duration::from_secs(1), 16);
-        let pool = svc.pools.get(b.addr);
+        let pool = svc.pools.get(b.addr, None);
         current_thread().block_on(async {
             send_one(&pool, &svc).await;
             assert_eq!(svc.pools.sweep(), 0, "not expired yet");
@@ -1204,7 +1277,7 @@ mod tests {
     fn at_the_connection_limit_another_endpoints_idle_connection_makes_room() {
         let (a, b) = (backend(Reply::Ok), backend(Reply::Ok));
         let svc = Svc::new(Duration::from_secs(30), 1);
-        let (pool_a, pool_b) = (svc.pools.get(a.addr), svc.pools.get(b.addr));
+        let (pool_a, pool_b) = (svc.pools.get(a.addr, None), svc.pools.get(b.addr, None));
         current_thread().block_on(async {
             send_one(&pool_a, &svc).await;
             assert_eq!((pool_a.idle_len(), svc.connections()), (1, 1));
@@ -1229,7 +1302,7 @@ mod tests {
     fn at_the_connection_limit_the_least_recently_used_idle_connection_goes() {
         let (a, b, c) = (backend(Reply::Ok), backend(Reply::Ok), backend(Reply::Ok));
         let svc = Svc::new(Duration::from_secs(30), 2);
-        let pools = [a.addr, b.addr, c.addr].map(|addr| svc.pools.get(addr));
+        let pools = [a.addr, b.addr, c.addr].map(|addr| svc.pools.get(addr, None));
         current_thread().block_on(async {
             send_one(&pools[0], &svc).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
