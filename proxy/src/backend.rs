@@ -13,7 +13,8 @@
 //!   whether the proxy kept the client's address);
 //! * a UDP echo port: every datagram comes back with the backend's name and
 //!   a newline in front (request/response over UDP, and which endpoint
-//!   answered).
+//!   answered); the datagram [`UDP_PEER_QUERY`] is answered with the name,
+//!   a newline and the address it came from instead.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -64,7 +65,11 @@ pub async fn run(args: BackendArgs) -> std::io::Result<()> {
     }
 }
 
-/// Answers every datagram with `prefix` + the datagram, to its sender.
+/// The UDP datagram that asks for the sender's address as the backend saw it.
+pub const UDP_PEER_QUERY: &[u8] = b"peer?";
+
+/// Answers every datagram with `prefix` + the datagram, to its sender
+/// ([`UDP_PEER_QUERY`]: `prefix` + the sender's address).
 async fn udp_echo(sock: UdpSocket, prefix: Bytes) -> std::io::Result<()> {
     // Never returns: the `Result` only matches the other serving loops.
     let mut buf = vec![0u8; 65_536];
@@ -80,7 +85,11 @@ async fn udp_echo(sock: UdpSocket, prefix: Bytes) -> std::io::Result<()> {
         };
         out.clear();
         out.extend_from_slice(&prefix);
-        out.extend_from_slice(&buf[..n]);
+        if &buf[..n] == UDP_PEER_QUERY {
+            out.extend_from_slice(from.to_string().as_bytes());
+        } else {
+            out.extend_from_slice(&buf[..n]);
+        }
         // A lost reply is what UDP does; the client retries or counts it.
         let _ = sock.send_to(&out, from).await;
     }

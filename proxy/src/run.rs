@@ -326,7 +326,10 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     let server = server::Server::new(table.clone(), server_cfg);
     let listeners_open = server.listeners_open();
     ops.serving(server.balancers().clone());
-    let udp_cfg = args.udp.flow_config(defaults::UPSTREAM_MARK);
+    let udp_cfg = args.udp.flow_config(
+        defaults::UPSTREAM_MARK,
+        !args.no_redirect && !args.masquerade_all,
+    );
     let mut udp = udp.start(udp_cfg, table.clone(), server.balancers().clone());
     let data_threads = args
         .data_threads

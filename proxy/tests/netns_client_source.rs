@@ -20,6 +20,7 @@ const VIP4: &str = "10.96.0.50";
 const VIP6: &str = "fd00:96::50";
 const LOCAL_VIP: &str = "10.96.0.51";
 const L7_VIP: &str = "10.96.0.52";
+const DNS_VIP: &str = "10.96.0.53";
 const NODE_IP: &str = "10.0.1.1";
 const CLIENT_V6: &str = "fd00:1::2";
 
@@ -57,7 +58,12 @@ fn manifest() -> String {
     // `app`: the same, its port named `http`: proxied at L7.
     let app = service_yaml("app", &[ip(L7_VIP), ip("fd00:96::52")], &[1], "node-a", "")
         .replace("name: web,", "name: http,");
-    format!("{}{web}{local}{app}", node_yaml())
+    // `dns`: UDP 53 to the backend's UDP echo.
+    let dns = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  clusterIP: {DNS_VIP}\n  ports:\n  - {{name: dns, port: 53, targetPort: 9000, protocol: UDP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports:\n- {{name: dns, port: 9000, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n---\n",
+        pod_v4(1)
+    );
+    format!("{}{web}{local}{app}{dns}", node_yaml())
 }
 
 /// One GET; the address the backend saw (its `x-peer-addr` header).
@@ -83,6 +89,32 @@ async fn peer_seen(addr: SocketAddr) -> Result<SocketAddr, String> {
     line.trim()
         .parse()
         .map_err(|e| format!("{addr}: bad x-peer-addr {line:?}: {e}"))
+}
+
+/// The address the backend's UDP echo saw a datagram come from.
+async fn udp_peer_seen(addr: SocketAddr) -> Result<SocketAddr, String> {
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    sock.connect(addr).await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 512];
+    // Datagrams may be lost: a few tries, each bounded.
+    for _ in 0..5 {
+        sock.send(b"peer?").await.map_err(|e| e.to_string())?;
+        let got =
+            tokio::time::timeout(std::time::Duration::from_secs(1), sock.recv(&mut buf)).await;
+        if let Ok(Ok(n)) = got {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let peer = text
+                .split_once('\n')
+                .map(|(_, p)| p.trim().to_string())
+                .ok_or_else(|| format!("{addr}: bad reply {text:?}"))?;
+            return peer
+                .parse()
+                .map_err(|e| format!("{addr}: bad peer {peer:?}: {e}"));
+        }
+    }
+    Err(format!("{addr}: no UDP reply"))
 }
 
 fn seen(r: Result<SocketAddr, String>) -> IpAddr {
@@ -114,6 +146,10 @@ fn endpoints_see_the_client_where_kube_proxy_does_not_masquerade() {
             peer_seen(SocketAddr::new(ip("fd00:96::52"), 80)).await,
         )
     });
+    let udp = sb
+        .client
+        .run(|| async { udp_peer_seen(SocketAddr::new(ip(DNS_VIP), 53)).await });
+    assert_eq!(seen(udp), CLIENT_V4, "UDP keeps the client");
     assert_eq!(seen(l7_4), CLIENT_V4, "HTTP (L7) keeps the client (v4)");
     assert_eq!(seen(l7_6), ip(CLIENT_V6), "HTTP (L7) keeps the client (v6)");
     assert_eq!(seen(cluster4), CLIENT_V4, "ClusterIP keeps the client (v4)");
@@ -188,4 +224,8 @@ fn masquerade_all_connects_from_the_node() {
     assert_ne!(seen(cluster), CLIENT_V4);
     assert_ne!(seen(np_local), CLIENT_V4);
     assert_ne!(seen(l7), CLIENT_V4);
+    let udp = sb
+        .client
+        .run(|| async { udp_peer_seen(SocketAddr::new(ip(DNS_VIP), 53)).await });
+    assert_ne!(seen(udp), CLIENT_V4, "UDP masqueraded");
 }

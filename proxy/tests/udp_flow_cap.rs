@@ -91,6 +91,7 @@ async fn hundred_thousand_clients_stay_under_the_cap_and_idle_out() {
         unreplied_timeout: IDLE,
         stream_timeout: IDLE,
         upstream_mark: 0,
+        keep_client_source: false,
     });
     let server = tokio::spawn(serve(listener, rx, balancers, flows.clone()));
 

@@ -36,10 +36,11 @@
 //!     proxy chain: a connection accepted before a range change keeps
 //!     flowing, as kube-proxy checks new connections only.
 //!
-//!   Then, with [`Config::keep_client_source`], the reply rule: a TCP
-//!   packet that is not a bare SYN and belongs to a transparent socket of
-//!   this node (`socket transparent 1`: lightpath's upstream connections
-//!   bound to a client's address) gets the mark, so policy routing delivers
+//!   Then, with [`Config::keep_client_source`], the reply rules: a TCP
+//!   packet that is not a bare SYN, or a UDP datagram, that belongs to a
+//!   transparent socket of this node (`socket transparent 1`: lightpath's
+//!   upstream connections and flows bound to a client's address) gets the
+//!   mark, so policy routing delivers
 //!   it locally instead of forwarding it to the client. It comes after the
 //!   frontend lookup, so frontend packets never pay for the socket lookup,
 //!   and it skips SYNs for the TIME_WAIT pitfall the tproxy notes record.
@@ -409,8 +410,8 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     if cfg.keep_client_source {
         let _ = writeln!(
             s,
-            "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set {:#x} accept",
-            cfg.mark
+            "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set {m:#x} accept\n\t\tmeta l4proto udp socket transparent 1 meta mark set {m:#x} accept",
+            m = cfg.mark
         );
     }
     let _ = writeln!(s, "\t}}");
@@ -623,6 +624,7 @@ mod tests {
                 "ip daddr . meta l4proto . th dport vmap @fe_v4",
                 "ip6 daddr . meta l4proto . th dport vmap @fe_v6",
                 "meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set 0x1 accept",
+                "meta l4proto udp socket transparent 1 meta mark set 0x1 accept",
             ]
         );
         // Without kept sources, no socket lookup at all.

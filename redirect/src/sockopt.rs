@@ -114,19 +114,10 @@ pub fn upstream_connect(
     }
     sock.set_tcp_nodelay(true)?;
     if let Some(ip) = source {
-        if ip.is_ipv4() != dest.is_ipv4() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("source {ip} and destination {dest} are of different families"),
-            ));
-        }
-        match dest {
-            SocketAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
-            SocketAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
-        }
+        // TCP: the port is picked at connect, per 4-tuple.
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
             .map_err(io::Error::from)?;
-        sock.bind(&SocketAddr::new(ip, 0).into())?;
+        transparent_bind(&sock, ip, dest)?;
     }
     match sock.connect(&dest.into()) {
         Ok(()) => {}
@@ -134,6 +125,25 @@ pub fn upstream_connect(
         Err(e) => return Err(e),
     }
     Ok(sock.into())
+}
+
+/// Binds `sock` (not yet connected) to `source`, any port, with
+/// IP_TRANSPARENT / IPV6_TRANSPARENT so `source` need not be local: the
+/// client's address, for a connection to `dest` that keeps it. Needs
+/// CAP_NET_ADMIN, and the nftables reply rule for `dest`'s answers to reach
+/// the socket.
+pub fn transparent_bind(sock: &Socket, source: IpAddr, dest: SocketAddr) -> io::Result<()> {
+    if source.is_ipv4() != dest.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("source {source} and destination {dest} are of different families"),
+        ));
+    }
+    match dest {
+        SocketAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
+    }
+    sock.bind(&SocketAddr::new(source, 0).into())
 }
 
 /// Sets SO_MARK on any socket. Needs CAP_NET_ADMIN.

@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -37,6 +37,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use crate::balance::{Balancer, Balancers, Pick, Scope};
+use crate::l4::Source;
 use crate::metrics::udp::{Eviction, UdpMetrics};
 
 /// Flow-table settings.
@@ -53,6 +54,10 @@ pub struct FlowConfig {
     pub stream_timeout: Duration,
     /// SO_MARK for upstream sockets, so the rules never capture them (0: none).
     pub upstream_mark: u32,
+    /// Flows to endpoints come from the client's address where kube-proxy
+    /// would not masquerade (see `crate::l4::Source`); only with the
+    /// nftables reply rule that brings the answers back.
+    pub keep_client_source: bool,
 }
 
 impl Default for FlowConfig {
@@ -62,6 +67,7 @@ impl Default for FlowConfig {
             unreplied_timeout: Duration::from_secs(30),
             stream_timeout: Duration::from_secs(120),
             upstream_mark: 0,
+            keep_client_source: false,
         }
     }
 }
@@ -198,6 +204,11 @@ impl FlowTable {
         self.len() == 0
     }
 
+    /// Whether flows may keep the client's address as source.
+    pub fn keeps_client_source(&self) -> bool {
+        self.cfg.keep_client_source
+    }
+
     pub fn stats(&self) -> &FlowStats {
         &self.stats
     }
@@ -290,14 +301,14 @@ impl FlowTable {
         self: &Arc<Self>,
         key: FlowKey,
         balancer: &Arc<Balancer>,
-        scope: Scope,
+        (scope, source): (Scope, Source),
         payload: &[u8],
         reply: &Arc<UdpSocket>,
     ) -> Result<SocketAddr, UdpError> {
         if let Some(r) = self.relay(&key, payload) {
             return r;
         }
-        let shared = self.open(key, balancer, scope, reply)?;
+        let shared = self.open(key, balancer, (scope, source), reply)?;
         self.send_up(&shared, payload)
     }
 
@@ -324,7 +335,7 @@ impl FlowTable {
         self: &Arc<Self>,
         key: FlowKey,
         balancer: &Arc<Balancer>,
-        scope: Scope,
+        (scope, source): (Scope, Source),
         reply: &Arc<UdpSocket>,
     ) -> Result<Arc<Shared>, UdpError> {
         // Registered once per service port; this is a flow's only lookup.
@@ -337,7 +348,8 @@ impl FlowTable {
             });
         };
         let endpoint = pick.addr();
-        let upstream = match connect_upstream(endpoint, self.cfg.upstream_mark) {
+        let from = source.for_endpoint(key.client.ip(), endpoint);
+        let upstream = match connect_upstream(endpoint, self.cfg.upstream_mark, from) {
             Ok(u) => u,
             Err(source) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -512,8 +524,14 @@ impl FlowTable {
     }
 }
 
-/// A connected, non-blocking UDP socket to `endpoint`, SO_MARK'ed.
-fn connect_upstream(endpoint: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+/// A connected, non-blocking UDP socket to `endpoint`, SO_MARK'ed, bound
+/// to the client's address `from` when given (see
+/// [`redirect::sockopt::transparent_bind`]).
+fn connect_upstream(
+    endpoint: SocketAddr,
+    mark: u32,
+    from: Option<IpAddr>,
+) -> io::Result<UdpSocket> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(endpoint),
         socket2::Type::DGRAM,
@@ -521,6 +539,9 @@ fn connect_upstream(endpoint: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     )?;
     if mark != 0 {
         redirect::sockopt::set_mark(&sock, mark)?;
+    }
+    if let Some(ip) = from {
+        redirect::sockopt::transparent_bind(&sock, ip, endpoint)?;
     }
     sock.set_nonblocking(true)?;
     sock.connect(&endpoint.into())?;

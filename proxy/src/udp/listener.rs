@@ -19,6 +19,7 @@ use tokio::net::UdpSocket;
 
 use super::{FlowKey, FlowTable};
 use crate::balance::{Balancers, Scope};
+use crate::l4::Source;
 
 /// Reply sockets, one per frontend address, created on first use and
 /// dropped when their frontend leaves the table.
@@ -185,7 +186,9 @@ pub async fn serve(
                     continue;
                 }
             };
-            if let Err(e) = flows.forward(key, &balancer, Scope::of(fe), payload, &reply) {
+            let source = Source::for_frontend(fe, key.client.ip(), flows.keeps_client_source());
+            if let Err(e) = flows.forward(key, &balancer, (Scope::of(fe), source), payload, &reply)
+            {
                 tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
             }
         }

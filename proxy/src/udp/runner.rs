@@ -51,12 +51,13 @@ mod humantime_serde_secs {
 impl UdpArgs {
     /// The flow-table settings; `upstream_mark` keeps the rules from
     /// capturing lightpath's own upstream datagrams (0: no mark).
-    pub fn flow_config(&self, upstream_mark: u32) -> FlowConfig {
+    pub fn flow_config(&self, upstream_mark: u32, keep_client_source: bool) -> FlowConfig {
         FlowConfig {
             max_flows: self.udp_max_flows,
             unreplied_timeout: self.udp_timeout,
             stream_timeout: self.udp_stream_timeout,
             upstream_mark,
+            keep_client_source,
         }
     }
 }

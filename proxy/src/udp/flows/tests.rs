@@ -40,6 +40,7 @@ fn cfg(max_flows: usize, idle: Duration) -> FlowConfig {
         unreplied_timeout: idle,
         stream_timeout: idle,
         upstream_mark: 0,
+        keep_client_source: false,
     }
 }
 
@@ -77,8 +78,13 @@ impl Rig {
 
     /// Relays one datagram of flow `key` (cluster scope).
     fn forward(&self, key: FlowKey, payload: &[u8]) -> Result<SocketAddr, UdpError> {
-        self.table
-            .forward(key, &self.b, Scope::Cluster, payload, &self.front)
+        self.table.forward(
+            key,
+            &self.b,
+            (Scope::Cluster, Source::Node),
+            payload,
+            &self.front,
+        )
     }
 }
 
@@ -270,7 +276,7 @@ async fn concurrent_relays_and_new_flows_keep_the_cap_and_the_counts() {
                 } else {
                     key(task, n)
                 };
-                match table.forward(k, &b, Scope::Cluster, b"x", &front) {
+                match table.forward(k, &b, (Scope::Cluster, Source::Node), b"x", &front) {
                     Ok(ep) => {
                         assert_eq!(ep, e);
                         sent += 1;
