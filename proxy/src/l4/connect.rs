@@ -227,6 +227,71 @@ mod tests {
     use super::*;
     use socket2::SockRef;
 
+    /// A frontend of `kind` for a service with `externalTrafficPolicy`
+    /// Local or not.
+    fn frontend(kind: control::FrontendKind, external_local: bool) -> control::Frontend {
+        let name = control::ServicePortName::new("ns", "svc", "");
+        let sp = control::ServicePort {
+            external_local,
+            ..control::ServicePort::new(
+                name,
+                control::Protocol::Tcp,
+                control::Mode::L4,
+                Vec::new().into(),
+            )
+        };
+        control::Frontend::new(
+            "10.96.0.1:80".parse().unwrap(),
+            kind,
+            std::sync::Arc::new(sp),
+        )
+    }
+
+    #[test]
+    fn the_source_follows_kube_proxys_masquerade_rules() {
+        use control::FrontendKind::*;
+        let pod: IpAddr = "10.244.1.5".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.244.1.5".parse().unwrap();
+        let cases = [
+            // kind, eTP Local, client, keep → source
+            (ClusterIp, false, pod, true, Source::Client),
+            (ClusterIp, false, mapped, true, Source::Client),
+            (NodePort, false, pod, true, Source::Node),
+            (LoadBalancer, false, pod, true, Source::Node),
+            (ExternalIp, false, pod, true, Source::Node),
+            (NodePort, true, pod, true, Source::Client),
+            (LoadBalancer, true, pod, true, Source::Client),
+            (
+                ClusterIp,
+                false,
+                "127.0.0.1".parse().unwrap(),
+                true,
+                Source::Node,
+            ),
+            (ClusterIp, false, "::1".parse().unwrap(), true, Source::Node),
+            // --masquerade-all, or no reply rule.
+            (ClusterIp, false, pod, false, Source::Node),
+            (NodePort, true, pod, false, Source::Node),
+        ];
+        for (kind, local, client, keep, want) in cases {
+            assert_eq!(
+                Source::for_frontend(&frontend(kind, local), client, keep),
+                want,
+                "{kind:?} eTP-local={local} {client} keep={keep}"
+            );
+        }
+        let ep: SocketAddr = "10.244.2.7:8080".parse().unwrap();
+        assert_eq!(Source::Client.for_endpoint(pod, ep), Some(pod));
+        assert_eq!(Source::Client.for_endpoint(mapped, ep), Some(pod));
+        assert_eq!(Source::Node.for_endpoint(pod, ep), None);
+        // Hairpin: the client is the endpoint.
+        let own: SocketAddr = "10.244.1.5:8080".parse().unwrap();
+        assert_eq!(Source::Client.for_endpoint(pod, own), None);
+        // Never across families.
+        let v6: SocketAddr = "[fd00::7]:8080".parse().unwrap();
+        assert_eq!(Source::Client.for_endpoint(pod, v6), None);
+    }
+
     fn cfg(timeout_ms: u64) -> ConnectConfig {
         ConnectConfig {
             timeout: Duration::from_millis(timeout_ms),
