@@ -289,6 +289,20 @@ impl ServicePort {
         }
     }
 
+    /// Like [`Self::verdict_for`], for a client on this node (see
+    /// [`Self::endpoints_for_client`]): a node process reaching an external
+    /// frontend of an `externalTrafficPolicy: Local` service is served from
+    /// the cluster set, so it is forwarded even with no local endpoint.
+    pub fn verdict_for_client(&self, kind: FrontendKind, client_on_node: bool) -> Option<Verdict> {
+        if !self.endpoints_for_client(kind, client_on_node).is_empty() {
+            None
+        } else if self.has_endpoints() {
+            Some(Verdict::Drop)
+        } else {
+            Some(Verdict::Reject)
+        }
+    }
+
     /// `None` when the set for `kind` has endpoints, else what the kernel does.
     ///
     /// Matches kube-proxy's nftables proxier: no usable endpoint anywhere →
@@ -337,6 +351,12 @@ impl Frontend {
 
     pub fn verdict(&self) -> Option<Verdict> {
         self.service.verdict_for(self.kind)
+    }
+
+    /// What the kernel does for a client on this node (a node process or a
+    /// host-network pod); see [`ServicePort::verdict_for_client`].
+    pub fn node_verdict(&self) -> Option<Verdict> {
+        self.service.verdict_for_client(self.kind, true)
     }
 
     /// The sources the kernel lets through to this frontend (`None`: any):

@@ -12,6 +12,7 @@ pub mod health;
 pub mod l4;
 pub mod l7;
 pub mod lifecycle;
+pub mod local_addrs;
 pub mod metrics;
 pub mod rare;
 pub mod run;

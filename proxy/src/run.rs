@@ -192,16 +192,16 @@ pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
                 Protocol::Udp => Frontend::udp(f.key.ip, f.key.port),
                 Protocol::Sctp => return None,
             };
-            let action = match f.verdict() {
+            let action = |v| match v {
                 None => Action::Proxy,
                 Some(Verdict::Reject) => Action::Reject,
                 Some(Verdict::Drop) => Action::Drop,
             };
             let rule = match f.allowed_sources() {
-                None => Rule::from(action),
-                Some(nets) => Rule::only(action, nets.clone()),
+                None => Rule::from(action(f.verdict())),
+                Some(nets) => Rule::only(action(f.verdict()), nets.clone()),
             };
-            Some((fe, rule))
+            Some((fe, rule.for_node(action(f.node_verdict()))))
         })
         .collect()
 }

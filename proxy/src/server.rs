@@ -536,7 +536,8 @@ impl Server {
             l4::abort(&sock);
             return;
         };
-        if frontend.endpoints().is_empty() {
+        let scope = Scope::for_client(frontend, peer.ip());
+        if scope.endpoints(&frontend.service).is_empty() {
             // Counted as opened and failed, like a connection whose endpoints
             // all refused.
             self.balancers
@@ -558,7 +559,6 @@ impl Server {
         // Opened and active until this function returns.
         let conn = balancer.metrics().tcp_open();
         let access_started = crate::telemetry::access_log_enabled().then(std::time::Instant::now);
-        let scope = Scope::of(frontend);
         // The dispatch point: HTTP frontends are proxied per request.
         let result = match frontend.service.mode {
             Mode::L4 => {
@@ -689,6 +689,7 @@ async fn sync_table(
                 },
                 _ = sweep.tick() => {
                     l7.sweep_idle();
+                    crate::local_addrs::refresh();
                 }
             }
         }

@@ -157,6 +157,12 @@ pub fn render_text(table: &Table, node: &str) -> String {
             "    verdict  {} {why}\n",
             verdict_name(f.verdict())
         ));
+        if f.node_verdict() != f.verdict() {
+            s.push_str(&format!(
+                "    node     {} (clients on this node use the cluster set)\n",
+                verdict_name(f.node_verdict())
+            ));
+        }
     }
     s
 }
@@ -205,6 +211,10 @@ pub struct JsonFrontend {
     pub local_endpoints: Vec<JsonEndpoint>,
     /// forward | reject | drop
     pub verdict: &'static str,
+    /// The verdict for clients on this node, when it differs (an external
+    /// frontend of a Local-policy service: they use the cluster set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_verdict: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
     /// The only sources the kernel lets through (`loadBalancerSourceRanges`,
@@ -281,6 +291,8 @@ pub fn json_view(table: &Table, node: &str) -> JsonTable {
                 cluster_endpoints: json_eps(&sp.cluster_endpoints),
                 local_endpoints: json_eps(&sp.local_endpoints),
                 verdict: verdict_name(f.verdict()),
+                node_verdict: (f.node_verdict() != f.verdict())
+                    .then(|| verdict_name(f.node_verdict())),
                 health_check_node_port: sp.health_check_node_port,
                 allowed_sources: f
                     .allowed_sources()

@@ -40,35 +40,9 @@ fn manifest(ranges: &str) -> String {
     )
 }
 
-/// [`probe`], from `src` (an address of the namespace it runs in).
-async fn probe_from(src: &str, to: SocketAddr, wait: Duration) -> ConnectOutcome {
-    let src: IpAddr = src.parse().expect("literal");
-    let start = Instant::now();
-    let r = tokio::time::timeout(wait, async {
-        let sock = TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(src, 0))?;
-        let mut s = sock.connect(to).await?;
-        s.write_all(b"x").await?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await?;
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    match r {
-        Err(_) => ConnectOutcome::TimedOut,
-        Ok(Ok(())) => ConnectOutcome::Connected(start.elapsed()),
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::UnexpectedEof
-            ) =>
-        {
-            ConnectOutcome::Refused(start.elapsed())
-        }
-        Ok(Err(e)) => ConnectOutcome::Other(e),
-    }
+/// [`probe_from`] an address of the namespace it runs in, given as text.
+async fn probe_src(src: &str, to: SocketAddr, wait: Duration) -> ConnectOutcome {
+    probe_from(Some(ip(src)), to, wait).await
 }
 
 /// One echo round trip on an open connection.
@@ -127,19 +101,19 @@ fn only_listed_sources_reach_a_load_balancer_ip_and_a_change_spares_open_connect
     // is dropped. The ClusterIP and the NodePort are not filtered.
     let (inside, outside, cluster, node_port, dark_inside, dark_outside) =
         sb.client.run(|| async {
-            let inside = probe_from(INSIDER, lb(), IO_TIMEOUT).await;
-            let outside = probe_from(OUTSIDER, lb(), DROP_WAIT).await;
+            let inside = probe_src(INSIDER, lb(), IO_TIMEOUT).await;
+            let outside = probe_src(OUTSIDER, lb(), DROP_WAIT).await;
             let cluster =
-                probe_from(OUTSIDER, SocketAddr::new(ip(CLUSTER_IP), 9000), IO_TIMEOUT).await;
-            let node_port = probe_from(
+                probe_src(OUTSIDER, SocketAddr::new(ip(CLUSTER_IP), 9000), IO_TIMEOUT).await;
+            let node_port = probe_src(
                 OUTSIDER,
                 SocketAddr::new(ip("10.0.1.1"), NODE_PORT),
                 IO_TIMEOUT,
             )
             .await;
             let dark = SocketAddr::new(ip(EMPTY_LB_IP), 9000);
-            let dark_inside = probe_from(INSIDER, dark, IO_TIMEOUT).await;
-            let dark_outside = probe_from(OUTSIDER, dark, DROP_WAIT).await;
+            let dark_inside = probe_src(INSIDER, dark, IO_TIMEOUT).await;
+            let dark_outside = probe_src(OUTSIDER, dark, DROP_WAIT).await;
             (
                 inside,
                 outside,
@@ -236,8 +210,8 @@ fn only_listed_sources_reach_a_load_balancer_ip_and_a_change_spares_open_connect
     );
     let (inside, outside) = sb.client.run(|| async {
         (
-            probe_from(INSIDER, lb(), DROP_WAIT).await,
-            probe_from(OUTSIDER, lb(), IO_TIMEOUT).await,
+            probe_src(INSIDER, lb(), DROP_WAIT).await,
+            probe_src(OUTSIDER, lb(), IO_TIMEOUT).await,
         )
     });
     assert!(

@@ -98,6 +98,78 @@ fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drop
 }
 
 #[test]
+fn node_processes_reach_local_policy_external_frontends_without_a_local_endpoint() {
+    if !require_root(
+        "node_processes_reach_local_policy_external_frontends_without_a_local_endpoint",
+    ) {
+        return;
+    }
+    let mut sb = Sandbox::new("etpnode", 1);
+    sb.start_backend(1);
+    // externalTrafficPolicy: Local, its only endpoint on another node:
+    // NodePort 30070 and LoadBalancer IP 192.0.2.70.
+    let svc = service_yaml(
+        "edge",
+        &[ip("10.96.0.70")],
+        &[1],
+        "node-b",
+        "type: LoadBalancer\nexternalTrafficPolicy: Local",
+    )
+    .replace(
+        "{name: echo, port: 9000, targetPort: 9000, protocol: TCP}",
+        "{name: echo, port: 9000, targetPort: 9000, protocol: TCP, nodePort: 30070}",
+    )
+    .replacen(
+        "---\n",
+        "status:\n  loadBalancer:\n    ingress:\n    - {ip: 192.0.2.70}\n---\n",
+        1,
+    );
+    sb.serve(&format!("{}{svc}", node_yaml()));
+    let table = sb.nft_table();
+    assert!(
+        table.contains("10.0.1.1 . tcp . 30070 : goto node_tproxy_v4"),
+        "{table}"
+    );
+    assert!(
+        table.contains("192.0.2.70 . tcp . 9000 : goto node_tproxy_v4"),
+        "{table}"
+    );
+    let node_port = SocketAddr::new(ip("10.0.1.1"), 30070);
+    let lb = SocketAddr::new(ip("192.0.2.70"), 9000);
+    // From outside the node: dropped (no local endpoint), as before.
+    let (np, lbo) = sb.client.run(move || async move {
+        (
+            probe(node_port, Duration::from_secs(2)).await,
+            probe(lb, Duration::from_secs(2)).await,
+        )
+    });
+    assert!(
+        matches!(np, ConnectOutcome::TimedOut),
+        "outside, NodePort: {np:?}"
+    );
+    assert!(
+        matches!(lbo, ConnectOutcome::TimedOut),
+        "outside, LB IP: {lbo:?}"
+    );
+    // From the node itself: served by the cluster-wide endpoint, as
+    // kube-proxy's short-circuit does.
+    let (np, lbo) = sb.node.run(move || async move {
+        (
+            probe(node_port, IO_TIMEOUT).await,
+            probe(lb, IO_TIMEOUT).await,
+        )
+    });
+    assert!(
+        matches!(np, ConnectOutcome::Connected(_)),
+        "node, NodePort: {np:?}"
+    );
+    assert!(
+        matches!(lbo, ConnectOutcome::Connected(_)),
+        "node, LB IP: {lbo:?}"
+    );
+}
+
+#[test]
 fn removed_backend_gets_no_new_connections_while_established_ones_finish() {
     if !require_root("removed_backend_gets_no_new_connections_while_established_ones_finish") {
         return;

@@ -44,6 +44,11 @@
 //!   it locally instead of forwarding it to the client. It comes after the
 //!   frontend lookup, so frontend packets never pay for the socket lookup,
 //!   and it skips SYNs for the TIME_WAIT pitfall the tproxy notes record.
+//!   - an external frontend of an `externalTrafficPolicy: Local` service
+//!     with endpoints only elsewhere: `goto node_tproxy_v4`, which proxies
+//!     what arrives through `lo` (node processes, after the output mark's
+//!     detour) and drops the rest: kube-proxy serves the node from the
+//!     cluster-wide endpoints (its `fib saddr type local` short-circuit).
 //! * `output` (route, priority mangle): lightpath's own sockets (upstream
 //!   connections, and its listeners, whose mark every accepted connection
 //!   inherits) carry the upstream mark and return at the first rule, so it
@@ -149,6 +154,12 @@ pub enum Action {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub action: Action,
+    /// The action for clients on this node (node processes, host-network
+    /// pods), which reach the frontend through `lo`. Differs from `action`
+    /// for an external frontend of an `externalTrafficPolicy: Local`
+    /// service with no local endpoint: kube-proxy serves the node from the
+    /// cluster-wide endpoints (`Proxy`) while others are dropped.
+    pub node_action: Action,
     /// Only these sources get `action` (a new TCP connection, or any UDP
     /// datagram); every other source is dropped. `None`: every source.
     /// Networks of the other family are ignored, and overlapping ones are
@@ -162,8 +173,22 @@ impl Rule {
     pub fn only(action: Action, sources: Arc<[IpNet]>) -> Self {
         Rule {
             action,
+            node_action: action,
             sources: Some(sources),
         }
+    }
+
+    /// This rule, with `node_action` for clients on this node.
+    pub fn for_node(self, node_action: Action) -> Self {
+        Rule {
+            node_action,
+            ..self
+        }
+    }
+
+    /// Whether node clients are proxied where everyone else is dropped.
+    fn node_only(&self) -> bool {
+        self.action == Action::Drop && self.node_action == Action::Proxy
     }
 }
 
@@ -172,6 +197,7 @@ impl From<Action> for Rule {
     fn from(action: Action) -> Self {
         Rule {
             action,
+            node_action: action,
             sources: None,
         }
     }
@@ -257,6 +283,17 @@ fn fw_reject_chain(f: Family) -> String {
     format!("fw_reject_{}", f.suffix())
 }
 
+/// The chain of a frontend proxied for node clients only: those arrive
+/// through `lo` (the output mark's detour); the rest is dropped. `fw`: the
+/// source-range firewall comes first.
+fn node_chain(f: Family, fw: bool) -> String {
+    if fw {
+        format!("node_fw_tproxy_{}", f.suffix())
+    } else {
+        format!("node_tproxy_{}", f.suffix())
+    }
+}
+
 /// The interval set of allowed `daddr . proto . dport . saddr`.
 fn allow_set(f: Family) -> String {
     format!("allow_{}", f.suffix())
@@ -309,6 +346,12 @@ fn verdict(hook: Hook, fe: &Frontend, rule: &Rule) -> String {
     if restricted.as_ref().is_some_and(Vec::is_empty) {
         // Restricted to no source at all.
         return "drop".to_string();
+    }
+    if rule.node_only() {
+        return match hook {
+            Hook::Prerouting => format!("goto {}", node_chain(f, restricted.is_some())),
+            Hook::Output => format!("goto {MARK_LOCAL_CHAIN}"),
+        };
     }
     match (rule.action, hook, restricted.is_some()) {
         (Action::Proxy, Hook::Prerouting, false) => format!("goto {}", tproxy_chain(f)),
@@ -393,6 +436,13 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
             "\tchain {} {{\n\t\t{check}\n\t\tgoto {REJECT_CHAIN}\n\t}}",
             fw_reject_chain(f)
         );
+        for (fw, to) in [(false, tproxy_chain(f)), (true, fw_tproxy_chain(f))] {
+            let _ = writeln!(
+                s,
+                "\tchain {} {{\n\t\tiif \"lo\" goto {to}\n\t\tdrop\n\t}}",
+                node_chain(f, fw)
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -697,7 +747,7 @@ mod tests {
         let a = full_script(&cfg(), &small);
         let b = full_script(&cfg(), &big);
         assert_eq!(rule_lines(&a), rule_lines(&b));
-        assert_eq!(rule_lines(&b).len(), 24, "{:?}", rule_lines(&b));
+        assert_eq!(rule_lines(&b).len(), 32, "{:?}", rule_lines(&b));
         // 10,000 elements in each of two maps, in statements of at most
         // ELEMENTS_PER_STATEMENT.
         let stmts = b.lines().filter(|l| l.starts_with("add element")).count();
@@ -767,6 +817,49 @@ mod tests {
                 "add element inet lightpath allow_v6 { 2001:db8::10 . tcp . 443 . 2001:db8:1::/48 }",
             ]
         );
+    }
+
+    #[test]
+    fn node_clients_of_a_local_policy_frontend_without_local_endpoints_are_proxied() {
+        let s = full_script(&cfg(), &Frontends::new());
+        assert_eq!(
+            chain(&s, "node_tproxy_v4"),
+            vec!["iif \"lo\" goto tproxy_v4", "drop"]
+        );
+        assert_eq!(
+            chain(&s, "node_fw_tproxy_v6"),
+            vec!["iif \"lo\" goto fw_tproxy_v6", "drop"]
+        );
+        let mut f = Frontends::new();
+        f.insert(
+            fe("10.0.1.1:30070"),
+            Rule::from(Action::Drop).for_node(Action::Proxy),
+        );
+        f.insert(
+            fe("192.0.2.70:443"),
+            Rule::only(Action::Drop, nets(&["203.0.113.0/24"])).for_node(Action::Proxy),
+        );
+        // Same action for everyone: nothing special.
+        f.insert(fe("10.96.0.30:80"), Rule::from(Action::Drop));
+        let s = full_script(&cfg(), &f);
+        let adds: Vec<&str> = s.lines().filter(|l| l.starts_with("add element")).collect();
+        assert_eq!(
+            adds,
+            vec![
+                "add element inet lightpath fe_v4 { 10.0.1.1 . tcp . 30070 : goto node_tproxy_v4, \
+                 10.96.0.30 . tcp . 80 : drop, 192.0.2.70 . tcp . 443 : goto node_fw_tproxy_v4 }",
+                "add element inet lightpath local_v4 { 10.0.1.1 . tcp . 30070 : goto mark_local, \
+                 10.96.0.30 . tcp . 80 : drop, 192.0.2.70 . tcp . 443 : goto mark_local }",
+                "add element inet lightpath allow_v4 { 192.0.2.70 . tcp . 443 . 203.0.113.0/24 }",
+            ]
+        );
+        // A change of the node action alone is a change of the frontend.
+        let mut before = Frontends::new();
+        before.insert(fe("10.0.1.1:30070"), Rule::from(Action::Drop));
+        let d = diff_script(&cfg(), &before, &f).unwrap();
+        assert!(d.script.contains(
+            "add element inet lightpath fe_v4 { 10.0.1.1 . tcp . 30070 : goto node_tproxy_v4"
+        ));
     }
 
     #[test]

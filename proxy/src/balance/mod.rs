@@ -90,6 +90,31 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The scope for a connection from `client`: [`Scope::of`], except that
+    /// a client on this node reaching an external frontend of an
+    /// `externalTrafficPolicy: Local` service is served from the cluster
+    /// set (kube-proxy's short-circuit; mirrors
+    /// `ServicePort::endpoints_for_client`). The node's addresses are only
+    /// consulted for such frontends.
+    pub fn for_client(frontend: &Frontend, client: std::net::IpAddr) -> Scope {
+        if frontend.kind.is_external()
+            && frontend.service.external_local
+            && crate::local_addrs::is_local(client)
+        {
+            Scope::Cluster
+        } else {
+            Scope::of(frontend)
+        }
+    }
+
+    /// The service port's endpoint set of this scope.
+    pub fn endpoints(self, service: &control::ServicePort) -> &[control::Endpoint] {
+        match self {
+            Scope::Cluster => &service.cluster_endpoints,
+            Scope::Local => &service.local_endpoints,
+        }
+    }
+
     /// The scope the model uses for `frontend` (mirrors
     /// `ServicePort::endpoints_for`).
     pub fn of(frontend: &Frontend) -> Scope {

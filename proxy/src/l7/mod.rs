@@ -364,7 +364,7 @@ impl L7 {
             l7: self.clone(),
             svc: ArcSwap::new(svc),
             balancer,
-            scope: Scope::of(frontend),
+            scope: Scope::for_client(frontend, peer.ip()),
             peer,
             source: crate::l4::Source::for_frontend(frontend, peer.ip(), keep_source),
             forwarded: headers::ClientAddr::new(peer.ip()),

@@ -466,7 +466,7 @@ impl FlowTable {
             let fk = FrontendKey::new(key.orig_dst, Protocol::Udp);
             let live = match table.lookup(&fk) {
                 Some(fe) if fe.service.name == *balancer.name() => {
-                    let scope = Scope::of(fe);
+                    let scope = Scope::for_client(fe, key.client.ip());
                     sets.entry((fk, scope))
                         .or_insert_with(|| {
                             let b = balancers.for_service_at(&fe.service, table.version);

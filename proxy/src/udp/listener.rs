@@ -187,8 +187,13 @@ pub async fn serve(
                 }
             };
             let source = Source::for_frontend(fe, key.client.ip(), flows.keeps_client_source());
-            if let Err(e) = flows.forward(key, &balancer, (Scope::of(fe), source), payload, &reply)
-            {
+            if let Err(e) = flows.forward(
+                key,
+                &balancer,
+                (Scope::for_client(fe, key.client.ip()), source),
+                payload,
+                &reply,
+            ) {
                 tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
             }
         }

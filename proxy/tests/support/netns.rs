@@ -245,9 +245,25 @@ pub enum ConnectOutcome {
 /// only if lightpath accepted it; the reset of a refused frontend may come
 /// after the handshake), waiting at most `wait`.
 pub async fn probe(addr: SocketAddr, wait: Duration) -> ConnectOutcome {
+    probe_from(None, addr, wait).await
+}
+
+/// [`probe`] from the source address `from` (one of the namespace's own)
+/// when given.
+pub async fn probe_from(from: Option<IpAddr>, addr: SocketAddr, wait: Duration) -> ConnectOutcome {
     let start = Instant::now();
     let r = tokio::time::timeout(wait, async {
-        let mut s = TcpStream::connect(addr).await?;
+        let mut s = match from {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let sock = match ip {
+                    IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                sock.connect(addr).await?
+            }
+        };
         s.write_all(b"x").await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
