@@ -146,7 +146,7 @@ fn rule_count_is_independent_of_the_number_of_services() {
         stats.changed, 4,
         "2 changed their action + 1 added + 1 changed its ranges: {stats:?}"
     );
-    eprintln!("10,000 frontends: {rb} rules (10 frontends: {rs}); full load {load:?}; incremental update of 3 frontends {update:?}");
+    eprintln!("10,000 frontends: {rb} rules (10 frontends: {rs}); full load {load:?}; incremental update of 4 frontends {update:?}");
     assert!(
         load < Duration::from_secs(10),
         "loading 10,000 frontends took {load:?}"
