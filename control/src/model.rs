@@ -222,6 +222,12 @@ pub struct ServicePort {
     /// `translate`). `None`: any source. No other frontend kind is filtered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer_source_ranges: Option<Arc<[IpNet]>>,
+    /// This node's pod CIDRs, for an `externalTrafficPolicy: Local`
+    /// service's external frontends (empty otherwise): pods on this node
+    /// reach them through the cluster set, as node processes do
+    /// (kube-proxy's short-circuit with NodeCIDR local detection).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub node_pod_cidrs: Arc<[IpNet]>,
     /// The Service's `lightpath.io/*` annotations, parsed by the data plane.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -249,6 +255,7 @@ impl ServicePort {
             external_local: false,
             health_check_node_port: None,
             load_balancer_source_ranges: None,
+            node_pod_cidrs: Arc::from(Vec::new()),
             annotations: BTreeMap::new(),
         }
     }

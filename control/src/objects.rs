@@ -207,6 +207,10 @@ pub struct NodeInfo {
     pub zone: Option<Arc<str>>,
     /// `status.addresses` of type InternalIP / ExternalIP.
     pub addresses: Vec<IpAddr>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`): this node's pods, whose traffic
+    /// kube-proxy short-circuits like the node's own (its NodeCIDR local
+    /// detection).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 fn namespace_of(ns: &Option<String>) -> &str {
@@ -669,9 +673,30 @@ pub fn parse_node(node: &Node) -> Result<NodeInfo, ObjectError> {
             }
         }
     }
+    let spec = node.spec.as_ref();
+    let (field, raw): (&str, Vec<&str>) = match spec.and_then(|s| s.pod_cidrs.as_deref()) {
+        Some(c) if !c.is_empty() => ("spec.podCIDRs", c.iter().map(String::as_str).collect()),
+        _ => (
+            "spec.podCIDR",
+            spec.and_then(|s| s.pod_cidr.as_deref())
+                .filter(|c| !c.is_empty())
+                .into_iter()
+                .collect(),
+        ),
+    };
+    let mut pod_cidrs = Vec::with_capacity(raw.len());
+    for (i, c) in raw.iter().enumerate() {
+        let f = if field == "spec.podCIDRs" {
+            format!("{field}[{i}]")
+        } else {
+            field.to_string()
+        };
+        pod_cidrs.push(parse_cidr(c.trim()).map_err(|m| ObjectError::new(KIND, "", name, f, m))?);
+    }
     Ok(NodeInfo {
         name: name.to_string(),
         zone,
         addresses,
+        pod_cidrs,
     })
 }

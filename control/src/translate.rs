@@ -26,6 +26,8 @@ pub struct NodeCtx {
     /// NodePort addresses: the Node's InternalIP/ExternalIP plus
     /// `Options::node_ips`, deduplicated.
     pub ips: Vec<IpAddr>,
+    /// The Node's `spec.podCIDRs`.
+    pub pod_cidrs: Arc<[IpNet]>,
 }
 
 impl NodeCtx {
@@ -43,6 +45,7 @@ impl NodeCtx {
                 .unwrap_or("")
                 .to_string(),
             ips,
+            pod_cidrs: node.map(|n| n.pod_cidrs.clone()).unwrap_or_default().into(),
         }
     }
 }
@@ -175,6 +178,13 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
                 external_local: svc.external_policy_local && externally_accessible,
                 health_check_node_port: svc.health_check_node_port,
                 load_balancer_source_ranges: firewall.clone(),
+                // Only where it changes anything: the external frontends of
+                // a Local-policy service.
+                node_pod_cidrs: if svc.external_policy_local && externally_accessible {
+                    node.pod_cidrs.clone()
+                } else {
+                    Arc::from(Vec::new())
+                },
                 annotations: svc.annotations.clone(),
             });
             let mut push = |ip: IpAddr, p: u16, kind: FrontendKind| {

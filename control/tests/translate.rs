@@ -635,6 +635,38 @@ fn an_invalid_range_names_the_field_and_keeps_the_previous_service() {
 }
 
 #[test]
+fn pod_cidrs_reach_the_external_frontends_of_local_policy_services_only() {
+    let with_pods = |cidrs: serde_json::Value| {
+        node(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE},
+            "spec": {"podCIDRs": cidrs},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.244.0.1"}]}
+        }))
+    };
+    let mut st = state_with(vec![lb_service(), web()]);
+    st.upsert_node(with_pods(json!(["10.244.0.0/24", "fd00:244::/64"])))
+        .unwrap();
+    let t = st.snapshot();
+    // gw (externalTrafficPolicy: Local): the node's pods, its family's.
+    let gw = &t.lookup(&key("203.0.113.7:80")).unwrap().service;
+    let cidrs: Vec<String> = gw.node_pod_cidrs.iter().map(|n| n.to_string()).collect();
+    assert_eq!(cidrs, vec!["10.244.0.0/24", "fd00:244::/64"]);
+    // web (ClusterIP only): nothing to short-circuit.
+    let web = &t.lookup(&key("10.96.0.10:80")).unwrap().service;
+    assert!(web.node_pod_cidrs.is_empty());
+    // A bad CIDR names the field; the previous Node stays.
+    let e = st
+        .upsert_node(with_pods(json!(["10.244.0.0/24", "10.244.1.0/40"])))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Node node-a: spec.podCIDRs[1]: invalid CIDR \"10.244.1.0/40\" \
+         (want e.g. 203.0.113.0/24 or 2001:db8::/64)"
+    );
+}
+
+#[test]
 fn etp_local_with_only_remote_endpoints_drops_external_but_serves_cluster_ip() {
     let mut st = state_with(vec![
         lb_service(),

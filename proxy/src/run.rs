@@ -201,7 +201,8 @@ pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
                 None => Rule::from(action(f.verdict())),
                 Some(nets) => Rule::only(action(f.verdict()), nets.clone()),
             };
-            Some((fe, rule.for_node(action(f.node_verdict()))))
+            let pods = f.service.node_pod_cidrs.clone();
+            Some((fe, rule.for_node(action(f.node_verdict()), pods)))
         })
         .collect()
 }

@@ -98,9 +98,9 @@ fn no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drop
 }
 
 #[test]
-fn node_processes_reach_local_policy_external_frontends_without_a_local_endpoint() {
+fn node_processes_and_pods_reach_local_policy_external_frontends_without_a_local_endpoint() {
     if !require_root(
-        "node_processes_reach_local_policy_external_frontends_without_a_local_endpoint",
+        "node_processes_and_pods_reach_local_policy_external_frontends_without_a_local_endpoint",
     ) {
         return;
     }
@@ -124,10 +124,22 @@ fn node_processes_reach_local_policy_external_frontends_without_a_local_endpoint
         "status:\n  loadBalancer:\n    ingress:\n    - {ip: 192.0.2.70}\n---\n",
         1,
     );
-    sb.serve(&format!("{}{svc}", node_yaml()));
+    // The Node's pod CIDR holds the client namespace's own address
+    // (10.0.1.2): it plays a pod on this node. A second client address,
+    // 10.0.1.5, plays a client from outside.
+    let node = node_yaml().replace(
+        "metadata: {name: node-a}\n",
+        "metadata: {name: node-a}\nspec: {podCIDRs: [10.0.1.0/30]}\n",
+    );
+    sb.client.ip(&["addr", "add", "10.0.1.5/24", "dev", "eth0"]);
+    sb.serve(&format!("{node}{svc}"));
     let table = sb.nft_table();
     assert!(
         table.contains("10.0.1.1 . tcp . 30070 : goto node_tproxy_v4"),
+        "{table}"
+    );
+    assert!(
+        table.contains("10.0.1.1 . tcp . 30070 . 10.0.1.0/30"),
         "{table}"
     );
     assert!(
@@ -137,10 +149,11 @@ fn node_processes_reach_local_policy_external_frontends_without_a_local_endpoint
     let node_port = SocketAddr::new(ip("10.0.1.1"), 30070);
     let lb = SocketAddr::new(ip("192.0.2.70"), 9000);
     // From outside the node: dropped (no local endpoint), as before.
+    let outside = Some(ip("10.0.1.5"));
     let (np, lbo) = sb.client.run(move || async move {
         (
-            probe(node_port, Duration::from_secs(2)).await,
-            probe(lb, Duration::from_secs(2)).await,
+            probe_from(outside, node_port, Duration::from_secs(2)).await,
+            probe_from(outside, lb, Duration::from_secs(2)).await,
         )
     });
     assert!(
@@ -150,6 +163,21 @@ fn node_processes_reach_local_policy_external_frontends_without_a_local_endpoint
     assert!(
         matches!(lbo, ConnectOutcome::TimedOut),
         "outside, LB IP: {lbo:?}"
+    );
+    // From a pod on this node (its pod CIDR): the cluster-wide endpoint.
+    let (np, lbo) = sb.client.run(move || async move {
+        (
+            probe(node_port, IO_TIMEOUT).await,
+            probe(lb, IO_TIMEOUT).await,
+        )
+    });
+    assert!(
+        matches!(np, ConnectOutcome::Connected(_)),
+        "pod, NodePort: {np:?}"
+    );
+    assert!(
+        matches!(lbo, ConnectOutcome::Connected(_)),
+        "pod, LB IP: {lbo:?}"
     );
     // From the node itself: served by the cluster-wide endpoint, as
     // kube-proxy's short-circuit does.

@@ -47,8 +47,11 @@
 //!   - an external frontend of an `externalTrafficPolicy: Local` service
 //!     with endpoints only elsewhere: `goto node_tproxy_v4`, which proxies
 //!     what arrives through `lo` (node processes, after the output mark's
-//!     detour) and drops the rest: kube-proxy serves the node from the
-//!     cluster-wide endpoints (its `fib saddr type local` short-circuit).
+//!     detour) and what comes from this node's pods (one lookup of
+//!     `daddr . proto . dport . saddr` in `node_pods_v4`, the Node's pod
+//!     CIDRs per such frontend), and drops the rest: kube-proxy serves the
+//!     node and its pods from the cluster-wide endpoints (its `fib saddr
+//!     type local` short-circuit, and NodeCIDR local detection).
 //! * `output` (route, priority mangle): lightpath's own sockets (upstream
 //!   connections, and its listeners, whose mark every accepted connection
 //!   inherits) carry the upstream mark and return at the first rule, so it
@@ -160,6 +163,10 @@ pub struct Rule {
     /// service with no local endpoint: kube-proxy serves the node from the
     /// cluster-wide endpoints (`Proxy`) while others are dropped.
     pub node_action: Action,
+    /// This node's pod CIDRs: where `node_action` differs, pods on this
+    /// node get it too (kube-proxy's NodeCIDR local detection). Empty: only
+    /// node processes.
+    pub node_pods: Arc<[IpNet]>,
     /// Only these sources get `action` (a new TCP connection, or any UDP
     /// datagram); every other source is dropped. `None`: every source.
     /// Networks of the other family are ignored, and overlapping ones are
@@ -174,14 +181,17 @@ impl Rule {
         Rule {
             action,
             node_action: action,
+            node_pods: Arc::from(Vec::new()),
             sources: Some(sources),
         }
     }
 
-    /// This rule, with `node_action` for clients on this node.
-    pub fn for_node(self, node_action: Action) -> Self {
+    /// This rule, with `node_action` for clients on this node: its
+    /// processes, and its pods (`pods`, this node's pod CIDRs).
+    pub fn for_node(self, node_action: Action, pods: Arc<[IpNet]>) -> Self {
         Rule {
             node_action,
+            node_pods: pods,
             ..self
         }
     }
@@ -198,6 +208,7 @@ impl From<Action> for Rule {
         Rule {
             action,
             node_action: action,
+            node_pods: Arc::from(Vec::new()),
             sources: None,
         }
     }
@@ -294,6 +305,12 @@ fn node_chain(f: Family, fw: bool) -> String {
     }
 }
 
+/// The interval set of `daddr . proto . dport . saddr` for this node's pods,
+/// per node-only frontend.
+fn node_pods_set(f: Family) -> String {
+    format!("node_pods_{}", f.suffix())
+}
+
 /// The interval set of allowed `daddr . proto . dport . saddr`.
 fn allow_set(f: Family) -> String {
     format!("allow_{}", f.suffix())
@@ -330,14 +347,18 @@ impl Hook {
 /// The allowed sources of a restricted rule, of the frontend's family,
 /// merged so no two overlap; `None` for an unrestricted rule.
 fn allowed(fe: &Frontend, rule: &Rule) -> Option<Vec<IpNet>> {
-    let nets = rule.sources.as_ref()?;
+    Some(of_family(fe, rule.sources.as_ref()?))
+}
+
+/// `nets` of `fe`'s family, host bits cleared, merged (no two overlap).
+fn of_family(fe: &Frontend, nets: &[IpNet]) -> Vec<IpNet> {
     let v4 = fe.family() == Family::V4;
     let same: Vec<IpNet> = nets
         .iter()
         .filter(|n| matches!(n, IpNet::V4(_)) == v4)
         .map(|n| n.trunc())
         .collect();
-    Some(IpNet::aggregate(&same))
+    IpNet::aggregate(&same)
 }
 
 fn verdict(hook: Hook, fe: &Frontend, rule: &Rule) -> String {
@@ -387,12 +408,13 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
         }
     }
     for f in Family::BOTH {
-        let _ = writeln!(
-            s,
-            "\tset {} {{\n\t\ttype {a} . inet_proto . inet_service . {a}\n\t\tflags interval\n\t}}",
-            allow_set(f),
-            a = f.addr_type()
-        );
+        for set in [allow_set(f), node_pods_set(f)] {
+            let _ = writeln!(
+                s,
+                "\tset {set} {{\n\t\ttype {a} . inet_proto . inet_service . {a}\n\t\tflags interval\n\t}}",
+                a = f.addr_type()
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -439,8 +461,11 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
         for (fw, to) in [(false, tproxy_chain(f)), (true, fw_tproxy_chain(f))] {
             let _ = writeln!(
                 s,
-                "\tchain {} {{\n\t\tiif \"lo\" goto {to}\n\t\tdrop\n\t}}",
-                node_chain(f, fw)
+                "\tchain {} {{\n\t\tiif \"lo\" goto {to}\n\t\t{} . {} saddr @{} goto {to}\n\t\tdrop\n\t}}",
+                node_chain(f, fw),
+                key_expr(f),
+                f.nft(),
+                node_pods_set(f)
             );
         }
     }
@@ -554,6 +579,14 @@ fn write_elements(s: &mut String, table: &str, verb: &str, items: &[(&Frontend, 
                 .or_default()
                 .push(format!("{fe} . {net}"));
         }
+        if rule.node_only() {
+            for net in of_family(fe, &rule.node_pods) {
+                groups
+                    .entry((3, node_pods_set(f)))
+                    .or_default()
+                    .push(format!("{fe} . {net}"));
+            }
+        }
     }
     for ((_, name), elems) in groups {
         for chunk in elems.chunks(ELEMENTS_PER_STATEMENT) {
@@ -650,13 +683,23 @@ mod tests {
                 "map {m} {{\n\t\ttype ipv6_addr . inet_proto . inet_service : verdict\n"
             )));
         }
-        // The only sets: the source-range firewall's, one per family.
+        // The only sets: the source-range firewall's and the node's pods,
+        // one each per family.
         let sets: Vec<&str> = s
             .lines()
             .map(str::trim)
             .filter(|l| l.starts_with("set "))
             .collect();
-        assert_eq!(sets, vec!["set allow_v4 {", "set allow_v6 {"], "{s}");
+        assert_eq!(
+            sets,
+            vec![
+                "set allow_v4 {",
+                "set node_pods_v4 {",
+                "set allow_v6 {",
+                "set node_pods_v6 {"
+            ],
+            "{s}"
+        );
         assert!(s.contains(
             "set allow_v4 {\n\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr\n\t\tflags interval\n"
         ));
@@ -747,7 +790,7 @@ mod tests {
         let a = full_script(&cfg(), &small);
         let b = full_script(&cfg(), &big);
         assert_eq!(rule_lines(&a), rule_lines(&b));
-        assert_eq!(rule_lines(&b).len(), 32, "{:?}", rule_lines(&b));
+        assert_eq!(rule_lines(&b).len(), 36, "{:?}", rule_lines(&b));
         // 10,000 elements in each of two maps, in statements of at most
         // ELEMENTS_PER_STATEMENT.
         let stmts = b.lines().filter(|l| l.starts_with("add element")).count();
@@ -822,22 +865,33 @@ mod tests {
     #[test]
     fn node_clients_of_a_local_policy_frontend_without_local_endpoints_are_proxied() {
         let s = full_script(&cfg(), &Frontends::new());
+        // Node processes arrive through lo; the node's pods are listed per
+        // frontend.
         assert_eq!(
             chain(&s, "node_tproxy_v4"),
-            vec!["iif \"lo\" goto tproxy_v4", "drop"]
+            vec![
+                "iif \"lo\" goto tproxy_v4",
+                "ip daddr . meta l4proto . th dport . ip saddr @node_pods_v4 goto tproxy_v4",
+                "drop"
+            ]
         );
         assert_eq!(
             chain(&s, "node_fw_tproxy_v6"),
-            vec!["iif \"lo\" goto fw_tproxy_v6", "drop"]
+            vec![
+                "iif \"lo\" goto fw_tproxy_v6",
+                "ip6 daddr . meta l4proto . th dport . ip6 saddr @node_pods_v6 goto fw_tproxy_v6",
+                "drop"
+            ]
         );
         let mut f = Frontends::new();
+        let pods = nets(&["10.244.1.0/24", "fd00:244:1::/64"]);
         f.insert(
             fe("10.0.1.1:30070"),
-            Rule::from(Action::Drop).for_node(Action::Proxy),
+            Rule::from(Action::Drop).for_node(Action::Proxy, pods.clone()),
         );
         f.insert(
             fe("192.0.2.70:443"),
-            Rule::only(Action::Drop, nets(&["203.0.113.0/24"])).for_node(Action::Proxy),
+            Rule::only(Action::Drop, nets(&["203.0.113.0/24"])).for_node(Action::Proxy, pods),
         );
         // Same action for everyone: nothing special.
         f.insert(fe("10.96.0.30:80"), Rule::from(Action::Drop));
@@ -851,6 +905,8 @@ mod tests {
                 "add element inet lightpath local_v4 { 10.0.1.1 . tcp . 30070 : goto mark_local, \
                  10.96.0.30 . tcp . 80 : drop, 192.0.2.70 . tcp . 443 : goto mark_local }",
                 "add element inet lightpath allow_v4 { 192.0.2.70 . tcp . 443 . 203.0.113.0/24 }",
+                "add element inet lightpath node_pods_v4 { 10.0.1.1 . tcp . 30070 . 10.244.1.0/24, \
+                 192.0.2.70 . tcp . 443 . 10.244.1.0/24 }",
             ]
         );
         // A change of the node action alone is a change of the frontend.

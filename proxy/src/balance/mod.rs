@@ -91,16 +91,18 @@ pub enum Scope {
 
 impl Scope {
     /// The scope for a connection from `client`: [`Scope::of`], except that
-    /// a client on this node reaching an external frontend of an
-    /// `externalTrafficPolicy: Local` service is served from the cluster
-    /// set (kube-proxy's short-circuit; mirrors
+    /// a client on this node (one of its addresses, or in its pod CIDRs)
+    /// reaching an external frontend of an `externalTrafficPolicy: Local`
+    /// service is served from the cluster set (kube-proxy's short-circuit; mirrors
     /// `ServicePort::endpoints_for_client`). The node's addresses are only
     /// consulted for such frontends.
     pub fn for_client(frontend: &Frontend, client: std::net::IpAddr) -> Scope {
-        if frontend.kind.is_external()
-            && frontend.service.external_local
-            && crate::local_addrs::is_local(client)
-        {
+        let svc = &frontend.service;
+        let on_node = || {
+            let ip = client.to_canonical();
+            crate::local_addrs::is_local(ip) || svc.node_pod_cidrs.iter().any(|n| n.contains(&ip))
+        };
+        if frontend.kind.is_external() && svc.external_local && on_node() {
             Scope::Cluster
         } else {
             Scope::of(frontend)

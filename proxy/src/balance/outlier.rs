@@ -108,6 +108,7 @@ mod tests {
             external_local: false,
             health_check_node_port: None,
             load_balancer_source_ranges: None,
+            node_pod_cidrs: Default::default(),
             annotations: Default::default(),
         })
     }

@@ -168,6 +168,7 @@ pub fn service_port(
         external_local: health_check_node_port.is_some(),
         health_check_node_port,
         load_balancer_source_ranges: None,
+        node_pod_cidrs: Default::default(),
         annotations: Default::default(),
     })
 }
