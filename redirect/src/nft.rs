@@ -361,10 +361,11 @@ fn of_family(fe: &Frontend, nets: &[IpNet]) -> Vec<IpNet> {
     IpNet::aggregate(&same)
 }
 
-fn verdict(hook: Hook, fe: &Frontend, rule: &Rule) -> String {
+/// The map verdict of `fe` in `hook`; `restricted` is [`allowed`]'s answer
+/// for it (computed once per frontend by the caller).
+fn verdict(hook: Hook, fe: &Frontend, rule: &Rule, restricted: Option<&[IpNet]>) -> String {
     let f = fe.family();
-    let restricted = allowed(fe, rule);
-    if restricted.as_ref().is_some_and(Vec::is_empty) {
+    if restricted.is_some_and(<[IpNet]>::is_empty) {
         // Restricted to no source at all.
         return "drop".to_string();
     }
@@ -562,18 +563,19 @@ fn write_elements(s: &mut String, table: &str, verb: &str, items: &[(&Frontend, 
     let mut groups: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
     for (fe, rule) in items {
         let f = fe.family();
+        let restricted = allowed(fe, rule);
         for hook in Hook::BOTH {
             let text = if verb == "delete" {
                 fe.to_string()
             } else {
-                format!("{fe} : {}", verdict(hook, fe, rule))
+                format!("{fe} : {}", verdict(hook, fe, rule, restricted.as_deref()))
             };
             groups
                 .entry((hook as u8, hook.map(f)))
                 .or_default()
                 .push(text);
         }
-        for net in allowed(fe, rule).into_iter().flatten() {
+        for net in restricted.into_iter().flatten() {
             groups
                 .entry((2, allow_set(f)))
                 .or_default()
