@@ -13,8 +13,6 @@ mod support {
 use std::net::{IpAddr, SocketAddr};
 
 use support::netns::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const VIP4: &str = "10.96.0.50";
 const VIP6: &str = "fd00:96::50";
@@ -68,19 +66,8 @@ fn manifest() -> String {
 
 /// One GET; the address the backend saw (its `x-peer-addr` header).
 async fn peer_seen(addr: SocketAddr) -> Result<SocketAddr, String> {
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::with_capacity(512);
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(IO_TIMEOUT, exchange)
+    let text = lightpath::sandbox::http_get(addr, IO_TIMEOUT)
         .await
-        .map_err(|_| format!("{addr}: timed out"))?
         .map_err(|e| format!("{addr}: {e}"))?;
     let line = text
         .lines()

@@ -11,6 +11,15 @@ use tokio::net::TcpStream;
 /// name of the `lightpath backend` that answered). Run inside a namespace.
 /// Taking longer than `timeout` is an error of kind `TimedOut`.
 pub async fn http_name(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let text = http_get(addr, timeout).await?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_string())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))
+}
+
+/// One `GET /` on a fresh connection (`Connection: close`); the whole
+/// response as text, head and body. Bounded by `timeout` as [`http_name`].
+pub async fn http_get(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let exchange = async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
@@ -19,10 +28,7 @@ pub async fn http_name(addr: SocketAddr, timeout: Duration) -> std::io::Result<S
         .await?;
         let mut buf = Vec::with_capacity(256);
         s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf);
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.trim().to_string())
-            .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     };
     tokio::time::timeout(timeout, exchange).await.map_err(|_| {
         std::io::Error::new(

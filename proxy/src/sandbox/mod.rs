@@ -31,7 +31,7 @@ mod process;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-pub use client::http_name;
+pub use client::{http_get, http_name};
 pub use netns::Netns;
 pub use node::{pod_v4, pod_v6, Sandbox, CLIENT_V4, MAX_PODS, NODE_NAME};
 pub use process::{Lines, Proc};
