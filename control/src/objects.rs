@@ -263,6 +263,28 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("invalid IP address {s:?}"))
 }
 
+/// A list field that replaced a singular one (`spec.clusterIPs` and
+/// `spec.clusterIP`, `spec.podCIDRs` and `spec.podCIDR`): the list's entries
+/// when it has any, else the single value when set and not empty; each with
+/// its field path for errors (`spec.clusterIPs[1]`, `spec.clusterIP`).
+fn list_or_single<'a>(
+    (list_field, list): (&str, Option<&'a [String]>),
+    (single_field, single): (&str, Option<&'a str>),
+) -> Vec<(String, &'a str)> {
+    match list {
+        Some(v) if !v.is_empty() => v
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{list_field}[{i}]"), s.as_str()))
+            .collect(),
+        _ => single
+            .filter(|s| !s.is_empty())
+            .map(|s| (single_field.to_string(), s))
+            .into_iter()
+            .collect(),
+    }
+}
+
 /// A CIDR as kube-proxy's `ParseCIDRSloppy` takes it: host bits allowed
 /// and cleared.
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
@@ -342,29 +364,19 @@ pub fn parse_service(
 
     // kube-proxy's IsServiceIPSet looks at spec.clusterIP; clusterIPs[0]
     // mirrors it on any API server that fills clusterIPs.
-    let (ips_field, raw_ips): (&str, Vec<&str>) = match spec.cluster_ips.as_deref() {
-        Some(ips) if !ips.is_empty() => {
-            ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
-        }
-        _ => (
-            "spec.clusterIP",
-            spec.cluster_ip.as_deref().into_iter().collect(),
-        ),
-    };
+    let raw_ips = list_or_single(
+        ("spec.clusterIPs", spec.cluster_ips.as_deref()),
+        ("spec.clusterIP", spec.cluster_ip.as_deref()),
+    );
     if raw_ips
         .first()
-        .is_none_or(|ip| ip.is_empty() || *ip == "None")
+        .is_none_or(|(_, ip)| ip.is_empty() || *ip == "None")
         || spec.cluster_ip.as_deref() == Some("None")
     {
         return Ok(Err(Skip::Headless));
     }
     let mut cluster_ips = Vec::with_capacity(raw_ips.len());
-    for (i, raw) in raw_ips.iter().enumerate() {
-        let field = if ips_field == "spec.clusterIPs" {
-            format!("{ips_field}[{i}]")
-        } else {
-            ips_field.to_string()
-        };
+    for (field, raw) in raw_ips {
         cluster_ips.push(parse_ip(raw).map_err(|m| err(field, m))?);
     }
 
@@ -674,24 +686,14 @@ pub fn parse_node(node: &Node) -> Result<NodeInfo, ObjectError> {
         }
     }
     let spec = node.spec.as_ref();
-    let (field, raw): (&str, Vec<&str>) = match spec.and_then(|s| s.pod_cidrs.as_deref()) {
-        Some(c) if !c.is_empty() => ("spec.podCIDRs", c.iter().map(String::as_str).collect()),
-        _ => (
-            "spec.podCIDR",
-            spec.and_then(|s| s.pod_cidr.as_deref())
-                .filter(|c| !c.is_empty())
-                .into_iter()
-                .collect(),
-        ),
-    };
+    let raw = list_or_single(
+        ("spec.podCIDRs", spec.and_then(|s| s.pod_cidrs.as_deref())),
+        ("spec.podCIDR", spec.and_then(|s| s.pod_cidr.as_deref())),
+    );
     let mut pod_cidrs = Vec::with_capacity(raw.len());
-    for (i, c) in raw.iter().enumerate() {
-        let f = if field == "spec.podCIDRs" {
-            format!("{field}[{i}]")
-        } else {
-            field.to_string()
-        };
-        pod_cidrs.push(parse_cidr(c.trim()).map_err(|m| ObjectError::new(KIND, "", name, f, m))?);
+    for (field, c) in raw {
+        pod_cidrs
+            .push(parse_cidr(c.trim()).map_err(|m| ObjectError::new(KIND, "", name, field, m))?);
     }
     Ok(NodeInfo {
         name: name.to_string(),
