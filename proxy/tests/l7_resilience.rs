@@ -812,13 +812,17 @@ async fn idle_upstream_connections_of_a_replaced_state_still_close() {
         .await
         .expect("connect");
     let mut buf = Vec::new();
-    let get = b"GET / HTTP/1.1\r\nhost: retire\r\n\r\n";
-    tokio::io::AsyncWriteExt::write_all(&mut s, get)
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut s, &mut buf).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert_eq!(body, "b");
+    // One keep-alive GET on the held client connection, answered by `b`.
+    async fn get_b(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+        let get = b"GET / HTTP/1.1\r\nhost: retire\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(s, get)
+            .await
+            .expect("write");
+        let (head, body) = read_response(s, buf).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, "b");
+    }
+    get_b(&mut s, &mut buf).await;
     assert_eq!(b.open(), 1, "the upstream connection is pooled");
 
     // New annotations: a new L7 state. The client connection stays idle.
@@ -831,12 +835,7 @@ async fn idle_upstream_connections_of_a_replaced_state_still_close() {
     b.all_closed("idle upstream connection(s) of the replaced state")
         .await;
 
-    tokio::io::AsyncWriteExt::write_all(&mut s, get)
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut s, &mut buf).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert_eq!(body, "b");
+    get_b(&mut s, &mut buf).await;
     assert_eq!(b.connections.load(Ordering::SeqCst), 2);
 
     // The service leaves the table; the client connection stays open and
