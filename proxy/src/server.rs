@@ -559,14 +559,15 @@ impl Server {
         // Opened and active until this function returns.
         let conn = balancer.metrics().tcp_open();
         let access_started = crate::telemetry::access_log_enabled().then(std::time::Instant::now);
+        let keep = self.cfg.relay.connect.keep_client_source;
+        let source = l4::Source::for_frontend(frontend, peer.ip(), keep);
         // The dispatch point: HTTP frontends are proxied per request.
         let result = match frontend.service.mode {
             Mode::L4 => {
                 let meters = Some(conn.meters());
-                let keep = self.cfg.relay.connect.keep_client_source;
                 let client = l4::Client {
                     ip: peer.ip(),
-                    source: l4::Source::for_frontend(frontend, peer.ip(), keep),
+                    source,
                 };
                 l4::relay(
                     sock,
@@ -580,9 +581,8 @@ impl Server {
                 .await
             }
             Mode::Http | Mode::H2c => {
-                let keep = self.cfg.relay.connect.keep_client_source;
                 self.l7
-                    .serve_connection(sock, peer, frontend, balancer, keep, drain)
+                    .serve_connection(sock, peer, frontend, balancer, (scope, source), drain)
                     .await;
                 return;
             }

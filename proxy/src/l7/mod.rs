@@ -344,7 +344,9 @@ impl L7 {
 
     /// Serves HTTP on one redirected connection until the client closes it
     /// or the drain deadline passes. On the drain signal, HTTP/1.1 finishes
-    /// the request in progress and closes; HTTP/2 sends GOAWAY.
+    /// the request in progress and closes; HTTP/2 sends GOAWAY. `(scope,
+    /// source)`: the endpoint set and upstream source the accept path chose
+    /// for this client.
     #[allow(clippy::too_many_arguments)]
     pub async fn serve_connection(
         self: &Arc<Self>,
@@ -352,7 +354,7 @@ impl L7 {
         peer: SocketAddr,
         frontend: &Frontend,
         balancer: Arc<Balancer>,
-        keep_source: bool,
+        (scope, source): (Scope, crate::l4::Source),
         drain: &drain::Watch,
     ) {
         let _ = sock.set_nodelay(true);
@@ -364,9 +366,9 @@ impl L7 {
             l7: self.clone(),
             svc: ArcSwap::new(svc),
             balancer,
-            scope: Scope::for_client(frontend, peer.ip()),
+            scope,
             peer,
-            source: crate::l4::Source::for_frontend(frontend, peer.ip(), keep_source),
+            source,
             forwarded: headers::ClientAddr::new(peer.ip()),
         });
         let svc = service_fn(move |req| {

@@ -301,14 +301,16 @@ impl FlowTable {
         self: &Arc<Self>,
         key: FlowKey,
         balancer: &Arc<Balancer>,
-        (scope, source): (Scope, Source),
+        route: impl FnOnce() -> (Scope, Source),
         payload: &[u8],
         reply: &Arc<UdpSocket>,
     ) -> Result<SocketAddr, UdpError> {
         if let Some(r) = self.relay(&key, payload) {
             return r;
         }
-        let shared = self.open(key, balancer, (scope, source), reply)?;
+        // Scope and source matter only to a new flow: asked for here, not
+        // per datagram.
+        let shared = self.open(key, balancer, route(), reply)?;
         self.send_up(&shared, payload)
     }
 

@@ -186,14 +186,15 @@ pub async fn serve(
                     continue;
                 }
             };
-            let source = Source::for_frontend(fe, key.client.ip(), flows.keeps_client_source());
-            if let Err(e) = flows.forward(
-                key,
-                &balancer,
-                (Scope::for_client(fe, key.client.ip()), source),
-                payload,
-                &reply,
-            ) {
+            let route = || {
+                let ip = key.client.ip();
+                let keep = flows.keeps_client_source();
+                (
+                    Scope::for_client(fe, ip),
+                    Source::for_frontend(fe, ip, keep),
+                )
+            };
+            if let Err(e) = flows.forward(key, &balancer, route, payload, &reply) {
                 tracing::debug!(client = %d.from, frontend = %dst, error = %e, "udp datagram dropped");
             }
         }

@@ -81,7 +81,7 @@ impl Rig {
         self.table.forward(
             key,
             &self.b,
-            (Scope::Cluster, Source::Node),
+            || (Scope::Cluster, Source::Node),
             payload,
             &self.front,
         )
@@ -276,7 +276,7 @@ async fn concurrent_relays_and_new_flows_keep_the_cap_and_the_counts() {
                 } else {
                     key(task, n)
                 };
-                match table.forward(k, &b, (Scope::Cluster, Source::Node), b"x", &front) {
+                match table.forward(k, &b, || (Scope::Cluster, Source::Node), b"x", &front) {
                     Ok(ep) => {
                         assert_eq!(ep, e);
                         sent += 1;
