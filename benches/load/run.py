@@ -666,6 +666,19 @@ class Bench:
             return "(no log)"
         return logs[-1].read_text(errors="replace")[-600:].strip().replace("\n", " | ")
 
+    def keep_proxy_log(self, spec: ModeSpec, what: str) -> Path:
+        """Copies the proxy's current log out of the workdir (which is removed at the end), so a
+        round with client-visible errors can be explained afterwards. Returns where it went."""
+        logs = sorted(self.workdir.glob(f"{spec.name}*.log"), key=lambda p: p.stat().st_mtime)
+        self.args.log_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = self.args.log_dir / f"{stamp}-{spec.name}-{what}.log"
+        if logs:
+            shutil.copyfile(logs[-1], dest)
+        else:
+            dest.write_text("(the proxy wrote no log)\n")
+        return dest
+
     @staticmethod
     def policy_routing(node: str) -> None:
         sh(in_ns(node, ["ip", "rule", "add", "fwmark", f"{TPROXY_MARK}/{TPROXY_MARK}", "lookup", TPROXY_TABLE]))
@@ -951,6 +964,7 @@ class Results:
     # (mode label, case) -> list of per-round result dicts
     rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # lightpath errors, with the kept log
     setup: dict[str, list[float]] = field(default_factory=dict)
     idle_rss: dict[str, list[float]] = field(default_factory=dict)
     profiles: dict[str, str] = field(default_factory=dict)
@@ -1073,6 +1087,10 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
         out.append("### Steps that failed\n")
         out += [f"- {f}" for f in res.failures]
         out.append("")
+    if res.unexpected:
+        out.append("### lightpath errors, with the proxy's log kept\n")
+        out += [f"- {f}" for f in res.unexpected]
+        out.append("")
     out.append("### Targets (issue 8)\n")
     out += targets(res, main_specs, scale_specs, args)
     out.append("")
@@ -1174,6 +1192,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="markdown file to append the report to (default BENCHMARKS.md; none with --smoke)")
     ap.add_argument("--no-append", action="store_true", help="print the report only")
     ap.add_argument("--keep-workdir", action="store_true", help="keep generated configs and logs")
+    ap.add_argument("--log-dir", type=Path, default=REPO / "target/load-logs",
+                    help="where a lightpath log is copied when a case saw client-visible errors "
+                         "(default target/load-logs; the workdir itself is removed at the end)")
     ap.add_argument("--note", action="append", default=[],
                     help="a line of context for the report (e.g. what the lightpath build contains); repeatable")
     ap.add_argument("--profile", action="store_true",
@@ -1275,6 +1296,14 @@ def main(argv: list[str]) -> int:
                         log(f"  {case}: failed: {e}")
                         continue
                     res.add(spec.label, case, r)
+                    # Errors lightpath should not have shown (all but L4's failure runs, where a
+                    # killed backend's open connections are lost as with any L4 relay): keep its log.
+                    if r.get("errors") and real.name.startswith("lightpath") and (
+                            case not in FAILURE_CASES or real.name == "lightpath-l7"):
+                        kept = bench.keep_proxy_log(real, f"round{rnd + 1}-{case}")
+                        res.unexpected.append(f"round {rnd + 1}, {spec.label}, {case}: {r['errors']} errors "
+                                              f"({r['error_detail']}); proxy log kept in {kept}")
+                        log(f"  {case}: proxy log kept in {kept}")
                     ok, why = smoke_check(case, r)
                     checks.append((f"{spec.label} {case}", ok, why))
                     log(f"  {case}: {summary_line(r)}{'' if ok else '  <-- ' + why}")
