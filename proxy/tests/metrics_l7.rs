@@ -2,7 +2,8 @@
 //! path on loopback (an HTTP service whose frontend is the listener's own
 //! address), then `/metrics` parsed with an independent Prometheus parser;
 //! the per-class request counters and the duration histogram match what
-//! was sent, and so do the connection counters underneath.
+//! was sent, and so do the connection counters underneath; the upstream
+//! connection gauge follows a removed service's connections down to 0.
 
 mod admin_util;
 mod support {
@@ -147,6 +148,19 @@ async fn http_request_counters_match_the_requests_sent() {
     assert!((1..=4).contains(&backends_open), "{backends_open}");
     let upstream = |s: &_| sample(s, "lightpath_http_upstream_connections", &labels);
     scrape_until(rig.metrics_addr(), upstream, Some(backends_open as f64)).await;
+
+    // The service leaves the table: its pooled connections are closed, and
+    // the gauge follows them to 0 instead of keeping its last sample.
+    rig.served.publish(Vec::new());
+    scrape_until(rig.metrics_addr(), upstream, Some(0.0)).await;
+    let closed_in_time = async {
+        while open1.load(Ordering::SeqCst) + open2.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, closed_in_time)
+        .await
+        .expect("the removed service's upstream connections closed in time");
 
     rig.shutdown().await;
 }

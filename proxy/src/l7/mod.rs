@@ -86,8 +86,10 @@ pub struct L7 {
     /// removed) that may still be alive: a client connection keeps the
     /// state of its last request until its next one, and with it that
     /// state's idle upstream connections, which the sweep must still close.
-    /// Pruned by the sweep once dead.
-    retired: Mutex<Vec<std::sync::Weak<Shared>>>,
+    /// Pruned by the sweep once dead. Each keeps its metric handles, so
+    /// the sweep can still report a removed service port's connections as
+    /// they close, down to 0.
+    retired: Mutex<Vec<(std::sync::Weak<Shared>, Arc<ServiceMetrics>)>>,
     /// SO_MARK on upstream sockets (0 = none).
     mark: u32,
     server: auto::Builder<TokioExecutor>,
@@ -310,7 +312,7 @@ impl L7 {
         self.retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::downgrade(shared));
+            .push((Arc::downgrade(shared), shared.metrics.clone()));
     }
 
     /// Closes idle upstream connections that expired or that their peer
@@ -318,9 +320,14 @@ impl L7 {
     /// each used service's open upstream connections into its
     /// `lightpath_http_upstream_connections` gauge. The table sync task
     /// calls it every [`IDLE_SWEEP_INTERVAL`]. How many were closed.
+    ///
+    /// A service port that left the table is sampled from its retired
+    /// states: what they still hold open, and 0 once they are gone, so its
+    /// series does not keep the last value it had while it was served.
     pub fn sweep_idle(&self) -> usize {
         let mut closed = 0;
-        for s in self.services.load().values() {
+        let services = self.services.load();
+        for s in services.values() {
             closed += s.shared.pools.sweep();
             // Only once the service's series exist (its first use); the
             // sweep never registers them.
@@ -329,15 +336,31 @@ impl L7 {
                 s.shared.metrics.http_upstream_connections.set(open as f64);
             }
         }
-        // Retired states: swept while alive, forgotten once dropped. Upgraded
-        // outside the lock, so the last reference never drops under it.
-        let retired: Vec<Arc<Shared>> = {
+        // Retired states: swept while alive, forgotten once dropped (after
+        // this sweep reported them). Upgraded outside the lock, so the last
+        // reference never drops under it.
+        let retired: Vec<(Option<Arc<Shared>>, Arc<ServiceMetrics>)> = {
             let mut r = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-            r.retain(|w| w.strong_count() > 0);
-            r.iter().filter_map(std::sync::Weak::upgrade).collect()
+            let all = r.iter().map(|(w, m)| (w.upgrade(), m.clone())).collect();
+            r.retain(|(w, _)| w.strong_count() > 0);
+            all
         };
-        for shared in retired {
-            closed += shared.pools.sweep();
+        let mut removed: HashMap<&ServicePortName, (&Arc<ServiceMetrics>, usize)> = HashMap::new();
+        for (shared, metrics) in &retired {
+            let open = match shared {
+                Some(shared) => {
+                    closed += shared.pools.sweep();
+                    shared.limits.connections.get()
+                }
+                None => 0,
+            };
+            // A name still served is reported by its current state above.
+            if metrics.is_registered() && !services.contains_key(&metrics.name) {
+                removed.entry(&metrics.name).or_insert((metrics, 0)).1 += open;
+            }
+        }
+        for (metrics, open) in removed.into_values() {
+            metrics.http_upstream_connections.set(open as f64);
         }
         closed
     }
