@@ -36,7 +36,12 @@
 //! * Upgrades and CONNECT get a connection of their own that runs in a
 //!   spawned task (it becomes the tunnel and outlives the request).
 //! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint, run by a
-//!   spawned task, replaced when it closes.
+//!   spawned task, replaced when it closes. Once no request has started on
+//!   it for the idle timeout, the sweep lets it go: the pool drops its
+//!   handle, hyper sends GOAWAY and closes it when its last stream ends,
+//!   and the next request opens a new one. Without it an HTTP/2 connection
+//!   lived as long as the backend kept it, and every client address that
+//!   ever used a kept-source pool held one open for good.
 //! * Every connection counts against the service's `max-connections` for as
 //!   long as it is open (pooled idle ones included: the slot lives in
 //!   [`H1`]); every request waiting for a new connection counts against
@@ -297,8 +302,16 @@ pub struct EndpointPool {
     idle_timeout: Duration,
     /// Idle connections by the thread that opened them (see [`Shard`]).
     idle: [Shard; SHARDS],
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    h2: Mutex<Option<H2>>,
     h2_connect: tokio::sync::Mutex<()>,
+}
+
+/// The endpoint's HTTP/2 connection, and when a request last started on it
+/// (set under the lock each request takes anyway).
+#[derive(Debug)]
+struct H2 {
+    sender: http2::SendRequest<Body>,
+    used: Instant,
 }
 
 /// The idle connections of the threads whose tag is `i` modulo [`SHARDS`],
@@ -417,8 +430,18 @@ impl EndpointPool {
 
     /// Takes out of the idle lists the connections that expired, that their
     /// peer closed, or that cannot take a request (each polled once, without
-    /// a waker, as at checkout). The caller drops them outside the locks.
-    fn sweep_into(&self, now: Instant, out: &mut Vec<Idle>) {
+    /// a waker, as at checkout); and the HTTP/2 connection, if it closed or
+    /// no request started on it for the idle timeout. The caller drops them
+    /// outside the locks.
+    fn sweep_into(&self, now: Instant, out: &mut Vec<Idle>, h2_out: &mut Vec<H2>) {
+        if self.http2 {
+            let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            if h2.as_ref().is_some_and(|c| {
+                c.sender.is_closed() || now.saturating_duration_since(c.used) >= self.idle_timeout
+            }) {
+                h2_out.extend(h2.take());
+            }
+        }
         for shard in &self.idle {
             let mut idle = shard.0.lock().unwrap_or_else(|e| e.into_inner());
             if idle.is_empty() {
@@ -546,14 +569,13 @@ impl EndpointPool {
         Ok((result, checkin))
     }
 
-    /// The endpoint's HTTP/2 connection, if it has one that is still open.
+    /// The endpoint's HTTP/2 connection, if it has one that is still open,
+    /// marked as used now.
     fn open_h2(&self) -> Option<http2::SendRequest<Body>> {
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .cloned()
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let c = h2.as_mut().filter(|c| !c.sender.is_closed())?;
+        c.used = Instant::now();
+        Some(c.sender.clone())
     }
 
     async fn send_h2(
@@ -581,7 +603,10 @@ impl EndpointPool {
                                 })
                             }
                         };
-                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(H2 {
+                            sender: s.clone(),
+                            used: Instant::now(),
+                        });
                         s
                     }
                 }
@@ -814,20 +839,22 @@ impl Pools {
     }
 
     /// Closes the idle connections of every endpoint that expired, that
-    /// their peer closed, or that cannot take a request. How many. Then
+    /// their peer closed, or that cannot take a request, and lets idle
+    /// HTTP/2 connections go (see the module doc). How many. Then
     /// forgets the client-source pools left unused: no idle connection, no
     /// HTTP/2 connection, and no reference but the map's (a request or a
     /// connection in use holds one).
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let mut gone = Vec::new();
+        let (mut gone, mut gone_h2) = (Vec::new(), Vec::new());
         let mut unused = false;
         for pool in self.map.load().values() {
-            pool.sweep_into(now, &mut gone);
+            pool.sweep_into(now, &mut gone, &mut gone_h2);
             unused |= pool.source.is_some() && pool.is_unused();
         }
-        let n = gone.len();
+        let n = gone.len() + gone_h2.len();
         drop(gone);
+        drop(gone_h2);
         if n > 0 {
             tracing::debug!(closed = n, "idle upstream connections swept");
         }
