@@ -118,6 +118,20 @@ def in_ns(ns: str, cmd: list[str]) -> list[str]:
     return ["ip", "netns", "exec", ns] + cmd
 
 
+def in_net_ns(ns: str, cmd: list[str]) -> list[str]:
+    """Runs `cmd` in network namespace `ns` only, with the host's mount namespace.
+
+    Why the backends start this way and not with `ip netns exec`: that gives each process tree a
+    mount namespace of its own (to remount /sys), and the last process of it to exit tears it down
+    in `do_exit`, waiting in `synchronize_rcu_expedited` *before* its sockets are closed. On this
+    saturated 2-core machine that wait took 0.4-2.4 s (bpftrace on `sched_switch` of exiting nginx
+    tasks: `namespace_unlock` <- `free_nsproxy` <- `do_exit`), so a killed backend went on holding
+    the requests it had accepted, answering nothing and resetting nothing, past wrk's 2 s timeout.
+    The failure case means "the pod died": its sockets reset at once (BENCHMARKS.md, session 9).
+    """
+    return ["nsenter", f"--net=/run/netns/{ns}"] + cmd
+
+
 # --------------------------------------------------------------------------------------------
 # /proc sampling: proxy CPU and memory
 # --------------------------------------------------------------------------------------------
@@ -236,14 +250,15 @@ class Topology:
         conf = d / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=d, name=f"backend-{i}", bulk_dir=self.bulk_file.parent,
                                           bulk_name=self.bulk_file.name, http=HTTP_PORT, h2=H2_PORT))
-        p = subprocess.Popen(in_ns(self.backends[i], ["nginx", "-c", str(conf), "-p", str(d)]),
+        p = subprocess.Popen(in_net_ns(self.backends[i], ["nginx", "-c", str(conf), "-p", str(d)]),
                              stdout=subprocess.DEVNULL, stderr=open(d / "stderr.log", "wb"))
         self.nginx[i] = p
         self.procs.append(p)
         if self.udp_echo is not None and os.access(self.udp_echo, os.X_OK):
             self.spawn(self.backends[i], [str(self.udp_echo), "backend", "--name", f"backend-{i}",
                                           "--echo", "0.0.0.0:9000", "--http", "0.0.0.0:8080",
-                                          "--udp-echo", f"0.0.0.0:{UDP_PORT}"], d / "udp-echo.log")
+                                          "--udp-echo", f"0.0.0.0:{UDP_PORT}"], d / "udp-echo.log",
+                       net_only=True)
 
     def kill_backend(self, i: int) -> None:
         """SIGKILL every process in backend namespace i: the 'pod died' failure."""
@@ -266,8 +281,9 @@ class Topology:
             time.sleep(0.2)
         raise BenchError(f"{what} did not answer {url} within {timeout:.0f}s ({last})")
 
-    def spawn(self, ns: str, cmd: list[str], log_path: Path) -> subprocess.Popen:
-        p = subprocess.Popen(in_ns(ns, cmd), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    def spawn(self, ns: str, cmd: list[str], log_path: Path, net_only: bool = False) -> subprocess.Popen:
+        wrap = in_net_ns if net_only else in_ns
+        p = subprocess.Popen(wrap(ns, cmd), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p
 
@@ -1222,7 +1238,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_env(args, modes: list[str]) -> None:
     if os.geteuid() != 0:
         raise BenchError("must run as root (it creates network namespaces and nftables rules)")
-    need = ["ip", "nft", "nginx", "wrk", "h2load", "curl"]
+    need = ["ip", "nsenter", "nft", "nginx", "wrk", "h2load", "curl"]
     if "iptables-dnat" in modes:
         need.append("iptables-restore")
     if any(m.startswith("haproxy") for m in modes):
