@@ -222,12 +222,22 @@ pub struct ServicePort {
     /// `translate`). `None`: any source. No other frontend kind is filtered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer_source_ranges: Option<Arc<[IpNet]>>,
-    /// This node's pod CIDRs, for an `externalTrafficPolicy: Local`
-    /// service's external frontends (empty otherwise): pods on this node
-    /// reach them through the cluster set, as node processes do
-    /// (kube-proxy's short-circuit with NodeCIDR local detection).
+    /// The sources that count as pods (kube-proxy's local traffic
+    /// detector, [`crate::options::DetectLocal`]: this Node's pod CIDRs, or
+    /// `--cluster-cidr`), where they change anything (empty otherwise):
+    /// * for an `externalTrafficPolicy: Local` service's external
+    ///   frontends, pods reach them through the cluster set, as node
+    ///   processes do (kube-proxy's short-circuit);
+    /// * under [`Self::masquerade_off_cluster`], ClusterIP traffic from
+    ///   other sources is masqueraded.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    pub node_pod_cidrs: Arc<[IpNet]>,
+    pub local_pod_cidrs: Arc<[IpNet]>,
+    /// A local traffic detector is configured: ClusterIP traffic from a
+    /// source outside [`Self::local_pod_cidrs`] reaches the endpoint from
+    /// the node's address (kube-proxy masquerades off-cluster traffic to a
+    /// service VIP, whose reply would otherwise not come back this way).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub masquerade_off_cluster: bool,
     /// The Service's `lightpath.io/*` annotations, parsed by the data plane.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -255,7 +265,8 @@ impl ServicePort {
             external_local: false,
             health_check_node_port: None,
             load_balancer_source_ranges: None,
-            node_pod_cidrs: Arc::from(Vec::new()),
+            local_pod_cidrs: Arc::from(Vec::new()),
+            masquerade_off_cluster: false,
             annotations: BTreeMap::new(),
         }
     }

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::model::{Endpoint, Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName};
 use crate::objects::{Family, NodeInfo, PortInfo, ServiceInfo, SliceInfo};
-use crate::options::Options;
+use crate::options::{DetectLocal, Options};
 use crate::select::{categorize, Candidate};
 
 /// What translation needs to know about this node.
@@ -26,8 +26,13 @@ pub struct NodeCtx {
     /// NodePort addresses: the Node's InternalIP/ExternalIP plus
     /// `Options::node_ips`, deduplicated.
     pub ips: Vec<IpAddr>,
-    /// The Node's `spec.podCIDRs`.
-    pub pod_cidrs: Arc<[IpNet]>,
+    /// The sources that count as pods ([`crate::options::DetectLocal`]):
+    /// the `--cluster-cidr` networks in ClusterCIDR mode, otherwise the
+    /// Node's `spec.podCIDRs`.
+    pub local_pod_cidrs: Arc<[IpNet]>,
+    /// A detector is configured (and has networks): ClusterIP traffic from
+    /// other sources is masqueraded.
+    pub masquerade_off_cluster: bool,
 }
 
 impl NodeCtx {
@@ -38,6 +43,16 @@ impl NodeCtx {
                 ips.push(*ip);
             }
         }
+        let node_pods: Vec<IpNet> = node.map(|n| n.pod_cidrs.clone()).unwrap_or_default();
+        let (local_pod_cidrs, masquerade_off_cluster): (Arc<[IpNet]>, bool) =
+            match &opts.detect_local {
+                DetectLocal::Unset => (node_pods.into(), false),
+                DetectLocal::NodeCidr => {
+                    let detect = !node_pods.is_empty();
+                    (node_pods.into(), detect)
+                }
+                DetectLocal::ClusterCidr(nets) => (nets.clone().into(), !nets.is_empty()),
+            };
         NodeCtx {
             name: opts.node_name.clone(),
             zone: node
@@ -45,7 +60,8 @@ impl NodeCtx {
                 .unwrap_or("")
                 .to_string(),
             ips,
-            pod_cidrs: node.map(|n| n.pod_cidrs.clone()).unwrap_or_default().into(),
+            local_pod_cidrs,
+            masquerade_off_cluster,
         }
     }
 }
@@ -179,12 +195,16 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
                 health_check_node_port: svc.health_check_node_port,
                 load_balancer_source_ranges: firewall.clone(),
                 // Only where it changes anything: the external frontends of
-                // a Local-policy service.
-                node_pod_cidrs: if svc.external_policy_local && externally_accessible {
-                    node.pod_cidrs.clone()
+                // a Local-policy service, and every ClusterIP under a
+                // detector.
+                local_pod_cidrs: if node.masquerade_off_cluster
+                    || (svc.external_policy_local && externally_accessible)
+                {
+                    node.local_pod_cidrs.clone()
                 } else {
                     Arc::from(Vec::new())
                 },
+                masquerade_off_cluster: node.masquerade_off_cluster,
                 annotations: svc.annotations.clone(),
             });
             let mut push = |ip: IpAddr, p: u16, kind: FrontendKind| {

@@ -111,7 +111,8 @@ fn run(c: &Case) {
         external_local: c.external_local && c.externally_accessible,
         health_check_node_port: None,
         load_balancer_source_ranges: None,
-        node_pod_cidrs: Default::default(),
+        local_pod_cidrs: Default::default(),
+        masquerade_off_cluster: false,
         annotations: BTreeMap::new(),
     };
     let got = |eps: &[control::Endpoint]| {

@@ -650,11 +650,11 @@ fn pod_cidrs_reach_the_external_frontends_of_local_policy_services_only() {
     let t = st.snapshot();
     // gw (externalTrafficPolicy: Local): the node's pods, its family's.
     let gw = &t.lookup(&key("203.0.113.7:80")).unwrap().service;
-    let cidrs: Vec<String> = gw.node_pod_cidrs.iter().map(|n| n.to_string()).collect();
+    let cidrs: Vec<String> = gw.local_pod_cidrs.iter().map(|n| n.to_string()).collect();
     assert_eq!(cidrs, vec!["10.244.0.0/24", "fd00:244::/64"]);
     // web (ClusterIP only): nothing to short-circuit.
     let web = &t.lookup(&key("10.96.0.10:80")).unwrap().service;
-    assert!(web.node_pod_cidrs.is_empty());
+    assert!(web.local_pod_cidrs.is_empty());
     // A bad CIDR names the field; the previous Node stays.
     let e = st
         .upsert_node(with_pods(json!(["10.244.0.0/24", "10.244.1.0/40"])))
@@ -664,6 +664,67 @@ fn pod_cidrs_reach_the_external_frontends_of_local_policy_services_only() {
         "Node node-a: spec.podCIDRs[1]: invalid CIDR \"10.244.1.0/40\" \
          (want e.g. 203.0.113.0/24 or 2001:db8::/64)"
     );
+}
+
+#[test]
+fn a_local_traffic_detector_reaches_every_service_port() {
+    use control::options::DetectLocal;
+    let with_pods = node(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE},
+        "spec": {"podCIDRs": ["10.244.0.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.244.0.1"}]}
+    }));
+    let translate = |detect_local: DetectLocal| {
+        let mut st = ClusterState::new(Options {
+            detect_local,
+            ..opts()
+        });
+        apply(&mut st, vec![lb_service(), web()]);
+        st.upsert_node(with_pods.clone()).unwrap();
+        st.snapshot()
+    };
+    let view = |t: &control::Table, k: &str| {
+        let sp = &t.lookup(&key(k)).unwrap().service;
+        let nets: Vec<String> = sp.local_pod_cidrs.iter().map(|n| n.to_string()).collect();
+        (sp.masquerade_off_cluster, nets)
+    };
+    // None: ClusterIPs keep every source; the short-circuit uses the Node's pods.
+    let t = translate(DetectLocal::Unset);
+    assert_eq!(view(&t, "10.96.0.10:80"), (false, vec![]));
+    assert_eq!(
+        view(&t, "203.0.113.7:80"),
+        (false, vec!["10.244.0.0/24".into()])
+    );
+    // NodeCIDR: the Node's pods, on every service port.
+    let t = translate(DetectLocal::NodeCidr);
+    assert_eq!(
+        view(&t, "10.96.0.10:80"),
+        (true, vec!["10.244.0.0/24".into()])
+    );
+    assert_eq!(
+        view(&t, "203.0.113.7:80"),
+        (true, vec!["10.244.0.0/24".into()])
+    );
+    // ClusterCIDR: the given networks, for the short-circuit too.
+    let t = translate(DetectLocal::ClusterCidr(vec!["10.240.0.0/12"
+        .parse()
+        .unwrap()]));
+    assert_eq!(
+        view(&t, "10.96.0.10:80"),
+        (true, vec!["10.240.0.0/12".into()])
+    );
+    assert_eq!(
+        view(&t, "203.0.113.7:80"),
+        (true, vec!["10.240.0.0/12".into()])
+    );
+    // NodeCIDR before the Node has a pod CIDR: no detector yet.
+    let mut st = ClusterState::new(Options {
+        detect_local: DetectLocal::NodeCidr,
+        ..opts()
+    });
+    apply(&mut st, vec![web()]);
+    assert_eq!(view(&st.snapshot(), "10.96.0.10:80"), (false, vec![]));
 }
 
 #[test]

@@ -7,6 +7,7 @@ pub mod balance;
 pub mod cleanup;
 pub mod defaults;
 pub mod demo;
+pub mod detect_local;
 pub mod drain;
 pub mod health;
 pub mod l4;

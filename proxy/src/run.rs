@@ -101,6 +101,9 @@ pub struct RunArgs {
     /// Extra node addresses NodePorts are served on.
     #[arg(long = "node-ip", env = "LIGHTPATH_NODE_IPS", value_delimiter = ',')]
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's local traffic detector.
+    #[command(flatten)]
+    pub detect_local: crate::detect_local::DetectLocalArgs,
     /// Admin API, metrics, health server and logs.
     #[command(flatten)]
     pub operator: crate::admin::OperatorArgs,
@@ -124,6 +127,8 @@ pub enum RunError {
     KubeStopped,
     #[error("--node-name (or NODE_NAME) must not be empty")]
     NoNodeName,
+    #[error(transparent)]
+    DetectLocal(#[from] crate::detect_local::DetectLocalError),
     #[error("manifests: {0}")]
     Manifests(#[from] control::ManifestError),
     #[error("cannot bind the transparent listener {addr} (needs CAP_NET_ADMIN): {source}")]
@@ -201,7 +206,14 @@ pub fn kernel_frontends(table: &Table) -> redirect::nft::Frontends {
                 None => Rule::from(action(f.verdict())),
                 Some(nets) => Rule::only(action(f.verdict()), nets.clone()),
             };
-            let pods = f.service.node_pod_cidrs.clone();
+            // The pods short-circuited to the cluster set: only an external
+            // frontend of a Local-policy service has any (the same networks
+            // on every ClusterIP under a detector change nothing here).
+            let pods = if f.service.external_local {
+                f.service.local_pod_cidrs.clone()
+            } else {
+                Arc::from(Vec::new())
+            };
             Some((fe, rule.for_node(action(f.node_verdict()), pods)))
         })
         .collect()
@@ -269,6 +281,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         proxy_name: args.proxy_name.clone(),
         labelled_only: args.labelled_only,
         node_ips: args.node_ips.clone(),
+        detect_local: args.detect_local.detector()?,
     };
     let mut signals = Signals::new()?;
     let settings = serde_json::to_value(&args).unwrap_or_default();

@@ -37,22 +37,26 @@ pub struct TableArgs {
     /// Extra NodePort addresses besides the Node's InternalIP/ExternalIP.
     #[arg(long = "node-ip", value_delimiter = ',', env = "LIGHTPATH_NODE_IPS")]
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's local traffic detector, as `lightpath run` takes it.
+    #[command(flatten)]
+    pub detect_local: crate::detect_local::DetectLocalArgs,
 }
 
 impl TableArgs {
-    pub fn options(&self) -> Options {
-        Options {
+    pub fn options(&self) -> Result<Options, crate::detect_local::DetectLocalError> {
+        Ok(Options {
             node_name: self.node_name.clone(),
             proxy_name: self.proxy_name.clone(),
             labelled_only: self.labelled_only,
             node_ips: self.node_ips.clone(),
-        }
+            detect_local: self.detect_local.detector()?,
+        })
     }
 }
 
 /// Loads the manifests and prints the table to stdout.
 pub fn main(args: TableArgs) -> anyhow::Result<()> {
-    let table = control::load_manifests(&args.manifests, &args.options())?;
+    let table = control::load_manifests(&args.manifests, &args.options()?)?;
     let out = if args.json {
         let mut s = serde_json::to_string_pretty(&json_view(&table, &args.node_name))?;
         s.push('\n');
@@ -148,6 +152,16 @@ pub fn render_text(table: &Table, node: &str) -> String {
             let n: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
             s.push_str(&format!("    sources  {} (others dropped)\n", n.join(", ")));
         }
+        if let Some(nets) = kept_sources(f) {
+            let kept = if nets.is_empty() {
+                "no client".to_string()
+            } else {
+                nets.join(", ")
+            };
+            s.push_str(&format!(
+                "    source   kept for {kept} (others masqueraded)\n"
+            ));
+        }
         let why = match f.verdict() {
             None => format!("({} endpoints)", f.endpoints().len()),
             Some(Verdict::Reject) => "(no usable endpoints anywhere)".into(),
@@ -165,6 +179,21 @@ pub fn render_text(table: &Table, node: &str) -> String {
         }
     }
     s
+}
+
+/// Under a local traffic detector, the sources a ClusterIP frontend leaves
+/// unchanged (the pods' networks of its family; none when the detector has
+/// none of that family); every other client is masqueraded.
+fn kept_sources(f: &Frontend) -> Option<Vec<String>> {
+    let sp = &f.service;
+    let v4 = f.key.ip.is_ipv4();
+    (f.kind == FrontendKind::ClusterIp && sp.masquerade_off_cluster).then(|| {
+        sp.local_pod_cidrs
+            .iter()
+            .filter(|n| n.addr().is_ipv4() == v4)
+            .map(|n| n.to_string())
+            .collect()
+    })
 }
 
 fn mode_name(m: control::Mode) -> &'static str {
@@ -221,6 +250,11 @@ pub struct JsonFrontend {
     /// LoadBalancer frontends only); absent: any source.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_sources: Option<Vec<String>>,
+    /// ClusterIP frontends under a local traffic detector (`--cluster-cidr`,
+    /// `--detect-local-mode`): the only clients whose address the endpoint
+    /// sees; the others are masqueraded. Absent: every client is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_sources: Option<Vec<String>>,
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
@@ -297,6 +331,7 @@ pub fn json_view(table: &Table, node: &str) -> JsonTable {
                 allowed_sources: f
                     .allowed_sources()
                     .map(|nets| nets.iter().map(|n| n.to_string()).collect()),
+                kept_sources: kept_sources(f),
                 annotations: sp.annotations.clone(),
             }
         })

@@ -2,7 +2,9 @@
 //! own where kube-proxy does not masquerade (ClusterIP traffic, both
 //! families; external traffic of an `externalTrafficPolicy: Local`
 //! service), the node's where it does (external traffic of a Cluster-policy
-//! service, a pod reaching itself through its service, `--masquerade-all`).
+//! service, a pod reaching itself through its service, `--masquerade-all`,
+//! and, under a local traffic detector, ClusterIP traffic from a source that
+//! is not a pod).
 //! The backend reports the peer it saw in `x-peer-addr`.
 //! Needs root (see `support::netns::require_root`).
 
@@ -31,6 +33,11 @@ fn ip(s: &str) -> IpAddr {
 /// over pod 1 on this node; port 80 is the backend's HTTP port, relayed at
 /// L4 (the port is named `web`).
 fn manifest() -> String {
+    manifest_with_node(&node_yaml())
+}
+
+/// [`manifest`] with another Node object.
+fn manifest_with_node(node: &str) -> String {
     let web = service_yaml(
         "web",
         &[ip(VIP4), ip(VIP6)],
@@ -61,7 +68,7 @@ fn manifest() -> String {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  clusterIP: {DNS_VIP}\n  ports:\n  - {{name: dns, port: 53, targetPort: 9000, protocol: UDP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports:\n- {{name: dns, port: 9000, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n---\n",
         pod_v4(1)
     );
-    format!("{}{web}{local}{app}{dns}", node_yaml())
+    format!("{node}{web}{local}{app}{dns}")
 }
 
 /// One GET; the address the backend saw (its `x-peer-addr` header).
@@ -215,4 +222,74 @@ fn masquerade_all_connects_from_the_node() {
         .client
         .run(|| async { udp_peer_seen(SocketAddr::new(ip(DNS_VIP), 53)).await });
     assert_ne!(seen(udp), CLIENT_V4, "UDP masqueraded");
+}
+
+/// Under a local traffic detector (kube-proxy's `--cluster-cidr`, or
+/// `--detect-local-mode NodeCIDR` with the Node's pod CIDRs), ClusterIP
+/// traffic from a source that is not a pod reaches the endpoint from the
+/// node's address, as kube-proxy masquerades off-cluster traffic to a
+/// service VIP; a pod keeps its own address, and external frontends are not
+/// affected. L4 and L7, both families, and UDP.
+#[test]
+fn a_local_traffic_detector_masquerades_off_cluster_clusterip_clients() {
+    if !require_root("a_local_traffic_detector_masquerades_off_cluster_clusterip_clients") {
+        return;
+    }
+    let node_with_pods = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: [10.244.0.0/16, \"fd00:244::/32\"]}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 10.0.1.1}\n---\n";
+    let modes: [(&str, String, &[&str]); 2] = [
+        (
+            "srcdcc",
+            node_yaml(),
+            &["--cluster-cidr", "10.244.0.0/16,fd00:244::/32"],
+        ),
+        (
+            "srcdnc",
+            node_with_pods.to_string(),
+            &["--detect-local-mode", "NodeCIDR"],
+        ),
+    ];
+    for (tag, node, flags) in modes {
+        let mut sb = Sandbox::new(tag, 2);
+        sb.start_backend(1);
+        let path = sb.write_manifest("svc.yaml", &manifest_with_node(&node));
+        sb.start_lightpath(&path, flags);
+
+        // The client namespace is not a pod: masqueraded on ClusterIPs.
+        let (c4, c6, l7, np_local) = sb.client.run(|| async {
+            (
+                peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
+                peer_seen(SocketAddr::new(ip(VIP6), 80)).await,
+                peer_seen(SocketAddr::new(ip(L7_VIP), 80)).await,
+                peer_seen(SocketAddr::new(ip(NODE_IP), 30051)).await,
+            )
+        });
+        let udp = sb
+            .client
+            .run(|| async { udp_peer_seen(SocketAddr::new(ip(DNS_VIP), 53)).await });
+        assert_ne!(seen(c4), CLIENT_V4, "{tag}: off-cluster client, v4");
+        assert_ne!(seen(c6), ip(CLIENT_V6), "{tag}: off-cluster client, v6");
+        assert_ne!(seen(l7), CLIENT_V4, "{tag}: off-cluster client, L7");
+        assert_ne!(seen(udp), CLIENT_V4, "{tag}: off-cluster client, UDP");
+        assert_eq!(
+            seen(np_local),
+            CLIENT_V4,
+            "{tag}: a Local-policy NodePort still keeps the client"
+        );
+
+        // Pod 2 is a pod: it keeps its address.
+        let (p4, p6, pl7) = sb.pods[1].run(|| async {
+            (
+                peer_seen(SocketAddr::new(ip(VIP4), 80)).await,
+                peer_seen(SocketAddr::new(ip(VIP6), 80)).await,
+                peer_seen(SocketAddr::new(ip(L7_VIP), 80)).await,
+            )
+        });
+        let pudp =
+            sb.pods[1].run(|| async { udp_peer_seen(SocketAddr::new(ip(DNS_VIP), 53)).await });
+        let pod = IpAddr::V4(pod_v4(2));
+        assert_eq!(seen(p4), pod, "{tag}: pod client, v4");
+        assert_eq!(seen(p6), IpAddr::V6(pod_v6(2)), "{tag}: pod client, v6");
+        assert_eq!(seen(pl7), pod, "{tag}: pod client, L7");
+        assert_eq!(seen(pudp), pod, "{tag}: pod client, UDP");
+    }
 }

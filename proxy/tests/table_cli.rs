@@ -18,6 +18,8 @@ fn lightpath(args: &[&str], env: &[(&str, &str)]) -> Output {
         "LIGHTPATH_PROXY_NAME",
         "LIGHTPATH_LABELLED_ONLY",
         "LIGHTPATH_NODE_IPS",
+        "LIGHTPATH_CLUSTER_CIDR",
+        "LIGHTPATH_DETECT_LOCAL_MODE",
     ] {
         cmd.env_remove(k);
     }
@@ -201,6 +203,47 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.6}]}}
             assert!(f.get("allowedSources").is_none(), "{f}");
         }
     }
+}
+
+#[test]
+fn a_local_traffic_detector_shows_which_clusterip_clients_keep_their_address() {
+    let ex = example();
+    let args = ["--manifests", ex.to_str().unwrap(), "--node-name", "node-a"];
+    // None by default.
+    let text = stdout(&lightpath(&args, &[]));
+    assert!(!text.contains("    source   "), "{text}");
+    // --cluster-cidr (here from the environment): every ClusterIP, nothing else.
+    let env = [("LIGHTPATH_CLUSTER_CIDR", "10.244.0.0/16")];
+    let text = stdout(&lightpath(&args, &env));
+    let clusterips = text.matches("  clusterIP  ").count();
+    assert!(clusterips > 0, "{text}");
+    assert_eq!(
+        text.matches("    source   kept for 10.244.0.0/16 (others masqueraded)\n")
+            .count(),
+        clusterips,
+        "{text}"
+    );
+    let json = stdout(&lightpath(&[&args[..], &["--json"]].concat(), &env));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for f in v["frontends"].as_array().unwrap() {
+        if f["kind"] == "clusterIP" {
+            assert_eq!(
+                f["keptSources"],
+                serde_json::json!(["10.244.0.0/16"]),
+                "{f}"
+            );
+        } else {
+            assert!(f.get("keptSources").is_none(), "{f}");
+        }
+    }
+    // ClusterCIDR without networks is refused, naming the flag.
+    let o = lightpath(
+        &[&args[..], &["--detect-local-mode", "ClusterCIDR"]].concat(),
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--cluster-cidr"), "{err}");
 }
 
 #[test]

@@ -100,7 +100,7 @@ impl Scope {
         let svc = &frontend.service;
         let on_node = || {
             let ip = client.to_canonical();
-            crate::local_addrs::is_local(ip) || svc.node_pod_cidrs.iter().any(|n| n.contains(&ip))
+            crate::local_addrs::is_local(ip) || svc.local_pod_cidrs.iter().any(|n| n.contains(&ip))
         };
         if frontend.kind.is_external() && svc.external_local && on_node() {
             Scope::Cluster

@@ -108,7 +108,8 @@ mod tests {
             external_local: false,
             health_check_node_port: None,
             load_balancer_source_ranges: None,
-            node_pod_cidrs: Default::default(),
+            local_pod_cidrs: Default::default(),
+            masquerade_off_cluster: false,
             annotations: Default::default(),
         })
     }

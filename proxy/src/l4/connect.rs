@@ -137,13 +137,22 @@ impl Source {
     /// external frontend (NodePort, externalIP, LoadBalancer IP) of an
     /// `externalTrafficPolicy: Local` service, reaches the endpoint from the
     /// client's address; other external traffic is masqueraded, since an
-    /// endpoint on another node would answer the client directly. Always
-    /// `Node` when `keep` is off (`--masquerade-all`, or no reply rule),
-    /// and for a loopback client (its address cannot leave the host).
+    /// endpoint on another node would answer the client directly. Under a
+    /// local traffic detector (`--cluster-cidr`, `--detect-local-mode`),
+    /// ClusterIP traffic from a source that is not a pod is masqueraded too,
+    /// for the same reason. Always `Node` when `keep` is off
+    /// (`--masquerade-all`, or no reply rule), and for a loopback client
+    /// (its address cannot leave the host).
     pub fn for_frontend(frontend: &control::Frontend, client: IpAddr, keep: bool) -> Source {
         let client = client.to_canonical();
-        let kept =
-            frontend.kind == control::FrontendKind::ClusterIp || frontend.service.external_local;
+        let svc = &frontend.service;
+        let kept = match frontend.kind {
+            control::FrontendKind::ClusterIp => {
+                !svc.masquerade_off_cluster
+                    || svc.local_pod_cidrs.iter().any(|n| n.contains(&client))
+            }
+            _ => svc.external_local,
+        };
         if keep && kept && !client.is_loopback() && !client.is_unspecified() {
             Source::Client
         } else {
@@ -245,6 +254,42 @@ mod tests {
             kind,
             std::sync::Arc::new(sp),
         )
+    }
+
+    #[test]
+    fn a_local_traffic_detector_masquerades_off_cluster_clusterip_clients() {
+        use control::FrontendKind::*;
+        let with_detector = |kind, external_local| {
+            let mut f = frontend(kind, external_local);
+            let mut sp = (*f.service).clone();
+            sp.local_pod_cidrs = vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:244::/32".parse().unwrap(),
+            ]
+            .into();
+            sp.masquerade_off_cluster = true;
+            f.service = std::sync::Arc::new(sp);
+            f
+        };
+        let cases = [
+            // kind, eTP Local, client → source
+            (ClusterIp, false, "10.244.1.5", Source::Client),
+            (ClusterIp, false, "::ffff:10.244.1.5", Source::Client),
+            (ClusterIp, false, "fd00:244:1::2", Source::Client),
+            (ClusterIp, false, "192.168.7.9", Source::Node),
+            (ClusterIp, false, "fd00:1::2", Source::Node),
+            // External frontends do not depend on the detector.
+            (NodePort, true, "192.168.7.9", Source::Client),
+            (NodePort, false, "10.244.1.5", Source::Node),
+        ];
+        for (kind, local, client, want) in cases {
+            let client: IpAddr = client.parse().unwrap();
+            assert_eq!(
+                Source::for_frontend(&with_detector(kind, local), client, true),
+                want,
+                "{kind:?} eTP-local={local} {client}"
+            );
+        }
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub fn service_port(
         external_local: health_check_node_port.is_some(),
         health_check_node_port,
         load_balancer_source_ranges: None,
-        node_pod_cidrs: Default::default(),
+        local_pod_cidrs: Default::default(),
+        masquerade_off_cluster: false,
         annotations: Default::default(),
     })
 }
