@@ -722,11 +722,25 @@ async fn max_retries_limit_overflows_retries_not_requests() {
 /// sweep closes them, not the service's next request.
 #[tokio::test]
 async fn idle_upstream_connections_close_after_the_idle_timeout_without_traffic() {
+    idle_connections_close(Mode::Http, "idle").await;
+}
+
+/// The same for HTTP/2 (h2c) endpoints: the one multiplexed connection per
+/// endpoint is let go once no request started on it for the idle timeout.
+#[tokio::test]
+async fn idle_http2_upstream_connections_close_after_the_idle_timeout_without_traffic() {
+    idle_connections_close(Mode::H2c, "idle-h2").await;
+}
+
+/// 8 requests (4 at a time) to one endpoint over `mode`, then none: every
+/// upstream connection closes after the 1 s idle timeout, not before, and
+/// the next request opens a new connection.
+async fn idle_connections_close(mode: Mode, name: &str) {
     let b = ok_backend("b").await;
     let p = Proxy::start(service(
-        "idle",
+        name,
         &[b.addr],
-        Mode::Http,
+        mode,
         &[("lightpath.io/upstream-idle-timeout", "1s")],
     ))
     .await;
@@ -736,49 +750,22 @@ async fn idle_upstream_connections_close_after_the_idle_timeout_without_traffic(
     let got = load(&c, 8, 4, req).await;
     assert_eq!(got.get(&200), Some(&8), "{got:?}");
     assert!(b.open() >= 1, "the pooled connections are open at first");
+    if mode == Mode::H2c {
+        assert_eq!(b.open(), 1, "one multiplexed connection");
+    }
     let quiet = b
-        .all_closed("idle upstream connection(s), no request since")
+        .all_closed(&format!(
+            "idle {mode:?} upstream connection(s), no request since"
+        ))
         .await;
     assert!(
         quiet >= Duration::from_millis(700),
         "closed after {quiet:?}, before the idle timeout"
     );
-    // The next request opens a new connection.
     let before = b.connections.load(Ordering::SeqCst);
     let (code, _, _) = get(&c, &url).await;
     assert_eq!(code, 200);
     assert_eq!(b.connections.load(Ordering::SeqCst), before + 1);
-}
-
-/// The same for HTTP/2 (h2c) endpoints: the one multiplexed connection per
-/// endpoint is let go once no request started on it for the idle timeout,
-/// and the next request opens a new one.
-#[tokio::test]
-async fn idle_http2_upstream_connections_close_after_the_idle_timeout_without_traffic() {
-    let b = ok_backend("b").await;
-    let p = Proxy::start(service(
-        "idle-h2",
-        &[b.addr],
-        Mode::H2c,
-        &[("lightpath.io/upstream-idle-timeout", "1s")],
-    ))
-    .await;
-    let c = client();
-    let url = p.url("/");
-    let req = |_| Request::get(url.as_str()).body(full("")).expect("req");
-    let got = load(&c, 8, 4, req).await;
-    assert_eq!(got.get(&200), Some(&8), "{got:?}");
-    assert_eq!(b.open(), 1, "one multiplexed connection");
-    let quiet = b
-        .all_closed("idle HTTP/2 upstream connection(s), no request since")
-        .await;
-    assert!(
-        quiet >= Duration::from_millis(700),
-        "closed after {quiet:?}, before the idle timeout"
-    );
-    let (code, _, _) = get(&c, &url).await;
-    assert_eq!(code, 200);
-    assert_eq!(b.connections.load(Ordering::SeqCst), 2);
 }
 
 /// An idle connection never makes a request fail with "overflow": with
