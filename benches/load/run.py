@@ -77,10 +77,12 @@ ALL_MODES = [
     "lightpath-l4",
     "lightpath-l7",
 ]
-ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn", "udp"]
+ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn", "udp", "hang"]
+# `hang` is not run unless asked for (--cases): no issue-8 target depends on it.
+DEFAULT_CASES = [c for c in ALL_CASES if c != "hang"]
 # Modes that carry the UDP case (haproxy has no UDP; the iptables mode only mirrors kube-proxy's TCP rules).
 UDP_MODES = {"direct", "nft-dnat", "lightpath-l4", "lightpath-l7"}
-FAILURE_CASES = {"failure", "failure-newconn"}
+FAILURE_CASES = {"failure", "failure-newconn", "hang"}
 CASE_TITLES = {
     "keepalive": "HTTP/1.1 keep-alive, small GET (wrk, 32 connections)",
     "newconn": "New connection per request (wrk, 32 connections, `Connection: close`)",
@@ -88,6 +90,9 @@ CASE_TITLES = {
     "bulk": "Bulk transfer (curl, sequential GETs of the bulk body for the case duration; time = median per GET)",
     "failure": "Failure run: backend 3 of 3 killed (SIGKILL) half-way (wrk keep-alive GETs)",
     "failure-newconn": "Failure run, new connection per request: backend 3 of 3 killed (SIGKILL) half-way",
+    "hang": "Frozen backend: backend 3 of 3 stopped (SIGSTOP) for the middle half of the case, then resumed "
+            "(wrk keep-alive GETs): it holds the requests sent to it, answers them late, and a request answered "
+            "after more than 2 s counts as a wrk timeout",
     "scale": "New connection per request at 10 services vs the full service count",
     "udp": "UDP request/response, 64-byte datagrams (Python client, 16 sockets with one request in flight each; "
            "the client's own cost caps the rate, so compare p50/p99 and proxy CPU%)",
@@ -188,8 +193,11 @@ class RssSampler:
 class Topology:
     """Client, node and backend namespaces joined by veth pairs; torn down in `close`."""
 
-    def __init__(self, tag: str, workdir: Path, bulk_file: Path, udp_echo: Path | None = None):
+    def __init__(self, tag: str, workdir: Path, bulk_file: Path, udp_echo: Path | None = None,
+                 backend_mount_ns: bool = False):
         self.tag = tag
+        # True: backends start with `ip netns exec` (a mount namespace each), see `in_net_ns`.
+        self.backend_mount_ns = backend_mount_ns
         self.udp_echo = udp_echo  # a lightpath binary: each backend also runs its UDP echo
         self.client = f"{tag}-c"
         self.node = f"{tag}-n"
@@ -250,7 +258,8 @@ class Topology:
         conf = d / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=d, name=f"backend-{i}", bulk_dir=self.bulk_file.parent,
                                           bulk_name=self.bulk_file.name, http=HTTP_PORT, h2=H2_PORT))
-        p = subprocess.Popen(in_net_ns(self.backends[i], ["nginx", "-c", str(conf), "-p", str(d)]),
+        wrap = in_ns if self.backend_mount_ns else in_net_ns
+        p = subprocess.Popen(wrap(self.backends[i], ["nginx", "-c", str(conf), "-p", str(d)]),
                              stdout=subprocess.DEVNULL, stderr=open(d / "stderr.log", "wb"))
         self.nginx[i] = p
         self.procs.append(p)
@@ -258,13 +267,14 @@ class Topology:
             self.spawn(self.backends[i], [str(self.udp_echo), "backend", "--name", f"backend-{i}",
                                           "--echo", "0.0.0.0:9000", "--http", "0.0.0.0:8080",
                                           "--udp-echo", f"0.0.0.0:{UDP_PORT}"], d / "udp-echo.log",
-                       net_only=True)
+                       net_only=not self.backend_mount_ns)
 
-    def kill_backend(self, i: int) -> None:
-        """SIGKILL every process in backend namespace i: the 'pod died' failure."""
+    def kill_backend(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """`sig` to every process in backend namespace i: SIGKILL is the 'pod died' failure, SIGSTOP a
+        hung pod (SIGCONT resumes it)."""
         for pid in sh(["ip", "netns", "pids", self.backends[i]], check=False).split():
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(int(pid), sig)
             except (ProcessLookupError, ValueError):
                 pass
 
@@ -463,7 +473,7 @@ def tproxy_rules(port: int) -> str:
 """
 
 
-def manifest(svcs: list[Svc], l7: bool) -> list[dict]:
+def manifest(svcs: list[Svc], l7: bool, l7_annotations: list[str] = ()) -> list[dict]:
     """Services + EndpointSlices for `lightpath run --manifests`, written one object per YAML document.
 
     Not one `kind: List`: the file source parses a document at a time, and a single 14 MB List
@@ -479,6 +489,8 @@ def manifest(svcs: list[Svc], l7: bool) -> list[dict]:
         bench = ns == "bench"
         if bench and not l7:
             meta["annotations"] = {"lightpath.io/protocol": "tcp"}
+        if bench and l7 and l7_annotations:
+            meta["annotations"] = dict(a.split("=", 1) for a in l7_annotations)
         spec_ports = []
         for s in ports:
             p = {"name": s.port_name, "port": s.port, "targetPort": s.port, "protocol": l4proto(s).upper()}
@@ -620,7 +632,8 @@ class Bench:
             elif kind in ("manifest-l4", "manifest-l7"):
                 path = path.with_suffix(".yaml")
                 # JSON is YAML: one compact JSON object per document.
-                path.write_text("".join(f"---\n{json.dumps(o)}\n" for o in manifest(svcs, kind == "manifest-l7")))
+                objs = manifest(svcs, kind == "manifest-l7", self.args.l7_annotation)
+                path.write_text("".join(f"---\n{json.dumps(o)}\n" for o in objs))
             self.rule_cache[key] = path
         return self.rule_cache[key]
 
@@ -709,8 +722,15 @@ class Bench:
         t0 = time.monotonic()
         with RssSampler(run.pid) as sampler:
             if case in ("keepalive", "newconn", "scale") or case in FAILURE_CASES:
-                res = self.wrk(run.http_url, d, close=case in ("newconn", "scale", "failure-newconn"),
-                               kill_at=d / 2 if case in FAILURE_CASES else None)
+                if case == "hang":
+                    # Frozen from d/4 to 3d/4: resumed while wrk still runs, so a request held through
+                    # the freeze completes late and wrk counts it (one that never completes is not
+                    # counted at all).
+                    res = self.wrk(run.http_url, d, close=False, kill_at=d / 4, sig=signal.SIGSTOP,
+                                   resume_after=d / 2)
+                else:
+                    res = self.wrk(run.http_url, d, close=case in ("newconn", "scale", "failure-newconn"),
+                                   kill_at=d / 2 if case in FAILURE_CASES else None)
             elif case == "h2":
                 res = self.h2load(run.h2_url, d)
             elif case == "bulk":
@@ -724,14 +744,18 @@ class Bench:
         res["cpu_pct"] = (cpu1 - cpu0) / wall * 100 if cpu0 is not None and cpu1 is not None else None
         res["rss_mb"] = sampler.peak
         res["proxy_alive"] = run.proxy is None or run.proxy.poll() is None
-        if case in FAILURE_CASES:
+        if case == "hang":
+            topo.wait_http(topo.client, f"http://{topo.backend_ip(BACKENDS - 1)}:{HTTP_PORT}/", 10, "resumed backend")
+            time.sleep(2.5)  # haproxy's health check (inter 1s, rise 1) sees it again
+        elif case in FAILURE_CASES:
             # Bring the killed backend back so the next case starts from three healthy backends.
             topo.start_backend(BACKENDS - 1)
             topo.wait_http(topo.client, f"http://{topo.backend_ip(BACKENDS - 1)}:{HTTP_PORT}/", 10, "restarted backend")
             time.sleep(2.5)  # haproxy's health check (inter 1s, rise 1) sees it again
         return res
 
-    def wrk(self, url: str, duration: float, close: bool, kill_at: float | None) -> dict:
+    def wrk(self, url: str, duration: float, close: bool, kill_at: float | None,
+            sig: int = signal.SIGKILL, resume_after: float | None = None) -> dict:
         topo = self.topo
         assert topo is not None
         script = self.workdir / "report.lua"
@@ -742,7 +766,12 @@ class Bench:
         p = subprocess.Popen(in_ns(topo.client, cmd + [url]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if kill_at is not None:
             time.sleep(kill_at)
-            topo.kill_backend(BACKENDS - 1)
+            topo.kill_backend(BACKENDS - 1, sig)
+            if resume_after is not None:
+                try:
+                    time.sleep(resume_after)
+                finally:
+                    topo.kill_backend(BACKENDS - 1, signal.SIGCONT)
         try:
             out, err = p.communicate(timeout=duration + 60)
         except subprocess.TimeoutExpired:
@@ -860,7 +889,7 @@ class Bench:
     def new_topology(self) -> Topology:
         self.seq += 1
         topo = Topology(f"{self.tag_base}-{self.seq}", self.workdir / f"topo{self.seq}", self.bulk_file,
-                        udp_echo=self.args.lightpath)
+                        udp_echo=self.args.lightpath, backend_mount_ns=self.args.backend_mount_ns)
         self.topo = topo
         topo.up()
         return topo
@@ -1197,7 +1226,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per case (default 10)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma list from {','.join(ALL_MODES)}")
-    ap.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma list from {','.join(ALL_CASES)}")
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                    help=f"comma list from {','.join(ALL_CASES)} (default: all but hang)")
     ap.add_argument("--services", type=int, default=10000, help="service ports loaded (default 10,000)")
     ap.add_argument("--endpoints-per-service", type=int, default=10, help="endpoints per filler service (default 10)")
     ap.add_argument("--no-scale", action="store_true", help="skip the 10-service new-connection comparison")
@@ -1208,6 +1238,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="markdown file to append the report to (default BENCHMARKS.md; none with --smoke)")
     ap.add_argument("--no-append", action="store_true", help="print the report only")
     ap.add_argument("--keep-workdir", action="store_true", help="keep generated configs and logs")
+    ap.add_argument("--backend-mount-ns", action="store_true",
+                    help="start the backends with `ip netns exec` (a mount namespace each), as before session 9: "
+                         "a killed backend's sockets then close only once that namespace is torn down, up to "
+                         "seconds later on a saturated machine (a dying pod that holds requests)")
+    ap.add_argument("--l7-annotation", action="append", default=[], metavar="KEY=VALUE",
+                    help="an annotation on the benchmarked Service in lightpath-l7's manifest, e.g. "
+                         "lightpath.io/per-try-timeout=500ms; repeatable")
     ap.add_argument("--log-dir", type=Path, default=REPO / "target/load-logs",
                     help="where a lightpath log is copied when a case saw client-visible errors "
                          "(default target/load-logs; the workdir itself is removed at the end)")
@@ -1220,6 +1257,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="with --profile: record DWARF call graphs too (with --keep-workdir, read them later with "
                          "`perf report -i WORKDIR/perf-N.data --children`)")
     args = ap.parse_args(argv)
+    bad = [a for a in args.l7_annotation if "=" not in a or not a.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--l7-annotation {bad[0]!r}: want KEY=VALUE")
     if args.smoke:
         args.duration, args.rounds, args.bulk_mib = 1.0, 1, 64
         if "--services" not in argv:
