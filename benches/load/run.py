@@ -22,7 +22,7 @@ services of kube-proxy-style iptables rules), or TPROXY to a userspace proxy
 traffic ever leaves the namespaces this script creates.
 
 Run as root:  benches/load/run.py                    (full run, appends to BENCHMARKS.md)
-              benches/load/run.py --smoke            (1 s per case and mode, checks each mode carries traffic)
+              benches/load/run.py --smoke            (1 s per case and mode, hang included; checks each mode carries traffic)
 Only the Python 3 standard library is used; tools: ip, nft, iptables-restore,
 nginx, haproxy, wrk, h2load, curl.
 """
@@ -1221,8 +1221,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
-                    help="1 s per case, 1 round, 64 MiB bulk, 1,000 services; exit non-zero unless every "
-                         "mode carried traffic; prints 'smoke: N passed, N failed'")
+                    help="1 s per case (every case, hang included), 1 round, 64 MiB bulk, 1,000 services; exit "
+                         "non-zero unless every mode carried traffic; prints 'smoke: N passed, N failed'")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per case (default 10)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma list from {','.join(ALL_MODES)}")
@@ -1262,6 +1262,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--l7-annotation {bad[0]!r}: want KEY=VALUE")
     if args.smoke:
         args.duration, args.rounds, args.bulk_mib = 1.0, 1, 64
+        if "--cases" not in argv:
+            args.cases = ",".join(ALL_CASES)  # the opt-in cases too: the smoke pass checks every code path
         if "--services" not in argv:
             args.services = 1000
         if args.append is None:
