@@ -1354,8 +1354,9 @@ def main(argv: list[str]) -> int:
                         log(f"  {case}: failed: {e}")
                         continue
                     res.add(spec.label, case, r)
-                    # Errors lightpath should not have shown (all but L4's failure runs, where a
-                    # killed backend's open connections are lost as with any L4 relay): keep its log.
+                    # Errors lightpath may have to explain (all but L4's failure and hang runs, where
+                    # a dead or frozen backend's open connections are lost as with any L4 relay; for
+                    # L7's hang run they are expected unless a per-try timeout is set): keep its log.
                     if r.get("errors") and real.name.startswith("lightpath") and (
                             case not in FAILURE_CASES or real.name == "lightpath-l7"):
                         kept = bench.keep_proxy_log(real, f"round{rnd + 1}-{case}")
