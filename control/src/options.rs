@@ -40,7 +40,9 @@ pub struct Options {
 ///   client, for example one that reaches the Service range through a static
 ///   or BGP route to any node, has its connection bridged into the Service
 ///   here. An endpoint on another node would answer its address directly,
-///   not through this node. Local clients keep their address.
+///   not through this node. Local clients keep their address. Per family,
+///   as kube-proxy has a detector per family: a family with no network here
+///   keeps every source.
 /// * **The `externalTrafficPolicy: Local` short-circuit**: a local source
 ///   reaching an external frontend is served from the cluster set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -153,13 +153,9 @@ pub fn render_text(table: &Table, node: &str) -> String {
             s.push_str(&format!("    sources  {} (others dropped)\n", n.join(", ")));
         }
         if let Some(nets) = kept_sources(f) {
-            let kept = if nets.is_empty() {
-                "no client".to_string()
-            } else {
-                nets.join(", ")
-            };
             s.push_str(&format!(
-                "    source   kept for {kept} (others masqueraded)\n"
+                "    source   kept for {} (others masqueraded)\n",
+                nets.join(", ")
             ));
         }
         let why = match f.verdict() {
@@ -182,18 +178,22 @@ pub fn render_text(table: &Table, node: &str) -> String {
 }
 
 /// Under a local traffic detector, the sources a ClusterIP frontend leaves
-/// unchanged (the pods' networks of its family; none when the detector has
-/// none of that family); every other client is masqueraded.
+/// unchanged (the pods' networks of its family); every other client is
+/// masqueraded. `None` when the detector has no network of that family:
+/// every client is kept, as without one (see `l4::Source::for_frontend`).
 fn kept_sources(f: &Frontend) -> Option<Vec<String>> {
     let sp = &f.service;
+    if f.kind != FrontendKind::ClusterIp || !sp.masquerade_off_cluster {
+        return None;
+    }
     let v4 = f.key.ip.is_ipv4();
-    (f.kind == FrontendKind::ClusterIp && sp.masquerade_off_cluster).then(|| {
-        sp.local_pod_cidrs
-            .iter()
-            .filter(|n| n.addr().is_ipv4() == v4)
-            .map(|n| n.to_string())
-            .collect()
-    })
+    let nets: Vec<String> = sp
+        .local_pod_cidrs
+        .iter()
+        .filter(|n| n.addr().is_ipv4() == v4)
+        .map(|n| n.to_string())
+        .collect();
+    (!nets.is_empty()).then_some(nets)
 }
 
 fn mode_name(m: control::Mode) -> &'static str {

@@ -140,7 +140,8 @@ impl Source {
     /// endpoint on another node would answer the client directly. Under a
     /// local traffic detector (`--cluster-cidr`, `--detect-local-mode`),
     /// ClusterIP traffic from a source that is not a pod is masqueraded too,
-    /// for the same reason. Always `Node` when `keep` is off
+    /// for the same reason; per family, as kube-proxy's detectors are: a
+    /// family the detector has no network of keeps every source. Always `Node` when `keep` is off
     /// (`--masquerade-all`, or no reply rule), and for a loopback client
     /// (its address cannot leave the host).
     pub fn for_frontend(frontend: &control::Frontend, client: IpAddr, keep: bool) -> Source {
@@ -148,8 +149,14 @@ impl Source {
         let svc = &frontend.service;
         let kept = match frontend.kind {
             control::FrontendKind::ClusterIp => {
+                let mut family = svc
+                    .local_pod_cidrs
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == client.is_ipv4())
+                    .peekable();
                 !svc.masquerade_off_cluster
-                    || svc.local_pod_cidrs.iter().any(|n| n.contains(&client))
+                    || family.peek().is_none()
+                    || family.any(|n| n.contains(&client))
             }
             _ => svc.external_local,
         };
@@ -289,6 +296,21 @@ mod tests {
                 want,
                 "{kind:?} eTP-local={local} {client}"
             );
+        }
+        // A detector with IPv4 networks only: IPv6 has none, and keeps every
+        // source (kube-proxy's IPv6 detector is then a no-op).
+        let mut f = with_detector(ClusterIp, false);
+        let mut sp = (*f.service).clone();
+        sp.local_pod_cidrs = vec!["10.244.0.0/16".parse().unwrap()].into();
+        f.service = std::sync::Arc::new(sp);
+        let cases = [
+            ("fd00:1::2", Source::Client),
+            ("192.168.7.9", Source::Node),
+            ("10.244.1.5", Source::Client),
+        ];
+        for (client, want) in cases {
+            let client: IpAddr = client.parse().unwrap();
+            assert_eq!(Source::for_frontend(&f, client, true), want, "{client}");
         }
     }
 
