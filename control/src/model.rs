@@ -271,6 +271,28 @@ impl ServicePort {
         }
     }
 
+    /// Under a local traffic detector, the networks whose clients keep
+    /// their address on this port's ClusterIP frontends of one family
+    /// (`v4`); every other client of that family is masqueraded. `None`:
+    /// every client is kept, because there is no detector, or it has no
+    /// network of this family (kube-proxy has a detector per family, a no-op
+    /// where it has no CIDR). The data path (`l4::Source`) and `lightpath
+    /// table` both read it here.
+    pub fn kept_cluster_ip_sources(
+        &self,
+        v4: bool,
+    ) -> Option<impl Iterator<Item = &IpNet> + Clone> {
+        if !self.masquerade_off_cluster {
+            return None;
+        }
+        let nets = self
+            .local_pod_cidrs
+            .iter()
+            .filter(move |n| n.addr().is_ipv4() == v4);
+        nets.clone().next()?;
+        Some(nets)
+    }
+
     /// Whether any endpoint at all (cluster or local) could take traffic.
     pub fn has_endpoints(&self) -> bool {
         !self.cluster_endpoints.is_empty() || !self.local_endpoints.is_empty()

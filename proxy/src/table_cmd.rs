@@ -178,22 +178,14 @@ pub fn render_text(table: &Table, node: &str) -> String {
 }
 
 /// Under a local traffic detector, the sources a ClusterIP frontend leaves
-/// unchanged (the pods' networks of its family); every other client is
-/// masqueraded. `None` when the detector has no network of that family:
-/// every client is kept, as without one (see `l4::Source::for_frontend`).
+/// unchanged; every other client is masqueraded
+/// (`ServicePort::kept_cluster_ip_sources`).
 fn kept_sources(f: &Frontend) -> Option<Vec<String>> {
-    let sp = &f.service;
-    if f.kind != FrontendKind::ClusterIp || !sp.masquerade_off_cluster {
+    if f.kind != FrontendKind::ClusterIp {
         return None;
     }
-    let v4 = f.key.ip.is_ipv4();
-    let nets: Vec<String> = sp
-        .local_pod_cidrs
-        .iter()
-        .filter(|n| n.addr().is_ipv4() == v4)
-        .map(|n| n.to_string())
-        .collect();
-    (!nets.is_empty()).then_some(nets)
+    let nets = f.service.kept_cluster_ip_sources(f.key.ip.is_ipv4())?;
+    Some(nets.map(|n| n.to_string()).collect())
 }
 
 fn mode_name(m: control::Mode) -> &'static str {

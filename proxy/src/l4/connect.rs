@@ -148,16 +148,9 @@ impl Source {
         let client = client.to_canonical();
         let svc = &frontend.service;
         let kept = match frontend.kind {
-            control::FrontendKind::ClusterIp => {
-                let mut family = svc
-                    .local_pod_cidrs
-                    .iter()
-                    .filter(|n| n.addr().is_ipv4() == client.is_ipv4())
-                    .peekable();
-                !svc.masquerade_off_cluster
-                    || family.peek().is_none()
-                    || family.any(|n| n.contains(&client))
-            }
+            control::FrontendKind::ClusterIp => svc
+                .kept_cluster_ip_sources(client.is_ipv4())
+                .is_none_or(|mut nets| nets.any(|n| n.contains(&client))),
             _ => svc.external_local,
         };
         if keep && kept && !client.is_loopback() && !client.is_unspecified() {
