@@ -689,35 +689,33 @@ fn a_local_traffic_detector_reaches_every_service_port() {
         let nets: Vec<String> = sp.local_pod_cidrs.iter().map(|n| n.to_string()).collect();
         (sp.masquerade_off_cluster, nets)
     };
-    // None: ClusterIPs keep every source; the short-circuit uses the Node's pods.
-    let t = translate(DetectLocal::Unset);
-    assert_eq!(view(&t, "10.96.0.10:80"), (false, vec![]));
-    assert_eq!(
-        view(&t, "203.0.113.7:80"),
-        (false, vec!["10.244.0.0/24".into()])
-    );
-    // NodeCIDR: the Node's pods, on every service port.
-    let t = translate(DetectLocal::NodeCidr);
-    assert_eq!(
-        view(&t, "10.96.0.10:80"),
-        (true, vec!["10.244.0.0/24".into()])
-    );
-    assert_eq!(
-        view(&t, "203.0.113.7:80"),
-        (true, vec!["10.244.0.0/24".into()])
-    );
-    // ClusterCIDR: the given networks, for the short-circuit too.
-    let t = translate(DetectLocal::ClusterCidr(vec!["10.240.0.0/12"
-        .parse()
-        .unwrap()]));
-    assert_eq!(
-        view(&t, "10.96.0.10:80"),
-        (true, vec!["10.240.0.0/12".into()])
-    );
-    assert_eq!(
-        view(&t, "203.0.113.7:80"),
-        (true, vec!["10.240.0.0/12".into()])
-    );
+    let node_pods = || vec!["10.244.0.0/24".to_string()];
+    let cluster = || vec!["10.240.0.0/12".to_string()];
+    let cases = [
+        // None: ClusterIPs keep every source; the short-circuit uses the Node's pods.
+        (DetectLocal::Unset, (false, vec![]), (false, node_pods())),
+        // NodeCIDR: the Node's pods, on every service port.
+        (
+            DetectLocal::NodeCidr,
+            (true, node_pods()),
+            (true, node_pods()),
+        ),
+        // ClusterCIDR: the given networks, for the short-circuit too.
+        (
+            DetectLocal::ClusterCidr(vec!["10.240.0.0/12".parse().unwrap()]),
+            (true, cluster()),
+            (true, cluster()),
+        ),
+    ];
+    for (mode, cluster_ip, external) in cases {
+        let t = translate(mode.clone());
+        assert_eq!(view(&t, "10.96.0.10:80"), cluster_ip, "{mode:?}, ClusterIP");
+        assert_eq!(
+            view(&t, "203.0.113.7:80"),
+            external,
+            "{mode:?}, LoadBalancer IP"
+        );
+    }
     // NodeCIDR before the Node has a pod CIDR: no detector yet.
     let mut st = ClusterState::new(Options {
         detect_local: DetectLocal::NodeCidr,

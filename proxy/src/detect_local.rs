@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use control::options::DetectLocal;
 
-#[derive(clap::Args, Debug, Clone, Default, serde::Serialize)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct DetectLocalArgs {
     /// How to tell pods from other sources (kube-proxy's
     /// --detect-local-mode). ClusterCIDR: --cluster-cidr; NodeCIDR: this
