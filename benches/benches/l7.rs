@@ -126,7 +126,7 @@ fn control(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("first_sync/10000_services", |b| {
         b.iter_batched(
-            || L7::new(0),
+            || L7::new(0, None),
             |l7| {
                 l7.sync(&table, &balancers);
                 l7
@@ -135,7 +135,7 @@ fn control(c: &mut Criterion) {
         )
     });
     g.finish();
-    let l7 = L7::new(0);
+    let l7 = L7::new(0, None);
     l7.sync(&table, &balancers);
     for fe in table.frontends.values() {
         let svc = l7.service(&fe.service);

@@ -117,6 +117,32 @@ pub struct RunArgs {
     /// against 0.90x for the shared work-stealing runtime (BENCHMARKS.md).
     #[arg(long, env = "LIGHTPATH_DATA_THREADS")]
     pub data_threads: Option<usize>,
+    /// TCP congestion control algorithm of lightpath's own TCP sockets, the
+    /// accepted client connections and the upstream ones (e.g. `cubic`);
+    /// default: the node's (`net.ipv4.tcp_congestion_control`). A relayed
+    /// connection is two TCP connections where kube-proxy's DNAT leaves
+    /// one: under BBR without an fq qdisc (veth), lightpath's legs are
+    /// paced by a kernel timer, which cost a bulk transfer a quarter of its
+    /// rate in the load benchmark (BENCHMARKS.md).
+    #[arg(long, env = "LIGHTPATH_TCP_CONGESTION", value_parser = parse_congestion)]
+    pub tcp_congestion: Option<String>,
+}
+
+/// A congestion control algorithm's name as the kernel spells them: at most
+/// 15 bytes (`TCP_CA_NAME_MAX` with its NUL) of letters, digits, `_` and
+/// `-`. Whether the kernel has it is checked on the listener at start.
+fn parse_congestion(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() < 16
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a congestion control name (1-15 letters, digits, '_' or '-', e.g. cubic)"
+        ))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +160,13 @@ pub enum RunError {
     #[error("cannot bind the transparent listener {addr} (needs CAP_NET_ADMIN): {source}")]
     Listen {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--tcp-congestion {name}: {source} (this kernel offers: {available})")]
+    Congestion {
+        name: String,
+        available: String,
         #[source]
         source: std::io::Error,
     },
@@ -327,6 +360,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         server_cfg.relay.connect.mark = defaults::UPSTREAM_MARK;
         server_cfg.relay.connect.keep_client_source = !args.masquerade_all;
     }
+    server_cfg.relay.connect.congestion = args.tcp_congestion.as_deref().map(Arc::from);
     let (drain_signal, drain_watch) = drain::channel();
     let (stop_rules_tx, stop_rules_rx) = tokio::sync::watch::channel(false);
     let rules_task = rules.map(|r| {
@@ -409,10 +443,11 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
 /// Binds the v4 listener and, unless disabled or unsupported on this host,
 /// the v6 one. Returns the v6 address actually bound.
 fn bind_listeners(args: &RunArgs) -> Result<(Vec<TcpListener>, Option<SocketAddr>), RunError> {
-    let mut out = vec![bind_one(args.listen, args.no_redirect)?];
+    let congestion = args.tcp_congestion.as_deref();
+    let mut out = vec![bind_one(args.listen, args.no_redirect, congestion)?];
     let mut v6 = None;
     if !args.no_ipv6 {
-        match bind_one(args.listen_v6, args.no_redirect) {
+        match bind_one(args.listen_v6, args.no_redirect, congestion) {
             Ok(l) => {
                 out.push(l);
                 v6 = Some(args.listen_v6);
@@ -464,7 +499,13 @@ fn data_listener_sets(
     Ok(sets)
 }
 
-fn bind_one(addr: SocketAddr, no_redirect: bool) -> Result<TcpListener, RunError> {
+/// One listener on `addr`: transparent and marked under our rules, plain
+/// without them (`no_redirect`), with `congestion` for its connections.
+fn bind_one(
+    addr: SocketAddr,
+    no_redirect: bool,
+    congestion: Option<&str>,
+) -> Result<TcpListener, RunError> {
     let std_listener = match redirect::sockopt::transparent_listener(addr) {
         // Every accepted socket inherits the listener's SO_MARK (the kernel
         // copies it into the request sock), so the proxy's replies to
@@ -489,7 +530,25 @@ fn bind_one(addr: SocketAddr, no_redirect: bool) -> Result<TcpListener, RunError
         }
         Err(source) => return Err(RunError::Listen { addr, source }),
     };
+    if let Some(name) = congestion {
+        // Accepted sockets inherit it: one setsockopt per listener.
+        redirect::sockopt::set_congestion(&std_listener, name).map_err(|source| {
+            RunError::Congestion {
+                name: name.to_string(),
+                available: available_congestion(),
+                source,
+            }
+        })?;
+    }
     TcpListener::from_std(std_listener).map_err(|source| RunError::Listen { addr, source })
+}
+
+/// The kernel's `net.ipv4.tcp_available_congestion_control`, for the error
+/// that names an algorithm it lacks.
+fn available_congestion() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unknown: {e}"))
 }
 
 /// Applies every table snapshot to the kernel as a diff until told to stop;
@@ -570,7 +629,7 @@ mod tests {
             socket2::SockRef::from(fd).mark().unwrap()
         }
         // With our rules: the listener and every accepted socket are marked.
-        let l = bind_one("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let l = bind_one("127.0.0.1:0".parse().unwrap(), false, None).unwrap();
         let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
             .unwrap();
@@ -578,11 +637,52 @@ mod tests {
         assert_eq!(mark(&l), defaults::UPSTREAM_MARK);
         assert_eq!(mark(&s), defaults::UPSTREAM_MARK);
         // Without them (--no-redirect), nothing is marked.
-        let l = bind_one("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let l = bind_one("127.0.0.1:0".parse().unwrap(), true, None).unwrap();
         let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
             .unwrap();
         let (s, _) = l.accept().await.unwrap();
         assert_eq!(mark(&s), 0);
+    }
+
+    /// `--tcp-congestion`: set on the listener, so every accepted socket has
+    /// it, with or without our rules; a name the kernel lacks fails the
+    /// start, naming the flag and what the kernel offers.
+    #[tokio::test]
+    async fn accepted_connections_use_the_chosen_congestion_control() {
+        if !crate::sandbox::require_root(
+            "accepted_connections_use_the_chosen_congestion_control",
+            "transparent listeners",
+        ) {
+            return;
+        }
+        for no_redirect in [false, true] {
+            let l = bind_one("127.0.0.1:0".parse().unwrap(), no_redirect, Some("reno")).unwrap();
+            let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            assert_eq!(redirect::sockopt::congestion(&s).unwrap(), "reno");
+            let plain = bind_one("127.0.0.1:0".parse().unwrap(), no_redirect, None).unwrap();
+            let node_default = redirect::sockopt::congestion(&plain).unwrap();
+            assert_ne!(
+                node_default, "reno",
+                "the node's default must differ for this test"
+            );
+        }
+        let e = bind_one("127.0.0.1:0".parse().unwrap(), false, Some("no-such-cc")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("--tcp-congestion no-such-cc: "), "{text}");
+        assert!(text.contains("this kernel offers: "), "{text}");
+    }
+
+    #[test]
+    fn congestion_names_are_checked_before_the_kernel_sees_them() {
+        assert_eq!(parse_congestion("cubic"), Ok("cubic".to_string()));
+        assert_eq!(parse_congestion("bbr"), Ok("bbr".to_string()));
+        for bad in ["", "cubic bbr", "a-name-of-16-byt", "bbr\0"] {
+            let e = parse_congestion(bad).unwrap_err();
+            assert!(e.contains("not a congestion control name"), "{bad:?}: {e}");
+        }
     }
 }

@@ -207,3 +207,92 @@ fn connect_failure_is_retried_on_another_endpoint() {
         "all 30 served by the live pod: {seen:?}"
     );
 }
+
+/// `--tcp-congestion`: both of lightpath's legs of a relayed connection, at
+/// L4 (the echo port) and at L7 (a port named `http`, whose upstream
+/// connection stays pooled), use the chosen algorithm. Read from the node
+/// namespace's socket table (`ss -ti`) while the client holds both
+/// connections open; `reno` is not any usual default, so this fails when
+/// the flag does not reach a socket.
+#[test]
+fn relayed_connections_use_the_chosen_congestion_control() {
+    if !require_root("relayed_connections_use_the_chosen_congestion_control") {
+        return;
+    }
+    let l7_vip: IpAddr = "10.96.0.11".parse().expect("literal");
+    let mut sb = Sandbox::new("cc", 1);
+    sb.start_backend(1);
+    let app =
+        service_yaml("app", &[l7_vip], &[1], "node-a", "").replace("name: web,", "name: http,");
+    let manifest = format!("{}{app}", web_manifest(&[vip4()], &[1]));
+    let path = sb.write_manifest("svc.yaml", &manifest);
+    sb.start_lightpath(&path, &["--tcp-congestion", "reno"]);
+    let node = sb.node.name.clone();
+    let table = sb.client.run(move || async move {
+        let mut echo = TcpStream::connect(SocketAddr::new(vip4(), 9000))
+            .await
+            .expect("L4 connect");
+        echo.write_all(b"ping").await.expect("L4 write");
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(IO_TIMEOUT, echo.read_exact(&mut buf))
+            .await
+            .expect("L4 echo in time")
+            .expect("L4 echo");
+        assert_eq!(&buf, b"ping");
+        let mut http = TcpStream::connect(SocketAddr::new(l7_vip, 80))
+            .await
+            .expect("L7 connect");
+        http.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .expect("L7 write");
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(IO_TIMEOUT, http.read(&mut chunk))
+                .await
+                .expect("L7 response in time")
+                .expect("L7 read");
+            assert!(
+                n > 0,
+                "L7 connection closed: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+            head.extend_from_slice(&chunk[..n]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&head)
+        );
+        // Both connections are open: lightpath holds four sockets.
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node,
+                "ss",
+                "-tinH",
+                "state",
+                "established",
+            ],
+        )
+    });
+    // `ss -i` prints each socket's line, then its details: the TCP options
+    // in use (`ts`, `sack`, ...), then the congestion control's name.
+    let lines: Vec<&str> = table.lines().collect();
+    let sockets: Vec<(&str, &str)> = lines
+        .chunks(2)
+        .filter_map(|c| Some((c[0], *c.get(1)?)))
+        .collect();
+    assert!(
+        sockets.len() >= 4,
+        "four relayed sockets expected:\n{table}"
+    );
+    for (sock, info) in &sockets {
+        assert!(
+            info.split_whitespace().any(|w| w == "reno"),
+            "{sock}\n{info}\nin:\n{table}"
+        );
+    }
+}

@@ -28,6 +28,15 @@
 //!   range of its own). The endpoint's replies, addressed to the client,
 //!   are steered back to the socket by the nftables reply rule
 //!   ([`crate::nft`]).
+//! * [`set_congestion`]: TCP_CONGESTION, lightpath's `--tcp-congestion`. A
+//!   relayed connection is two TCP connections where kube-proxy's DNAT
+//!   leaves one, and lightpath's leg sends with the node's default
+//!   algorithm. Under BBR without an `fq` qdisc (veth, loopback) every
+//!   segment is paced by a kernel timer, which on a pod-to-pod path costs a
+//!   bulk transfer a quarter of its rate (BENCHMARKS.md, "Bulk and the
+//!   congestion control"). Set on the listener, it is inherited by every
+//!   accepted socket (the kernel keeps a listener's explicit choice for its
+//!   children); set on an upstream socket before its connect.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
@@ -99,10 +108,14 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Why not `tokio::net::TcpSocket::connect`: it always asks `SO_ERROR`
 /// after the socket turns writable, one `getsockopt` per connection that
 /// only tells something when the readiness already said error or hang-up.
+///
+/// With `congestion`, the socket uses that TCP congestion control algorithm
+/// ([`set_congestion`]).
 pub fn upstream_connect(
     dest: SocketAddr,
     mark: u32,
     source: Option<IpAddr>,
+    congestion: Option<&str>,
 ) -> io::Result<std::net::TcpStream> {
     let sock = Socket::new(
         Domain::for_address(dest),
@@ -113,6 +126,9 @@ pub fn upstream_connect(
         set_mark(&sock, mark)?;
     }
     sock.set_tcp_nodelay(true)?;
+    if let Some(name) = congestion {
+        set_congestion(&sock, name)?;
+    }
     if let Some(ip) = source {
         // TCP: the port is picked at connect, per 4-tuple.
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
@@ -149,6 +165,21 @@ pub fn transparent_bind(sock: &Socket, source: IpAddr, dest: SocketAddr) -> io::
 /// Sets SO_MARK on any socket. Needs CAP_NET_ADMIN.
 pub fn set_mark<S: AsFd>(sock: &S, mark: u32) -> io::Result<()> {
     SockRef::from(sock).set_mark(mark)
+}
+
+/// Sets a TCP socket's congestion control algorithm (TCP_CONGESTION) by its
+/// kernel name: `cubic`, `bbr`, `reno`, ... The kernel refuses a name it has
+/// no module for (ENOENT), and, without CAP_NET_ADMIN, one missing from
+/// `net.ipv4.tcp_allowed_congestion_control` (EPERM).
+pub fn set_congestion<S: AsFd>(sock: &S, algorithm: &str) -> io::Result<()> {
+    SockRef::from(sock).set_tcp_congestion(algorithm.as_bytes())
+}
+
+/// A TCP socket's congestion control algorithm, by its kernel name.
+pub fn congestion<S: AsFd>(sock: &S) -> io::Result<String> {
+    let name = SockRef::from(sock).tcp_congestion()?;
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 /// Creates a non-blocking transparent UDP socket on `addr` that reports each
@@ -322,7 +353,7 @@ mod tests {
     async fn upstream_connect_without_mark_connects() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let s = upstream_connect(addr, 0, None).unwrap();
+        let s = upstream_connect(addr, 0, None, None).unwrap();
         assert!(SockRef::from(&s).tcp_nodelay().unwrap());
         assert!(!SockRef::from(&s).ip_transparent_v4().unwrap());
         let s = tokio::net::TcpStream::from_std(s).unwrap();
@@ -337,7 +368,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let from: IpAddr = "127.0.0.5".parse().unwrap();
-        match upstream_connect(addr, 0, Some(from)) {
+        match upstream_connect(addr, 0, Some(from), None) {
             Ok(s) => {
                 assert!(SockRef::from(&s).ip_transparent_v4().unwrap());
                 let s = tokio::net::TcpStream::from_std(s).unwrap();
@@ -353,8 +384,38 @@ mod tests {
             // IP_TRANSPARENT needs CAP_NET_ADMIN.
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         }
-        let e = upstream_connect(addr, 0, Some("::1".parse().unwrap())).unwrap_err();
+        let e = upstream_connect(addr, 0, Some("::1".parse().unwrap()), None).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    }
+
+    /// The algorithm set on a listener is every accepted socket's, and the
+    /// one given to `upstream_connect` is the upstream socket's; an unknown
+    /// name is refused. `reno` is built into every kernel, and differs from
+    /// the usual defaults (`cubic`, `bbr`), so the checks can fail.
+    #[tokio::test]
+    async fn congestion_control_reaches_accepted_and_upstream_sockets() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let default = congestion(&l).unwrap();
+        assert_ne!(
+            default, "reno",
+            "the node's default must differ for this test"
+        );
+        set_congestion(&l, "reno").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = upstream_connect(addr, 0, None, Some("reno")).unwrap();
+        assert_eq!(congestion(&s).unwrap(), "reno");
+        let s = tokio::net::TcpStream::from_std(s).unwrap();
+        let (w, a) = tokio::join!(s.writable(), l.accept());
+        w.unwrap();
+        let (accepted, _) = a.unwrap();
+        assert_eq!(congestion(&accepted).unwrap(), "reno");
+        // Without the option, the node's default.
+        let plain = upstream_connect(addr, 0, None, None).unwrap();
+        assert_eq!(congestion(&plain).unwrap(), default);
+        let e = upstream_connect(addr, 0, None, Some("no-such-algorithm")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
     }
 
     fn orig_dst_roundtrip(bind: &str) {

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -35,6 +36,9 @@ pub struct ConnectConfig {
     /// the nftables reply rule that brings the answers back, and not under
     /// `--masquerade-all`.
     pub keep_client_source: bool,
+    /// TCP congestion control of upstream sockets (`--tcp-congestion`);
+    /// `None`: the node's default.
+    pub congestion: Option<Arc<str>>,
 }
 
 impl Default for ConnectConfig {
@@ -44,6 +48,7 @@ impl Default for ConnectConfig {
             attempts: 3,
             mark: 0,
             keep_client_source: false,
+            congestion: None,
         }
     }
 }
@@ -204,7 +209,12 @@ pub async fn attempt(
     source: Option<IpAddr>,
     cfg: &ConnectConfig,
 ) -> io::Result<TcpStream> {
-    let stream = TcpStream::from_std(redirect::sockopt::upstream_connect(addr, cfg.mark, source)?)?;
+    let stream = TcpStream::from_std(redirect::sockopt::upstream_connect(
+        addr,
+        cfg.mark,
+        source,
+        cfg.congestion.as_deref(),
+    )?)?;
     match tokio::time::timeout(cfg.timeout, established(&stream)).await {
         Ok(r) => r?,
         Err(_) => {

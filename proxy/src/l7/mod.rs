@@ -92,6 +92,8 @@ pub struct L7 {
     retired: Mutex<Vec<(std::sync::Weak<Shared>, Arc<ServiceMetrics>)>>,
     /// SO_MARK on upstream sockets (0 = none).
     mark: u32,
+    /// TCP congestion control of upstream sockets (`None`: the node's).
+    congestion: Option<Arc<str>>,
     server: auto::Builder<TokioExecutor>,
 }
 
@@ -136,7 +138,7 @@ impl Shared {
 }
 
 impl L7 {
-    pub fn new(mark: u32) -> Self {
+    pub fn new(mark: u32, congestion: Option<Arc<str>>) -> Self {
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -157,6 +159,7 @@ impl L7 {
             write: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
             mark,
+            congestion,
             server,
         }
     }
@@ -226,6 +229,7 @@ impl L7 {
                     connect: ConnectSettings {
                         timeout: settings.connect_timeout,
                         mark: self.mark,
+                        congestion: self.congestion.clone(),
                         max_connections: settings.max_connections,
                         max_pending: settings.max_pending,
                     },

@@ -120,6 +120,7 @@ impl Drop for GaugeGuard {
 pub struct ConnectSettings {
     pub timeout: Duration,
     pub mark: u32,
+    pub congestion: Option<Arc<str>>,
     pub max_connections: usize,
     pub max_pending: usize,
 }
@@ -676,6 +677,7 @@ impl EndpointPool {
             attempts: 1,
             mark: cs.mark,
             keep_client_source: false,
+            congestion: cs.congestion.clone(),
         };
         // `connect_one` (not `attempt`): pooled connections live long, so
         // they get TCP keepalive at once. TCP_NODELAY is set before the
@@ -1048,6 +1050,7 @@ mod tests {
                 cs: ConnectSettings {
                     timeout: Duration::from_secs(2),
                     mark: 0,
+                    congestion: None,
                     max_connections,
                     max_pending: 16,
                 },
