@@ -194,8 +194,10 @@ class Topology:
     """Client, node and backend namespaces joined by veth pairs; torn down in `close`."""
 
     def __init__(self, tag: str, workdir: Path, bulk_file: Path, udp_echo: Path | None = None,
-                 backend_mount_ns: bool = False):
+                 backend_mount_ns: bool = False, congestion: str | None = None):
         self.tag = tag
+        # The TCP congestion control of every namespace (None: each inherits the machine's default).
+        self.congestion = congestion
         # True: backends start with `ip netns exec` (a mount namespace each), see `in_net_ns`.
         self.backend_mount_ns = backend_mount_ns
         self.udp_echo = udp_echo  # a lightpath binary: each backend also runs its UDP echo
@@ -243,6 +245,10 @@ class Topology:
         }
         for ns in self.backends:
             sysctls[ns] = ["net.core.somaxconn=65535", "net.ipv4.tcp_max_syn_backlog=65535"]
+        if self.congestion:
+            # Before any socket exists: a listener's algorithm is fixed when it is created.
+            for items in sysctls.values():
+                items.append(f"net.ipv4.tcp_congestion_control={self.congestion}")
         for ns, items in sysctls.items():
             for item in items:
                 sh(in_ns(ns, ["sysctl", "-q", "-w", item]))
@@ -670,7 +676,8 @@ class Bench:
             # The file source re-reads and hashes the manifests every poll; at 10,000 services that
             # is file I/O unrelated to the data path, so poll once a minute (the kube source has no such cost).
             p = topo.spawn(node, env_cmd + [str(self.args.lightpath), "run", "--manifests", str(man),
-                                            "--node-name", "node-bench", "--manifest-poll-ms", "60000"], logf)
+                                            "--node-name", "node-bench", "--manifest-poll-ms", "60000"]
+                           + self.args.lightpath_arg, logf)
             run = Running(vip_http, vip_h2, proxy=p)
         else:
             raise BenchError(f"unknown mode {spec.name}")
@@ -889,7 +896,8 @@ class Bench:
     def new_topology(self) -> Topology:
         self.seq += 1
         topo = Topology(f"{self.tag_base}-{self.seq}", self.workdir / f"topo{self.seq}", self.bulk_file,
-                        udp_echo=self.args.lightpath, backend_mount_ns=self.args.backend_mount_ns)
+                        udp_echo=self.args.lightpath, backend_mount_ns=self.args.backend_mount_ns,
+                        congestion=self.args.congestion_control)
         self.topo = topo
         topo.up()
         return topo
@@ -1034,6 +1042,13 @@ class Results:
         }
 
 
+def congestion_line(args) -> str:
+    machine = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    if args.congestion_control:
+        return f"{args.congestion_control} in every namespace (`--congestion-control`; the machine's is {machine})"
+    return f"{machine} in every namespace (the machine's default, inherited)"
+
+
 def ratio(a, b) -> str:
     return "–" if a is None or not b else f"{a / b:.2f}×"
 
@@ -1051,6 +1066,9 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
     out.append(f"- Commit: `{commit}`{' (working tree had uncommitted changes)' if dirty else ''}")
     out.append(f"- Tools: {tool_versions(args.lightpath)}")
     out += [f"- Note: {n}" for n in args.note]
+    out.append(f"- TCP congestion control: {congestion_line(args)}")
+    if args.lightpath_arg:
+        out.append(f"- lightpath run flags added: `{' '.join(args.lightpath_arg)}`")
     out.append(f"- Load average (1/5/15 min) at start {args.load_start}, at end {args.load_end}: anything else "
                f"running on the machine competes for the same cores")
     out.append(f"- {args.rounds} round(s) × {args.duration:g} s per case, modes interleaved "
@@ -1152,13 +1170,32 @@ def targets(res: Results, main_specs: list[ModeSpec], scale_specs: list[ModeSpec
     def verdict(ok) -> str:
         return "not measured" if ok is None else ("**met**" if ok else "**missed**")
 
+    def label(name: str) -> str | None:
+        return next((s.label for s in main_specs if s.name == name), None)
+
+    def rounds(a: str, b: str, case: str, key: str) -> str:
+        """The ratio a/b round by round: the modes are interleaved, so each round pairs runs made
+        moments apart, and the spread shows how far one run's median can be trusted."""
+        ra, rb = res.rows.get((label(a), case), []), res.rows.get((label(b), case), [])
+        pairs = [(x.get(key), y.get(key)) for x, y in zip(ra, rb)]
+        if len(pairs) < 2 or len(ra) != len(rb) or any(not x or not y for x, y in pairs):
+            return ""
+        return "; per round " + " / ".join(f"{x / y:.2f}×" for x, y in pairs)
+
+    def cpu_per_req(a: dict) -> str:
+        if not a.get("cpu_pct") or not a.get("rps"):
+            return "–"
+        return f"{a['cpu_pct'] / 100 / a['rps'] * 1e6:.1f}"
+
     lines = []
     l4, ht = agg("lightpath-l4", "keepalive"), agg("haproxy-tcp", "keepalive")
     if l4 and ht and l4["rps"] and ht["rps"]:
         r = l4["rps"] / ht["rps"]
         ok = r >= 1.2 and (l4["p99_ms"] or 0) <= (ht["p99_ms"] or 0)
         lines.append(f"- lightpath-l4 keep-alive ≥ 1.2× haproxy-tcp, p99 ≤ haproxy-tcp: {verdict(ok)} "
-                     f"({r:.2f}×, p99 {fmt(l4['p99_ms'], '.2f')} vs {fmt(ht['p99_ms'], '.2f')} ms)")
+                     f"({r:.2f}×, p99 {fmt(l4['p99_ms'], '.2f')} vs {fmt(ht['p99_ms'], '.2f')} ms"
+                     f"{rounds('lightpath-l4', 'haproxy-tcp', 'keepalive', 'rps')}; proxy CPU per request "
+                     f"{cpu_per_req(l4)} vs {cpu_per_req(ht)} µs)")
     else:
         lines.append(f"- lightpath-l4 keep-alive ≥ 1.2× haproxy-tcp: {verdict(None)}")
     l7, hh = agg("lightpath-l7", "keepalive"), agg("haproxy-http", "keepalive")
@@ -1166,13 +1203,16 @@ def targets(res: Results, main_specs: list[ModeSpec], scale_specs: list[ModeSpec
         r = l7["rps"] / hh["rps"]
         ok = r >= 1.2 and (l7["p99_ms"] or 0) <= (hh["p99_ms"] or 0)
         lines.append(f"- lightpath-l7 keep-alive ≥ 1.2× haproxy-http, p99 ≤ haproxy-http: {verdict(ok)} "
-                     f"({r:.2f}×, p99 {fmt(l7['p99_ms'], '.2f')} vs {fmt(hh['p99_ms'], '.2f')} ms)")
+                     f"({r:.2f}×, p99 {fmt(l7['p99_ms'], '.2f')} vs {fmt(hh['p99_ms'], '.2f')} ms"
+                     f"{rounds('lightpath-l7', 'haproxy-http', 'keepalive', 'rps')}; proxy CPU per request "
+                     f"{cpu_per_req(l7)} vs {cpu_per_req(hh)} µs)")
     else:
         lines.append(f"- lightpath-l7 keep-alive ≥ 1.2× haproxy-http: {verdict(None)}")
     l4n, htn = agg("lightpath-l4", "newconn"), agg("haproxy-tcp", "newconn")
     if l4n and htn and l4n["rps"] and htn["rps"]:
         r = l4n["rps"] / htn["rps"]
-        lines.append(f"- new-connection rate lightpath-l4 ≥ haproxy-tcp: {verdict(r >= 1.0)} ({r:.2f}×)")
+        lines.append(f"- new-connection rate lightpath-l4 ≥ haproxy-tcp: {verdict(r >= 1.0)} ({r:.2f}×"
+                     f"{rounds('lightpath-l4', 'haproxy-tcp', 'newconn', 'rps')})")
     else:
         lines.append(f"- new-connection rate lightpath-l4 ≥ haproxy-tcp: {verdict(None)}")
     small = next((res.agg(s.label, "scale") for s in scale_specs if s.name == "lightpath-l4@scale"), None)
@@ -1185,7 +1225,10 @@ def targets(res: Results, main_specs: list[ModeSpec], scale_specs: list[ModeSpec
     l4b, nb = agg("lightpath-l4", "bulk"), agg("nft-dnat", "bulk")
     if l4b and nb and l4b["gbps"] and nb["gbps"]:
         r = l4b["gbps"] / nb["gbps"]
-        lines.append(f"- bulk lightpath-l4 ≥ 80% of nft-dnat: {verdict(r >= 0.8)} ({r * 100:.0f}%)")
+        lines.append(f"- bulk lightpath-l4 ≥ 80% of nft-dnat: {verdict(r >= 0.8)} ({r * 100:.0f}%"
+                     f"{rounds('lightpath-l4', 'nft-dnat', 'bulk', 'gbps')}; TCP congestion control "
+                     f"{args.congestion_control or 'the machine default'}"
+                     f"{', lightpath ' + ' '.join(args.lightpath_arg) if args.lightpath_arg else ''})")
     else:
         lines.append(f"- bulk lightpath-l4 ≥ 80% of nft-dnat: {verdict(None)}")
     for fcase in ("failure", "failure-newconn"):
@@ -1245,6 +1288,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--l7-annotation", action="append", default=[], metavar="KEY=VALUE",
                     help="an annotation on the benchmarked Service in lightpath-l7's manifest, e.g. "
                          "lightpath.io/per-try-timeout=500ms; repeatable")
+    ap.add_argument("--lightpath-arg", action="append", default=[], metavar="ARG",
+                    help="an extra argument for `lightpath run` in the lightpath modes, e.g. "
+                         "--lightpath-arg=--tcp-congestion=cubic; repeatable")
+    ap.add_argument("--congestion-control", default=None, metavar="ALGO",
+                    help="net.ipv4.tcp_congestion_control in every namespace (client, node, backends) for every "
+                         "mode (default: the machine's, which each new namespace inherits)")
     ap.add_argument("--log-dir", type=Path, default=REPO / "target/load-logs",
                     help="where a lightpath log is copied when a case saw client-visible errors "
                          "(default target/load-logs; the workdir itself is removed at the end)")
