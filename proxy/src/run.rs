@@ -617,6 +617,20 @@ mod tests {
         assert!(c.listener_v6.is_some());
     }
 
+    /// A listener from [`bind_one`] on a loopback port and one connection it
+    /// accepted, with the client's end (kept open).
+    async fn bound_and_accepted(
+        no_redirect: bool,
+        congestion: Option<&str>,
+    ) -> (TcpListener, tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = bind_one("127.0.0.1:0".parse().unwrap(), no_redirect, congestion).unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (l, s, c)
+    }
+
     #[tokio::test]
     async fn accepted_connections_carry_the_upstream_mark() {
         if !crate::sandbox::require_root(
@@ -629,25 +643,18 @@ mod tests {
             socket2::SockRef::from(fd).mark().unwrap()
         }
         // With our rules: the listener and every accepted socket are marked.
-        let l = bind_one("127.0.0.1:0".parse().unwrap(), false, None).unwrap();
-        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s, _) = l.accept().await.unwrap();
+        let (l, s, _c) = bound_and_accepted(false, None).await;
         assert_eq!(mark(&l), defaults::UPSTREAM_MARK);
         assert_eq!(mark(&s), defaults::UPSTREAM_MARK);
         // Without them (--no-redirect), nothing is marked.
-        let l = bind_one("127.0.0.1:0".parse().unwrap(), true, None).unwrap();
-        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s, _) = l.accept().await.unwrap();
+        let (_l, s, _c) = bound_and_accepted(true, None).await;
         assert_eq!(mark(&s), 0);
     }
 
     /// `--tcp-congestion`: set on the listener, so every accepted socket has
-    /// it, with or without our rules; a name the kernel lacks fails the
-    /// start, naming the flag and what the kernel offers.
+    /// it, with or without our rules (and without the flag, the node's
+    /// default, which is not `reno` on any usual kernel); a name the kernel
+    /// lacks fails the start, naming the flag and what the kernel offers.
     #[tokio::test]
     async fn accepted_connections_use_the_chosen_congestion_control() {
         if !crate::sandbox::require_root(
@@ -656,17 +663,14 @@ mod tests {
         ) {
             return;
         }
+        let cc = |s: &tokio::net::TcpStream| redirect::sockopt::congestion(s).unwrap();
         for no_redirect in [false, true] {
-            let l = bind_one("127.0.0.1:0".parse().unwrap(), no_redirect, Some("reno")).unwrap();
-            let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (s, _) = l.accept().await.unwrap();
-            assert_eq!(redirect::sockopt::congestion(&s).unwrap(), "reno");
-            let plain = bind_one("127.0.0.1:0".parse().unwrap(), no_redirect, None).unwrap();
-            let node_default = redirect::sockopt::congestion(&plain).unwrap();
+            let (_l, s, _c) = bound_and_accepted(no_redirect, Some("reno")).await;
+            assert_eq!(cc(&s), "reno");
+            let (_l, s, _c) = bound_and_accepted(no_redirect, None).await;
             assert_ne!(
-                node_default, "reno",
+                cc(&s),
+                "reno",
                 "the node's default must differ for this test"
             );
         }
