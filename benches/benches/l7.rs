@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lightpath::balance::{BalanceConfig, Balancers};
+use lightpath::l4::connect::ConnectConfig;
 use lightpath::l7::{headers, L7};
 use lightpath_benches::{runtime, service, Proxy};
 use tokio::net::TcpListener;
@@ -126,7 +127,7 @@ fn control(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("first_sync/10000_services", |b| {
         b.iter_batched(
-            || L7::new(0, None),
+            || L7::new(&ConnectConfig::default()),
             |l7| {
                 l7.sync(&table, &balancers);
                 l7
@@ -135,7 +136,7 @@ fn control(c: &mut Criterion) {
         )
     });
     g.finish();
-    let l7 = L7::new(0, None);
+    let l7 = L7::new(&ConnectConfig::default());
     l7.sync(&table, &balancers);
     for fe in table.frontends.values() {
         let svc = l7.service(&fe.service);

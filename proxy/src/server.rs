@@ -132,10 +132,7 @@ impl Server {
             table,
             balancers,
             slots: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
-            l7: Arc::new(crate::l7::L7::new(
-                cfg.relay.connect.mark,
-                cfg.relay.connect.congestion.clone(),
-            )),
+            l7: Arc::new(crate::l7::L7::new(&cfg.relay.connect)),
             cfg: Arc::new(cfg),
             listeners_open: Arc::new(AtomicUsize::new(0)),
             spread: Arc::new(OnceLock::new()),

@@ -57,6 +57,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::{Balancer, Balancers, OutlierConfig, Scope};
 use crate::drain;
+use crate::l4::connect::ConnectConfig;
 use crate::metrics::ServiceMetrics;
 
 use budget::RetryBudget;
@@ -90,10 +91,9 @@ pub struct L7 {
     /// the sweep can still report a removed service port's connections as
     /// they close, down to 0.
     retired: Mutex<Vec<(std::sync::Weak<Shared>, Arc<ServiceMetrics>)>>,
-    /// SO_MARK on upstream sockets (0 = none).
-    mark: u32,
-    /// TCP congestion control of upstream sockets (`None`: the node's).
-    congestion: Option<Arc<str>>,
+    /// How upstream sockets are made (SO_MARK, congestion control): the L4
+    /// relay's settings, which each service's connect settings start from.
+    upstream: ConnectConfig,
     server: auto::Builder<TokioExecutor>,
 }
 
@@ -101,7 +101,7 @@ impl std::fmt::Debug for L7 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("L7")
             .field("services", &self.services.load().len())
-            .field("mark", &self.mark)
+            .field("mark", &self.upstream.mark)
             .finish()
     }
 }
@@ -138,7 +138,7 @@ impl Shared {
 }
 
 impl L7 {
-    pub fn new(mark: u32, congestion: Option<Arc<str>>) -> Self {
+    pub fn new(upstream: &ConnectConfig) -> Self {
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -158,8 +158,7 @@ impl L7 {
             services: ArcSwap::from_pointee(HashMap::new()),
             write: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
-            mark,
-            congestion,
+            upstream: upstream.clone(),
             server,
         }
     }
@@ -227,9 +226,14 @@ impl L7 {
                         max_percent: settings.max_ejection_percent,
                     },
                     connect: ConnectSettings {
-                        timeout: settings.connect_timeout,
-                        mark: self.mark,
-                        congestion: self.congestion.clone(),
+                        // One endpoint per attempt (the retry policy picks
+                        // the next), from the node's address.
+                        connect: ConnectConfig {
+                            timeout: settings.connect_timeout,
+                            attempts: 1,
+                            keep_client_source: false,
+                            ..self.upstream.clone()
+                        },
                         max_connections: settings.max_connections,
                         max_pending: settings.max_pending,
                     },

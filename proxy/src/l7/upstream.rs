@@ -118,9 +118,8 @@ impl Drop for GaugeGuard {
 /// What a connection attempt needs from the service.
 #[derive(Debug, Clone)]
 pub struct ConnectSettings {
-    pub timeout: Duration,
-    pub mark: u32,
-    pub congestion: Option<Arc<str>>,
+    /// For [`connect_one`]: timeout, mark, congestion control.
+    pub connect: ConnectConfig,
     pub max_connections: usize,
     pub max_pending: usize,
 }
@@ -672,17 +671,10 @@ impl EndpointPool {
                 .ok_or(FailKind::Overflow(Limit::Connections))?,
             None => return Err(FailKind::Overflow(Limit::Connections)),
         };
-        let cfg = ConnectConfig {
-            timeout: cs.timeout,
-            attempts: 1,
-            mark: cs.mark,
-            keep_client_source: false,
-            congestion: cs.congestion.clone(),
-        };
         // `connect_one` (not `attempt`): pooled connections live long, so
         // they get TCP keepalive at once. TCP_NODELAY is set before the
         // connect (`redirect::sockopt::upstream_connect`).
-        let stream = connect_one(self.addr, self.source, &cfg)
+        let stream = connect_one(self.addr, self.source, &cs.connect)
             .await
             .map_err(FailKind::Connect)?;
         Ok((TokioIo::new(stream), conn_slot))
@@ -1048,9 +1040,11 @@ mod tests {
                 pools: Pools::new(false, idle_timeout),
                 limits: Limits::default(),
                 cs: ConnectSettings {
-                    timeout: Duration::from_secs(2),
-                    mark: 0,
-                    congestion: None,
+                    connect: ConnectConfig {
+                        timeout: Duration::from_secs(2),
+                        attempts: 1,
+                        ..ConnectConfig::default()
+                    },
                     max_connections,
                     max_pending: 16,
                 },
