@@ -1161,17 +1161,15 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
 
 
 def targets(res: Results, main_specs: list[ModeSpec], scale_specs: list[ModeSpec], args) -> list[str]:
+    def label(name: str) -> str | None:
+        return next((s.label for s in main_specs if s.name == name), None)
+
     def agg(name: str, case: str):
-        for s in main_specs:
-            if s.name == name:
-                return res.agg(s.label, case)
-        return None
+        lbl = label(name)
+        return res.agg(lbl, case) if lbl else None
 
     def verdict(ok) -> str:
         return "not measured" if ok is None else ("**met**" if ok else "**missed**")
-
-    def label(name: str) -> str | None:
-        return next((s.label for s in main_specs if s.name == name), None)
 
     def rounds(a: str, b: str, case: str, key: str) -> str:
         """The ratio a/b round by round: the modes are interleaved, so each round pairs runs made

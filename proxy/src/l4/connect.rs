@@ -146,9 +146,9 @@ impl Source {
     /// local traffic detector (`--cluster-cidr`, `--detect-local-mode`),
     /// ClusterIP traffic from a source that is not a pod is masqueraded too,
     /// for the same reason; per family, as kube-proxy's detectors are: a
-    /// family the detector has no network of keeps every source. Always `Node` when `keep` is off
-    /// (`--masquerade-all`, or no reply rule), and for a loopback client
-    /// (its address cannot leave the host).
+    /// family the detector has no network of keeps every source. Always
+    /// `Node` when `keep` is off (`--masquerade-all`, or no reply rule), and
+    /// for a loopback client (its address cannot leave the host).
     pub fn for_frontend(frontend: &control::Frontend, client: IpAddr, keep: bool) -> Source {
         let client = client.to_canonical();
         let svc = &frontend.service;
