@@ -880,8 +880,10 @@ class Bench:
             perf.kill()
             raise BenchError("perf record did not finish")
         def report(sort: str, limit: str) -> list[str]:
-            rep = sh(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", sort,
-                      "--percent-limit", limit], timeout=120)
+            # `-g none`: with --perf-callgraph the data holds call chains, which would otherwise
+            # be printed under each line and read as more lines of the flat profile.
+            rep = sh(["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none",
+                      "--sort", sort, "--percent-limit", limit], timeout=120)
             return [" ".join(line.split()).removesuffix(" - -") for line in rep.splitlines()
                     if line.strip() and not line.startswith("#")]
 
