@@ -77,11 +77,19 @@ ALL_MODES = [
     "lightpath-l4",
     "lightpath-l7",
 ]
-ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn", "udp", "hang"]
-# `hang` is not run unless asked for (--cases): no issue-8 target depends on it.
-DEFAULT_CASES = [c for c in ALL_CASES if c != "hang"]
+ALL_CASES = ["keepalive", "newconn", "h2", "bulk", "failure", "failure-newconn", "udp", "hang", "churn"]
+# `hang` and `churn` are not run unless asked for (--cases): no issue-8 target depends on them.
+OPT_IN_CASES = {"hang", "churn"}
+DEFAULT_CASES = [c for c in ALL_CASES if c not in OPT_IN_CASES]
 # Modes that carry the UDP case (haproxy has no UDP; the iptables mode only mirrors kube-proxy's TCP rules).
 UDP_MODES = {"direct", "nft-dnat", "lightpath-l4", "lightpath-l7"}
+# Modes that carry the churn case: it rewrites lightpath's manifest file (the DNAT rule sets and
+# haproxy's config have no live-update path here).
+CHURN_MODES = {"lightpath-l4", "lightpath-l7"}
+# The churn case cycles backend 3 through these EndpointSlice states, one step per period.
+CHURN_PERIOD_S = 1.0
+CHURN_MAX_SERVICES = 1000  # the file source re-parses every manifest on each change
+CHURN_POLL_MS = 250
 FAILURE_CASES = {"failure", "failure-newconn", "hang"}
 CASE_TITLES = {
     "keepalive": "HTTP/1.1 keep-alive, small GET (wrk, 32 connections)",
@@ -93,6 +101,9 @@ CASE_TITLES = {
     "hang": "Frozen backend: backend 3 of 3 stopped (SIGSTOP) for the middle half of the case, then resumed "
             "(wrk keep-alive GETs): it holds the requests sent to it, answers them late, and a request answered "
             "after more than 2 s counts as a wrk timeout",
+    "churn": "Endpoint churn: backend 3 of 3 cycles ready → terminating (still serving) → removed from its "
+             "EndpointSlice, one step per second, through lightpath's manifest file (wrk keep-alive GETs; "
+             "lightpath modes only)",
     "scale": "New connection per request at 10 services vs the full service count",
     "udp": "UDP request/response, 64-byte datagrams (Python client, 16 sockets with one request in flight each; "
            "the client's own cost caps the rate, so compare p50/p99 and proxy CPU%)",
@@ -183,6 +194,63 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._t.join(timeout=2)
+
+
+class Churn:
+    """Cycles one endpoint of the bench Service through ready → terminating (still serving) →
+    removed, one step per CHURN_PERIOD_S, by rewriting lightpath's manifest file (atomically: a
+    temporary file renamed over it, as a ConfigMap update does). On exit the original file is put
+    back, so the next case and round start from three ready endpoints."""
+
+    STATES = ("terminating", "removed", "ready")
+
+    def __init__(self, path: Path, address: str):
+        self.path = path
+        self.address = address
+        self.original = path.read_text()
+        self.docs = [json.loads(d) for d in self.original.split("---\n") if d.strip()]
+        self.steps = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _write(self, text: str) -> None:
+        tmp = self.path.with_suffix(".churn")
+        tmp.write_text(text)
+        tmp.rename(self.path)
+
+    def _render(self, state: str) -> str:
+        out = []
+        for o in self.docs:
+            if o["kind"] == "EndpointSlice" and o["metadata"]["namespace"] == "bench":
+                o = json.loads(json.dumps(o))
+                eps = []
+                for e in o["endpoints"]:
+                    if e["addresses"] != [self.address]:
+                        eps.append(e)
+                    elif state == "terminating":
+                        eps.append({**e, "conditions": {"ready": False, "serving": True, "terminating": True}})
+                    elif state == "ready":
+                        eps.append(e)
+                o["endpoints"] = eps
+            out.append(f"---\n{json.dumps(o)}\n")
+        return "".join(out)
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHURN_PERIOD_S):
+            self._write(self._render(self.STATES[self.steps % len(self.STATES)]))
+            self.steps += 1
+
+    def __enter__(self) -> Churn:
+        if not any(o["kind"] == "EndpointSlice" and any(e["addresses"] == [self.address] for e in o["endpoints"])
+                   for o in self.docs):
+            raise BenchError(f"churn: {self.address} is in no EndpointSlice of {self.path}")
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(timeout=5)
+        self._write(self.original)
 
 
 # --------------------------------------------------------------------------------------------
@@ -676,7 +744,8 @@ class Bench:
             # The file source re-reads and hashes the manifests every poll; at 10,000 services that
             # is file I/O unrelated to the data path, so poll once a minute (the kube source has no such cost).
             p = topo.spawn(node, env_cmd + [str(self.args.lightpath), "run", "--manifests", str(man),
-                                            "--node-name", "node-bench", "--manifest-poll-ms", "60000"]
+                                            "--node-name", "node-bench", "--manifest-poll-ms",
+                                            str(manifest_poll_ms(self.args))]
                            + self.args.lightpath_arg, logf)
             run = Running(vip_http, vip_h2, proxy=p)
         else:
@@ -744,6 +813,13 @@ class Bench:
                 res = self.bulk(run.http_url.rstrip("/") + "/bulk", d)
             elif case == "udp":
                 res = self.udp(run.udp_target, d)
+            elif case == "churn":
+                v0 = self.config_version()
+                with Churn(self.rules_file("manifest-l7" if spec.name == "lightpath-l7" else "manifest-l4",
+                                           spec.services), topo.backend_ip(BACKENDS - 1)) as churn:
+                    res = self.wrk(run.http_url, d, close=False, kill_at=None)
+                time.sleep(1)  # the last write (the original file back) is applied within a poll
+                res["churn_steps"] = f"{churn.steps} written, {self.config_version() - v0} applied"
             else:
                 raise BenchError(f"unknown case {case}")
         wall = time.monotonic() - t0
@@ -760,6 +836,15 @@ class Bench:
             topo.wait_http(topo.client, f"http://{topo.backend_ip(BACKENDS - 1)}:{HTTP_PORT}/", 10, "restarted backend")
             time.sleep(2.5)  # haproxy's health check (inter 1s, rise 1) sees it again
         return res
+
+    def config_version(self) -> int:
+        """lightpath's `lightpath_config_version`: the version of the table it serves (admin API, node ns)."""
+        assert self.topo is not None
+        text = sh(in_ns(self.topo.node, ["curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000/metrics"]))
+        m = re.search(r"^lightpath_config_version (\d+)", text, re.M)
+        if not m:
+            raise BenchError("lightpath's /metrics has no lightpath_config_version")
+        return int(m.group(1))
 
     def wrk(self, url: str, duration: float, close: bool, kill_at: float | None,
             sig: int = signal.SIGKILL, resume_after: float | None = None) -> dict:
@@ -1041,7 +1126,15 @@ class Results:
             "rss_mb": max([r["rss_mb"] for r in rs if r["rss_mb"] is not None], default=None),
             "rounds": len(rs),
             "detail": "; ".join(sorted({r["error_detail"] for r in rs if r["errors"]})),
+            "churn_steps": [r["churn_steps"] for r in rs if "churn_steps" in r],
         }
+
+
+def manifest_poll_ms(args) -> int:
+    """lightpath's manifest poll interval: --manifest-poll-ms, else fast only when the churn case runs."""
+    if args.manifest_poll_ms is not None:
+        return args.manifest_poll_ms
+    return CHURN_POLL_MS if "churn" in args.cases.split(",") else 60000
 
 
 def congestion_line(args) -> str:
@@ -1120,6 +1213,13 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
                    if res.agg(s.label, case) and res.agg(s.label, case)["detail"]]
         if details:
             out.append("\nErrors: " + "; ".join(details) + ".")
+        steps = [f"{s.label}: {' / '.join(map(str, res.agg(s.label, case)['churn_steps']))}" for s in main_specs
+                 if res.agg(s.label, case) and res.agg(s.label, case)["churn_steps"]]
+        if steps:
+            out.append(f"\nEndpointSlice changes per round, written and applied (table versions served; "
+                       f"lightpath polls its manifest every {manifest_poll_ms(args)} ms, and the last write "
+                       f"puts the original back; terminating → removed leaves the served table as it was, because a "
+                       f"terminating endpoint gets no traffic while others are ready): " + "; ".join(steps) + ".")
         out.append("")
     scale_specs = [s for s in specs if s.name.endswith("@scale")]
     if scale_specs:
@@ -1291,6 +1391,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--lightpath-arg", action="append", default=[], metavar="ARG",
                     help="an extra argument for `lightpath run` in the lightpath modes, e.g. "
                          "--lightpath-arg=--tcp-congestion=cubic; repeatable")
+    ap.add_argument("--manifest-poll-ms", type=int, default=None,
+                    help=f"lightpath's --manifest-poll-ms (default 60000, or {CHURN_POLL_MS} when the churn case "
+                         "runs: at 10,000 services every poll re-reads and hashes tens of MB, work the kube "
+                         "source does not do)")
     ap.add_argument("--congestion-control", default=None, metavar="ALGO",
                     help="net.ipv4.tcp_congestion_control in every namespace (client, node, backends) for every "
                          "mode (default: the machine's, which each new namespace inherits)")
@@ -1317,6 +1421,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.services = 1000
         if args.append is None:
             args.no_append = True
+    if "churn" in args.cases.split(",") and args.services > CHURN_MAX_SERVICES:
+        ap.error(f"the churn case rewrites lightpath's whole manifest file every second and the file source "
+                 f"re-parses all of it: use --services {CHURN_MAX_SERVICES} or fewer (the kube source applies "
+                 f"one object per change; its propagation is measured by benches/benches/propagation.rs)")
     if args.append is None:
         args.append = REPO / "BENCHMARKS.md"
     if args.lightpath is None:
@@ -1380,7 +1488,8 @@ def main(argv: list[str]) -> int:
             for spec in order:
                 scale = spec.name.endswith("@scale")
                 real = ModeSpec(spec.name.removesuffix("@scale"), spec.services)
-                my_cases = ["scale"] if scale else [c for c in cases if c != "udp" or real.name in UDP_MODES]
+                my_cases = ["scale"] if scale else [c for c in cases if (c != "udp" or real.name in UDP_MODES)
+                                                    and (c != "churn" or real.name in CHURN_MODES)]
                 log(f"round {rnd + 1}/{args.rounds}: {spec.label}")
                 try:
                     bench.new_topology()
