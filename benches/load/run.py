@@ -198,15 +198,17 @@ class RssSampler:
 
 class Churn:
     """Cycles one endpoint of the bench Service through ready → terminating (still serving) →
-    removed, one step per CHURN_PERIOD_S, by rewriting lightpath's manifest file (atomically: a
-    temporary file renamed over it, as a ConfigMap update does). On exit the original file is put
+    removed, one step per CHURN_PERIOD_S. With the file source it rewrites lightpath's manifest
+    file (atomically: a temporary file renamed over it, as a ConfigMap update does); with the kube
+    source it PUTs the changed EndpointSlice to the API server (`put`). On exit the original is put
     back, so the next case and round start from three ready endpoints."""
 
     STATES = ("terminating", "removed", "ready")
 
-    def __init__(self, path: Path, address: str):
+    def __init__(self, path: Path, address: str, put=None):
         self.path = path
         self.address = address
+        self.put = put
         self.original = path.read_text()
         self.docs = [json.loads(d) for d in self.original.split("---\n") if d.strip()]
         self.steps = 0
@@ -218,7 +220,7 @@ class Churn:
         tmp.write_text(text)
         tmp.rename(self.path)
 
-    def _render(self, state: str) -> str:
+    def _render(self, state: str) -> list[dict]:
         out = []
         for o in self.docs:
             if o["kind"] == "EndpointSlice" and o["metadata"]["namespace"] == "bench":
@@ -232,12 +234,20 @@ class Churn:
                     elif state == "ready":
                         eps.append(e)
                 o["endpoints"] = eps
-            out.append(f"---\n{json.dumps(o)}\n")
-        return "".join(out)
+            out.append(o)
+        return out
+
+    def _apply(self, docs: list[dict]) -> None:
+        if self.put is None:
+            self._write("".join(f"---\n{json.dumps(o)}\n" for o in docs))
+            return
+        for o in docs:
+            if o["kind"] == "EndpointSlice" and o["metadata"]["namespace"] == "bench":
+                self.put(o)
 
     def _run(self) -> None:
         while not self._stop.wait(CHURN_PERIOD_S):
-            self._write(self._render(self.STATES[self.steps % len(self.STATES)]))
+            self._apply(self._render(self.STATES[self.steps % len(self.STATES)]))
             self.steps += 1
 
     def __enter__(self) -> Churn:
@@ -250,7 +260,10 @@ class Churn:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._t.join(timeout=5)
-        self._write(self.original)
+        if self.put is None:
+            self._write(self.original)
+        else:
+            self._apply(self._render("ready"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,6 +693,7 @@ class Bench:
         self.tag_base = f"lpb{os.getpid() % 100000}"
         self.seq = 0
         self.topo: Topology | None = None
+        self.api_url: str | None = None  # the fake API server of the current topology (--source kube)
         self.bulk_file = self.workdir / "bulk.bin"
         with open(self.bulk_file, "wb") as f:
             f.truncate(args.bulk_mib * 1024 * 1024)  # sparse: the page cache serves zeros, no disk I/O
@@ -742,10 +756,13 @@ class Bench:
             logf = self.workdir / f"{spec.name}-{self.seq}.log"
             env_cmd = ["env", f"RUST_LOG={os.environ.get('RUST_LOG', 'warn')}"]
             # The file source re-reads and hashes the manifests every poll; at 10,000 services that
-            # is file I/O unrelated to the data path, so poll once a minute (the kube source has no such cost).
-            p = topo.spawn(node, env_cmd + [str(self.args.lightpath), "run", "--manifests", str(man),
-                                            "--node-name", "node-bench", "--manifest-poll-ms",
-                                            str(manifest_poll_ms(self.args))]
+            # is file I/O unrelated to the data path, so poll once a minute (the kube source has no such
+            # cost) unless the churn case needs its changes seen (`manifest_poll_ms`).
+            if self.args.source == "kube":
+                source = ["--kubeconfig", str(self.start_fakeapi(man))]
+            else:
+                source = ["--manifests", str(man), "--manifest-poll-ms", str(manifest_poll_ms(self.args))]
+            p = topo.spawn(node, env_cmd + [str(self.args.lightpath), "run", *source, "--node-name", "node-bench"]
                            + self.args.lightpath_arg, logf)
             run = Running(vip_http, vip_h2, proxy=p)
         else:
@@ -764,6 +781,26 @@ class Bench:
             time.sleep(0.5)
             run.idle_rss = rss_mb(run.pid)
         return run
+
+    def start_fakeapi(self, objects: Path) -> Path:
+        """Starts the fake API server in the node namespace, loaded with `objects`; returns its
+        kubeconfig once every object is in. The API server's URL is kept for the churn case."""
+        topo = self.topo
+        assert topo is not None
+        kubeconfig = self.workdir / f"kubeconfig-{self.seq}.yaml"
+        logf = self.workdir / f"fakeapi-{self.seq}.log"
+        p = topo.spawn(topo.node, [str(self.args.fakeapi), "--objects", str(objects),
+                                   "--kubeconfig", str(kubeconfig)], logf)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            m = re.search(r"^READY (\S+)", logf.read_text(errors="replace"), re.M)
+            if m:
+                self.api_url = m.group(1)
+                return kubeconfig
+            if p.poll() is not None:
+                raise BenchError(f"fakeapi exited with {p.returncode}: {logf.read_text(errors='replace')[-400:]}")
+            time.sleep(0.1)
+        raise BenchError("fakeapi did not load its objects within 120 s")
 
     def proc_log_tail(self, spec: ModeSpec) -> str:
         logs = sorted(self.workdir.glob(f"{spec.name}*.log"), key=lambda p: p.stat().st_mtime)
@@ -815,10 +852,12 @@ class Bench:
                 res = self.udp(run.udp_target, d)
             elif case == "churn":
                 v0 = self.config_version()
-                with Churn(self.rules_file("manifest-l7" if spec.name == "lightpath-l7" else "manifest-l4",
-                                           spec.services), topo.backend_ip(BACKENDS - 1)) as churn:
+                man = self.rules_file("manifest-l7" if spec.name == "lightpath-l7" else "manifest-l4", spec.services)
+                put = self.put_object if self.args.source == "kube" else None
+                with Churn(man, topo.backend_ip(BACKENDS - 1), put) as churn:
                     res = self.wrk(run.http_url, d, close=False, kill_at=None)
-                time.sleep(1)  # the last write (the original file back) is applied within a poll
+                # The last write (the original back) is applied within a poll.
+                time.sleep(max(1.0, 2 * manifest_poll_ms(self.args) / 1000) if put is None else 1.0)
                 res["churn_steps"] = f"{churn.steps} written, {self.config_version() - v0} applied"
             else:
                 raise BenchError(f"unknown case {case}")
@@ -836,6 +875,18 @@ class Bench:
             topo.wait_http(topo.client, f"http://{topo.backend_ip(BACKENDS - 1)}:{HTTP_PORT}/", 10, "restarted backend")
             time.sleep(2.5)  # haproxy's health check (inter 1s, rise 1) sees it again
         return res
+
+    def put_object(self, obj: dict) -> None:
+        """Replaces `obj` on the fake API server (HTTP PUT from the node namespace), as a controller does."""
+        assert self.topo is not None
+        m = obj["metadata"]
+        url = (f"{self.api_url}/apis/discovery.k8s.io/v1/namespaces/{m['namespace']}/endpointslices/{m['name']}"
+               if obj["kind"] == "EndpointSlice" else None)
+        if url is None:
+            raise BenchError(f"churn: cannot PUT a {obj['kind']}")
+        sh(in_ns(self.topo.node, ["curl", "-sS", "--fail-with-body", "--max-time", "5", "-X", "PUT",
+                                  "-H", "Content-Type: application/json", "--data-binary", "@-", url]),
+           input=json.dumps(obj))
 
     def config_version(self) -> int:
         """lightpath's `lightpath_config_version`: the version of the table it serves (admin API, node ns)."""
@@ -1164,6 +1215,10 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
     out.append(f"- TCP congestion control: {congestion_line(args)}")
     if args.lightpath_arg:
         out.append(f"- lightpath run flags added: `{' '.join(args.lightpath_arg)}`")
+    out.append("- lightpath's source: " + (
+        "the Kubernetes watcher (`--kubeconfig`), fed by the repo's fake API server (`fakeapi`) in the node "
+        "namespace with the same objects" if args.source == "kube" else
+        f"manifest files (`--manifests`, polled every {manifest_poll_ms(args)} ms)"))
     out.append(f"- Load average (1/5/15 min) at start {args.load_start}, at end {args.load_end}: anything else "
                f"running on the machine competes for the same cores")
     out.append(f"- {args.rounds} round(s) × {args.duration:g} s per case, modes interleaved "
@@ -1216,9 +1271,10 @@ def render(res: Results, specs: list[ModeSpec], cases: list[str], args, cmdline:
         steps = [f"{s.label}: {' / '.join(map(str, res.agg(s.label, case)['churn_steps']))}" for s in main_specs
                  if res.agg(s.label, case) and res.agg(s.label, case)["churn_steps"]]
         if steps:
-            out.append(f"\nEndpointSlice changes per round, written and applied (table versions served; "
-                       f"lightpath polls its manifest every {manifest_poll_ms(args)} ms, and the last write "
-                       f"puts the original back; terminating → removed leaves the served table as it was, because a "
+            how = ("PUT to the API server" if args.source == "kube" else
+                   f"written to the manifest file, which lightpath polls every {manifest_poll_ms(args)} ms")
+            out.append(f"\nEndpointSlice changes per round, written and applied (changes {how}; table versions "
+                       f"served; the last change puts the original back; terminating → removed leaves the served table as it was, because a "
                        f"terminating endpoint gets no traffic while others are ready): " + "; ".join(steps) + ".")
         out.append("")
     scale_specs = [s for s in specs if s.name.endswith("@scale")]
@@ -1391,6 +1447,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--lightpath-arg", action="append", default=[], metavar="ARG",
                     help="an extra argument for `lightpath run` in the lightpath modes, e.g. "
                          "--lightpath-arg=--tcp-congestion=cubic; repeatable")
+    ap.add_argument("--source", choices=("file", "kube"), default="file",
+                    help="where lightpath gets its Services and EndpointSlices: `file` (--manifests, the "
+                         "default) or `kube` (--kubeconfig to the repo's fake API server, `fakeapi`, started "
+                         "in the node namespace with the same objects: the Kubernetes watcher as on a node)")
+    ap.add_argument("--fakeapi", type=Path, default=None,
+                    help="the fakeapi binary for --source kube (default: next to --lightpath; build it with "
+                         "`cargo build --release -p fakeapi`)")
     ap.add_argument("--manifest-poll-ms", type=int, default=None,
                     help=f"lightpath's --manifest-poll-ms (default 60000, or {CHURN_POLL_MS} when the churn case "
                          "runs: at 10,000 services every poll re-reads and hashes tens of MB, work the kube "
@@ -1421,7 +1484,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.services = 1000
         if args.append is None:
             args.no_append = True
-    if "churn" in args.cases.split(",") and args.services > CHURN_MAX_SERVICES:
+    churn = "churn" in args.cases.split(",")
+    if churn and args.manifest_poll_ms is not None and args.manifest_poll_ms > CHURN_PERIOD_S * 1000:
+        ap.error(f"the churn case changes the manifest every {CHURN_PERIOD_S:g} s: --manifest-poll-ms "
+                 f"{args.manifest_poll_ms} would miss changes (use {int(CHURN_PERIOD_S * 1000)} or less)")
+    if churn and args.source == "file" and args.services > CHURN_MAX_SERVICES:
         ap.error(f"the churn case rewrites lightpath's whole manifest file every second and the file source "
                  f"re-parses all of it: use --services {CHURN_MAX_SERVICES} or fewer (the kube source applies "
                  f"one object per change; its propagation is measured by benches/benches/propagation.rs)")
@@ -1431,6 +1498,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         rel, dbg = REPO / "target/release/lightpath", REPO / "target/debug/lightpath"
         args.lightpath = rel if rel.exists() or not args.smoke else dbg
     args.lightpath = args.lightpath.resolve()
+    if args.fakeapi is None:
+        args.fakeapi = args.lightpath.parent / "fakeapi"
+    args.fakeapi = args.fakeapi.resolve()
+    if args.source == "kube" and not os.access(args.fakeapi, os.X_OK):
+        ap.error(f"--source kube needs the fakeapi binary: {args.fakeapi} is missing "
+                 f"(cargo build --release -p fakeapi, or --fakeapi BIN)")
     return args
 
 
