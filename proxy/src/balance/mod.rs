@@ -34,6 +34,7 @@ mod registry;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,9 +156,12 @@ pub enum EjectError {
 #[derive(Debug)]
 struct State {
     service: Arc<ServicePort>,
-    /// Version of the table `service` came from (0 when unknown), so an
-    /// update from an older snapshot never replaces a newer one.
-    version: u64,
+    /// Version of the newest table `service` is known to be in (0 when
+    /// unknown), so an update from an older snapshot never replaces a newer
+    /// one. Raised in place when a newer table brings the same row: a
+    /// table change then costs one load (and this store) per unchanged
+    /// service port, not a new state each.
+    version: AtomicU64,
     cluster: Box<[Arc<Backend>]>,
     local: Box<[Arc<Backend>]>,
 }
@@ -187,6 +191,9 @@ pub struct Balancer {
     /// Woken whenever a new endpoint set is published, for requests waiting
     /// for an endpoint (see [`Balancer::wait_for_endpoints`]).
     changed: tokio::sync::Notify,
+    /// The last table version [`Balancers::sync`] visited this balancer in
+    /// (`registry`), so a sync counts service ports without a set.
+    synced: AtomicU64,
 }
 
 impl Balancer {
@@ -201,6 +208,7 @@ impl Balancer {
             eject_lock: Mutex::new(()),
             metrics: crate::metrics::service(&service.name),
             changed: tokio::sync::Notify::new(),
+            synced: AtomicU64::new(0),
         }
     }
 
@@ -211,6 +219,12 @@ impl Balancer {
     /// The service port's metric handles (no lookup: a field).
     pub fn metrics(&self) -> &Arc<crate::metrics::ServiceMetrics> {
         &self.metrics
+    }
+
+    /// Marks this balancer as visited by the sync of `version`; true the
+    /// first time for that version.
+    pub(crate) fn mark_synced(&self, version: u64) -> bool {
+        self.synced.swap(version, Ordering::Relaxed) != version
     }
 
     /// The service port this balancer last applied.
@@ -243,26 +257,39 @@ impl Balancer {
     }
 
     fn apply_inner(&self, service: &Arc<ServicePort>, version: Option<u64>) -> bool {
+        // The common case, once per service port per table version: the row
+        // is the one already applied (tables share unchanged rows), so only
+        // its version is raised, without a new state and its swap.
+        //
+        // Raising the version of a state about to be replaced is harmless:
+        // the row of every table from the one that brought `service` to
+        // `version` is this same `Arc` (the state holds it alive, so its
+        // address is not reused), so a replacing row comes from an older
+        // table, which the swap below refuses, or a newer one.
+        let cur = self.state.load();
+        if Arc::ptr_eq(&cur.service, service) {
+            let Some(v) = version else { return true };
+            let have = cur.version.load(Ordering::Acquire);
+            if v > have {
+                cur.version.fetch_max(v, Ordering::AcqRel);
+            }
+            return v >= have;
+        }
+        drop(cur);
         let mut applied = true;
         let mut replaced = false;
         self.state.rcu(|old| {
             applied = true;
             replaced = false;
-            let v = version.unwrap_or(old.version);
-            if v < old.version {
+            let have = old.version.load(Ordering::Acquire);
+            let v = version.unwrap_or(have);
+            if v < have {
                 applied = false;
                 return old.clone();
             }
             if Arc::ptr_eq(&old.service, service) {
-                if v == old.version {
-                    return old.clone();
-                }
-                return Arc::new(State {
-                    service: old.service.clone(),
-                    version: v,
-                    cluster: old.cluster.clone(),
-                    local: old.local.clone(),
-                });
+                old.version.fetch_max(v, Ordering::AcqRel);
+                return old.clone();
             }
             let mut known: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
             for b in old.cluster.iter().chain(old.local.iter()) {
@@ -446,7 +473,7 @@ fn build_state(
     let local: Box<[Arc<Backend>]> = service.local_endpoints.iter().map(&mut get).collect();
     State {
         service: service.clone(),
-        version,
+        version: AtomicU64::new(version),
         cluster,
         local,
     }

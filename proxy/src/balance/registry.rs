@@ -93,9 +93,28 @@ impl Balancers {
     /// Brings the registry in line with `table`: creates balancers for new
     /// service ports, applies endpoint changes, drops balancers of service
     /// ports that are gone. Returns the number of balancers.
+    ///
+    /// A table change usually leaves the set of service ports as it was
+    /// (endpoints come and go): then every balancer applies its row (a load
+    /// when the row is unchanged) and the map is kept, so no map of every
+    /// service port is rebuilt per table version.
     pub fn sync(&self, table: &Table) -> usize {
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.map.load_full();
+        let (mut added, mut seen) = (false, 0usize);
+        for fe in table.frontends.values() {
+            match old.get(&fe.service.name) {
+                Some(b) if b.mark_synced(table.version) => {
+                    seen += 1;
+                    b.apply(&fe.service, table.version);
+                }
+                Some(_) => {}
+                None => added = true,
+            }
+        }
+        if !added && seen == old.len() {
+            return old.len();
+        }
         let mut next = Map::with_capacity(old.len());
         for fe in table.frontends.values() {
             let svc = &fe.service;

@@ -408,3 +408,62 @@ async fn older_snapshot_never_rolls_the_set_back() {
     assert!(b.apply(&old, 6), "a newer table may bring it back");
     assert_eq!(b.backends(Scope::Cluster).len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_table_with_the_same_row_keeps_the_state_and_its_order() {
+    let row = service("a", &[addr(0), addr(1)], Affinity::None);
+    let older = service("a", &[addr(0)], Affinity::None);
+    let b = Balancer::new(&row, BalanceConfig::default());
+    assert!(b.apply(&row, 5));
+    let before = b.state.load_full();
+    // Tables 6..=9 share the row: nothing is rebuilt or swapped (a table
+    // change costs one load per unchanged service port)...
+    for v in 6..=9 {
+        assert!(b.apply(&row, v));
+    }
+    assert!(Arc::ptr_eq(&before, &b.state.load_full()), "state replaced");
+    // ...and the state still knows it holds table 9's row: a row from table
+    // 8 is older and cannot replace it.
+    assert!(!b.apply(&older, 8));
+    assert_eq!(b.backends(Scope::Cluster).len(), 2, "rolled back");
+    assert!(b.apply(&older, 10));
+    assert_eq!(b.backends(Scope::Cluster).len(), 1);
+    assert!(!b.apply(&row, 9), "an older table's row after a newer one");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_that_keeps_every_service_port_applies_changed_rows_in_place() {
+    let table = |version: u64, rows: &[(u16, &Arc<ServicePort>)]| {
+        let mut t = Table {
+            version,
+            ..Table::default()
+        };
+        for (port, s) in rows {
+            let key = FrontendKey::new(SocketAddr::from(([10, 96, 0, 1], *port)), Protocol::Tcp);
+            let f = Frontend {
+                key,
+                kind: FrontendKind::ClusterIp,
+                service: (*s).clone(),
+            };
+            t.frontends.insert(key, f);
+        }
+        t
+    };
+    let a = service("a", &[addr(0)], Affinity::None);
+    let b = service("b", &[addr(1)], Affinity::None);
+    let reg = Balancers::new(BalanceConfig::default());
+    assert_eq!(reg.sync(&table(1, &[(80, &a), (81, &b), (82, &b)])), 2);
+    let (ba, bb) = (reg.get(&a.name).expect("a"), reg.get(&b.name).expect("b"));
+    // Version 2: a's endpoints change, the set of service ports does not.
+    let a2 = service("a", &[addr(0), addr(2)], Affinity::None);
+    assert_eq!(reg.sync(&table(2, &[(80, &a2), (81, &b), (82, &b)])), 2);
+    assert_eq!(ba.backends(Scope::Cluster).len(), 2, "a's change applied");
+    assert!(Arc::ptr_eq(&ba, &reg.get(&a.name).expect("a")));
+    assert!(Arc::ptr_eq(&bb, &reg.get(&b.name).expect("b")));
+    // The same version again, then one service port gone: still exact.
+    assert_eq!(reg.sync(&table(2, &[(80, &a2), (81, &b), (82, &b)])), 2);
+    assert_eq!(reg.sync(&table(3, &[(80, &a2)])), 1);
+    assert!(reg.get(&b.name).is_none());
+    // And one added.
+    assert_eq!(reg.sync(&table(4, &[(80, &a2), (81, &b)])), 2);
+}
