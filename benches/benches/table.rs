@@ -52,6 +52,13 @@ fn full_build(c: &mut Criterion) {
     g.finish();
 }
 
+/// The next changed EndpointSlice: each call moves one service's endpoints,
+/// a different service each time.
+fn next_slice(generation: &mut u32) -> EndpointSlice {
+    *generation += 1;
+    synth::slice(*generation % SERVICES, ENDPOINTS, *generation)
+}
+
 fn one_slice_update(c: &mut Criterion) {
     let (svcs, slices) = synth::cluster(SERVICES, ENDPOINTS);
     let mut st = loaded(svcs, slices);
@@ -61,10 +68,7 @@ fn one_slice_update(c: &mut Criterion) {
     let mut generation = 0u32;
     g.bench_function("one_slice_update_in_10k", |b| {
         b.iter_batched(
-            || {
-                generation += 1;
-                synth::slice(generation % SERVICES, ENDPOINTS, generation)
-            },
+            || next_slice(&mut generation),
             |slice| {
                 st.upsert_slice(slice).unwrap();
                 st.snapshot()
@@ -87,9 +91,7 @@ fn balancers_sync(c: &mut Criterion) {
     g.bench_function("balancers_sync_after_one_slice_update_in_10k", |b| {
         b.iter_batched(
             || {
-                generation += 1;
-                st.upsert_slice(synth::slice(generation % SERVICES, ENDPOINTS, generation))
-                    .unwrap();
+                st.upsert_slice(next_slice(&mut generation)).unwrap();
                 st.snapshot()
             },
             |table| balancers.sync(&table),
