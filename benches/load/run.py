@@ -90,6 +90,7 @@ CHURN_MODES = {"lightpath-l4", "lightpath-l7"}
 CHURN_PERIOD_S = 1.0
 CHURN_MAX_SERVICES = 1000  # the file source re-parses every manifest on each change
 CHURN_POLL_MS = 250
+CHURN_MIN_S = 3.0  # the churn case's shortest run (the smoke pass's 1 s would make no change)
 FAILURE_CASES = {"failure", "failure-newconn", "hang"}
 CASE_TITLES = {
     "keepalive": "HTTP/1.1 keep-alive, small GET (wrk, 32 connections)",
@@ -102,8 +103,8 @@ CASE_TITLES = {
             "(wrk keep-alive GETs): it holds the requests sent to it, answers them late, and a request answered "
             "after more than 2 s counts as a wrk timeout",
     "churn": "Endpoint churn: backend 3 of 3 cycles ready → terminating (still serving) → removed from its "
-             "EndpointSlice, one step per second, through lightpath's manifest file (wrk keep-alive GETs; "
-             "lightpath modes only)",
+             "EndpointSlice, one step per second, written to lightpath's manifest file or, with --source kube, PUT to "
+             "the API server (wrk keep-alive GETs; lightpath modes only)",
     "scale": "New connection per request at 10 services vs the full service count",
     "udp": "UDP request/response, 64-byte datagrams (Python client, 16 sockets with one request in flight each; "
            "the client's own cost caps the rate, so compare p50/p99 and proxy CPU%)",
@@ -854,11 +855,16 @@ class Bench:
                 v0 = self.config_version()
                 man = self.rules_file("manifest-l7" if spec.name == "lightpath-l7" else "manifest-l4", spec.services)
                 put = self.put_object if self.args.source == "kube" else None
+                # At least CHURN_MIN_S, so even the smoke pass makes changes and can see them ignored.
                 with Churn(man, topo.backend_ip(BACKENDS - 1), put) as churn:
-                    res = self.wrk(run.http_url, d, close=False, kill_at=None)
+                    res = self.wrk(run.http_url, max(d, CHURN_MIN_S), close=False, kill_at=None)
                 # The last write (the original back) is applied within a poll.
                 time.sleep(max(1.0, 2 * manifest_poll_ms(self.args) / 1000) if put is None else 1.0)
-                res["churn_steps"] = f"{churn.steps} written, {self.config_version() - v0} applied"
+                applied = self.config_version() - v0
+                # Two steps (to terminating, then removed) are at least one new table version.
+                if churn.steps >= 2 and applied == 0:
+                    raise BenchError(f"churn: {churn.steps} EndpointSlice changes made, lightpath applied none")
+                res["churn_steps"] = f"{churn.steps} written, {applied} applied"
             else:
                 raise BenchError(f"unknown case {case}")
         wall = time.monotonic() - t0
@@ -880,10 +886,8 @@ class Bench:
         """Replaces `obj` on the fake API server (HTTP PUT from the node namespace), as a controller does."""
         assert self.topo is not None
         m = obj["metadata"]
-        url = (f"{self.api_url}/apis/discovery.k8s.io/v1/namespaces/{m['namespace']}/endpointslices/{m['name']}"
-               if obj["kind"] == "EndpointSlice" else None)
-        if url is None:
-            raise BenchError(f"churn: cannot PUT a {obj['kind']}")
+        assert obj["kind"] == "EndpointSlice", obj["kind"]  # the only kind the churn case changes
+        url = f"{self.api_url}/apis/discovery.k8s.io/v1/namespaces/{m['namespace']}/endpointslices/{m['name']}"
         sh(in_ns(self.topo.node, ["curl", "-sS", "--fail-with-body", "--max-time", "5", "-X", "PUT",
                                   "-H", "Content-Type: application/json", "--data-binary", "@-", url]),
            input=json.dumps(obj))

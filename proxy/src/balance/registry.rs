@@ -109,7 +109,12 @@ impl Balancers {
                     b.apply(&fe.service, table.version);
                 }
                 Some(_) => {}
-                None => added = true,
+                // A new service port: the map is rebuilt below, which applies
+                // every row anyway.
+                None => {
+                    added = true;
+                    break;
+                }
             }
         }
         if !added && seen == old.len() {
