@@ -110,6 +110,43 @@ impl Mode {
     }
 }
 
+/// An IP address family. Families never cross: a v4 ClusterIP only ever
+/// gets endpoints from `addressType: IPv4` slices.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Family {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    /// Its position in [`Family::BOTH`], for per-family arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
+    /// As the API spells it (`IPv4`, `IPv6`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
 /// `namespace/name:port-name`, kube-proxy's ServicePortName.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ServicePortName {
@@ -201,6 +238,12 @@ pub enum Verdict {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServicePort {
     pub name: ServicePortName,
+    /// The family of its frontends and endpoints. A dual-stack Service
+    /// port is two `ServicePort`s with one name, as kube-proxy runs one
+    /// proxier per family: the data plane keys its per-port state (the
+    /// balancer, the L7 state) by name *and* family, so the two never share
+    /// an endpoint set.
+    pub family: Family,
     pub protocol: Protocol,
     pub mode: Mode,
     pub affinity: Affinity,
@@ -244,7 +287,8 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// A service port with kube-proxy's defaults for everything else: no
+    /// A service port with kube-proxy's defaults for everything else: the
+    /// family of its first endpoint (IPv4 when it has none), no
     /// session affinity, both traffic policies Cluster (so no local set), no
     /// health-check node port, no annotations. Set the other public fields
     /// with struct update syntax (`ServicePort { affinity, ..ServicePort::new(..) }`).
@@ -256,6 +300,9 @@ impl ServicePort {
     ) -> Self {
         ServicePort {
             name,
+            family: cluster_endpoints
+                .first()
+                .map_or(Family::V4, |e| Family::of(&e.addr.ip())),
             protocol,
             mode,
             affinity: Affinity::None,

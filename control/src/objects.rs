@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::error::ObjectError;
+pub use crate::model::Family;
 use crate::model::{Affinity, Mode, Protocol};
 use crate::options::Options;
 
@@ -36,32 +37,6 @@ pub const ANNOTATION_PROTOCOL: &str = "lightpath.io/protocol";
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 /// The API server's upper bound for that timeout (one day).
 const MAX_AFFINITY_TIMEOUT_SECS: i32 = 86400;
-
-/// An IP address family. Families never cross: a v4 ClusterIP only ever
-/// gets endpoints from `addressType: IPv4` slices.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn of(ip: &IpAddr) -> Family {
-        match ip {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
-    fn name(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-}
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -185,6 +185,7 @@ pub fn translate(svc: &ServiceInfo, slices: &[&SliceInfo], node: &NodeCtx) -> Ve
                     name: svc.key.name.clone(),
                     port: port.name.clone(),
                 },
+                family,
                 protocol: port.protocol,
                 mode: port.mode,
                 affinity: svc.affinity,

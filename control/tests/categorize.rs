@@ -10,12 +10,11 @@
 //! and the removed feature gates are folded into their GA behaviour (hints
 //! are honoured whenever present; terminating fallback always on).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use control::select::{categorize, topology_mode, Candidate, TopologyMode};
-use control::{Affinity, FrontendKind, Mode, Protocol, ServicePort, ServicePortName, Verdict};
+use control::{FrontendKind, Mode, Protocol, ServicePort, ServicePortName, Verdict};
 
 const NODE: &str = "node-a";
 
@@ -97,23 +96,15 @@ fn run(c: &Case) {
     let cands: Vec<Candidate> = c.eps.iter().map(E::cand).collect();
     let sets = categorize(&cands, NODE, c.zone);
     let sp = ServicePort {
-        name: ServicePortName {
-            namespace: "ns".into(),
-            name: "svc".into(),
-            port: String::new(),
-        },
-        protocol: Protocol::Tcp,
-        mode: Mode::L4,
-        affinity: Affinity::None,
-        cluster_endpoints: sets.cluster.clone().into(),
         local_endpoints: sets.local.clone().into(),
         internal_local: c.internal_local,
         external_local: c.external_local && c.externally_accessible,
-        health_check_node_port: None,
-        load_balancer_source_ranges: None,
-        local_pod_cidrs: Default::default(),
-        masquerade_off_cluster: false,
-        annotations: BTreeMap::new(),
+        ..ServicePort::new(
+            ServicePortName::new("ns", "svc", ""),
+            Protocol::Tcp,
+            Mode::L4,
+            sets.cluster.clone().into(),
+        )
     };
     let got = |eps: &[control::Endpoint]| {
         let mut v: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();

@@ -47,7 +47,10 @@ async fn traffic_reaches_every_endpoint_evenly() {
     let bal = h
         .server
         .balancers()
-        .get(&service("even", &[], Affinity::None).name)
+        .get(
+            control::Family::V4,
+            &service("even", &[], Affinity::None).name,
+        )
         .expect("balancer");
     let in_flight: usize = bal
         .backends(Scope::Cluster)
@@ -212,7 +215,10 @@ async fn connect_failure_is_retried_on_another_endpoint() {
     let bal = h
         .server
         .balancers()
-        .get(&service("retry", &[], Affinity::None).name)
+        .get(
+            control::Family::V4,
+            &service("retry", &[], Affinity::None).name,
+        )
         .expect("balancer");
     let d = bal.backend(dead).expect("dead backend");
     assert!(d.failures() >= 1, "the dead endpoint was tried");
@@ -244,7 +250,10 @@ async fn all_endpoints_dead_resets_the_client_fast() {
     let bal = h
         .server
         .balancers()
-        .get(&service("dead", &[], Affinity::None).name)
+        .get(
+            control::Family::V4,
+            &service("dead", &[], Affinity::None).name,
+        )
         .expect("balancer");
     let tried: u64 = bal
         .backends(Scope::Cluster)
@@ -280,7 +289,10 @@ async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
     let bal = h
         .server
         .balancers()
-        .get(&service("sticky", &[], Affinity::None).name)
+        .get(
+            control::Family::V4,
+            &service("sticky", &[], Affinity::None).name,
+        )
         .expect("balancer");
     let sticky = bal
         .backends(Scope::Cluster)

@@ -215,7 +215,11 @@ async fn killed_endpoint_is_ejected_without_client_errors_and_readmitted() {
 
     victim.kill();
     drop(victim);
-    let bal = p.server.balancers().get(&name).expect("balancer");
+    let bal = p
+        .server
+        .balancers()
+        .get(control::Family::V4, &name)
+        .expect("balancer");
     let backend = bal.backend(victim_addr).expect("victim backend");
     // Traffic continues without errors until the victim is ejected.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -470,7 +474,7 @@ async fn active_health_check_takes_a_failing_endpoint_out_before_requests() {
     let p = Proxy::start(svc).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let backend = loop {
-        if let Some(bal) = p.server.balancers().get(&name) {
+        if let Some(bal) = p.server.balancers().get(control::Family::V4, &name) {
             if let Some(b) = bal.backend(sick.addr) {
                 if !b.is_ready() {
                     break b;
@@ -795,7 +799,11 @@ async fn idle_connections_of_an_ejected_endpoint_do_not_overflow_max_connections
     let p = Proxy::start(svc).await;
     let c = client();
     let url = p.url("/");
-    let bal = p.server.balancers().get(&name).expect("balancer");
+    let bal = p
+        .server
+        .balancers()
+        .get(control::Family::V4, &name)
+        .expect("balancer");
     let sick_backend = bal.backend(sick.addr).expect("sick backend");
     // One POST at a time until the sick endpoint is ejected.
     let mut sent = 0;

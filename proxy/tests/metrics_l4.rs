@@ -249,7 +249,7 @@ async fn counters_match_the_traffic_sent() {
         .served
         .server
         .balancers()
-        .get(&name)
+        .get(control::Family::V4, &name)
         .expect("echo balancer");
     // (endpoints ejected now, `counter` of the echo service)
     let ejected = |s: &prometheus_parse::Scrape, counter: &str| {

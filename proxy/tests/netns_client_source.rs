@@ -293,3 +293,93 @@ fn a_local_traffic_detector_masquerades_off_cluster_clusterip_clients() {
         assert_eq!(seen(pudp), pod, "{tag}: pod client, UDP");
     }
 }
+
+/// One `GET /` on a kept-alive connection; the address the backend saw.
+async fn peer_seen_on(s: &mut tokio::net::TcpStream) -> Result<SocketAddr, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::with_capacity(512);
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .ok_or_else(|| format!("no content-length in {head:?}"))?
+                    .parse()
+                    .map_err(|e| format!("content-length: {e}"))?;
+                if body.len() >= len {
+                    let peer = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-peer-addr: "))
+                        .ok_or_else(|| format!("no x-peer-addr in {head:?}"))?;
+                    return peer.trim().parse().map_err(|e| format!("{peer:?}: {e}"));
+                }
+            }
+            let mut chunk = [0u8; 512];
+            match s.read(&mut chunk).await {
+                Ok(0) => return Err(format!("closed after {text:?}")),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(IO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// A dual-stack HTTP service port is balanced per family: a kept-alive
+/// IPv4 client keeps reaching the IPv4 endpoint, and an IPv6 one the IPv6
+/// endpoint, while connections of the other family come and go between
+/// their requests. (With one balancer per name, each new connection put its
+/// family's endpoint set in it, and the other family's kept-alive client
+/// was then balanced over it.)
+#[test]
+fn each_family_of_a_dual_stack_service_is_balanced_over_its_own_endpoints() {
+    if !require_root("each_family_of_a_dual_stack_service_is_balanced_over_its_own_endpoints") {
+        return;
+    }
+    let mut sb = Sandbox::new("family", 1);
+    sb.start_backend(1);
+    sb.serve(&manifest());
+    let (v4, v6) = (
+        SocketAddr::new(ip(L7_VIP), 80),
+        SocketAddr::new(ip("fd00:96::52"), 80),
+    );
+    let rounds: Vec<[Result<SocketAddr, String>; 4]> = sb.client.run(move || async move {
+        let (mut c4, mut c6) = match tokio::join!(
+            tokio::net::TcpStream::connect(v4),
+            tokio::net::TcpStream::connect(v6)
+        ) {
+            (Ok(a), Ok(b)) => (a, b),
+            (a, b) => panic!("connect: {:?} {:?}", a.err(), b.err()),
+        };
+        let mut rounds = Vec::new();
+        for _ in 0..4 {
+            let fresh6 = peer_seen(v6).await;
+            let kept4 = peer_seen_on(&mut c4).await;
+            let fresh4 = peer_seen(v4).await;
+            let kept6 = peer_seen_on(&mut c6).await;
+            rounds.push([kept4, fresh6, kept6, fresh4]);
+        }
+        rounds
+    });
+    for (i, [kept4, fresh6, kept6, fresh4]) in rounds.into_iter().enumerate() {
+        assert_eq!(seen(kept4), CLIENT_V4, "round {i}: kept-alive IPv4 client");
+        assert_eq!(seen(fresh6), ip(CLIENT_V6), "round {i}: new IPv6 client");
+        assert_eq!(
+            seen(kept6),
+            ip(CLIENT_V6),
+            "round {i}: kept-alive IPv6 client"
+        );
+        assert_eq!(seen(fresh4), CLIENT_V4, "round {i}: new IPv4 client");
+    }
+}

@@ -19,11 +19,13 @@ impl BalancerDump for Balancers {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for fe in table.frontends.values() {
-            let name = &fe.service.name;
-            if !seen.insert(name.clone()) {
+            let (name, family) = (&fe.service.name, fe.service.family);
+            if !seen.insert((name.clone(), family)) {
                 continue;
             }
-            let Some(b) = self.get(name) else { continue };
+            let Some(b) = self.get(family, name) else {
+                continue;
+            };
             let mut endpoints = Vec::new();
             for (scope, label) in [(Scope::Cluster, "cluster"), (Scope::Local, "local")] {
                 for be in b.backends(scope) {
@@ -45,6 +47,7 @@ impl BalancerDump for Balancers {
             }
             out.push(BalancerState {
                 service: name.clone(),
+                family,
                 endpoints,
             });
         }
@@ -55,14 +58,16 @@ impl BalancerDump for Balancers {
     /// clock read, EWMA decay or per-endpoint record (at 10,000 service
     /// ports building the dump for this made a scrape take ~150 ms).
     fn ejected(&self, table: &Table) -> usize {
-        let mut seen: HashSet<&control::ServicePortName> = HashSet::new();
+        let mut seen: HashSet<(&control::ServicePortName, control::Family)> = HashSet::new();
         let mut ejected = 0;
         for fe in table.frontends.values() {
-            let name = &fe.service.name;
-            if !seen.insert(name) {
+            let (name, family) = (&fe.service.name, fe.service.family);
+            if !seen.insert((name, family)) {
                 continue;
             }
-            let Some(b) = self.get(name) else { continue };
+            let Some(b) = self.get(family, name) else {
+                continue;
+            };
             let mut addrs: Vec<std::net::SocketAddr> = Vec::new();
             for scope in [Scope::Cluster, Scope::Local] {
                 for be in b.backends(scope) {

@@ -19,6 +19,8 @@ use crate::lifecycle::ReadyStatus;
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct BalancerState {
     pub service: ServicePortName,
+    /// A dual-stack service port has a balancer per family.
+    pub family: control::Family,
     pub endpoints: Vec<EndpointBalancerState>,
 }
 

@@ -80,9 +80,7 @@ impl Balancer {
 mod tests {
     use super::*;
     use crate::balance::{BalanceConfig, Scope};
-    use control::{
-        Affinity, Endpoint, EndpointState, Mode, Protocol, ServicePort, ServicePortName,
-    };
+    use control::{Endpoint, EndpointState, Mode, Protocol, ServicePort, ServicePortName};
 
     fn service_with(n: u16) -> Arc<ServicePort> {
         let eps: Arc<[Endpoint]> = (0..n)
@@ -93,25 +91,12 @@ mod tests {
                 zone: None,
             })
             .collect();
-        Arc::new(ServicePort {
-            name: ServicePortName {
-                namespace: "t".into(),
-                name: "outlier".into(),
-                port: String::new(),
-            },
-            protocol: Protocol::Tcp,
-            mode: Mode::Http,
-            affinity: Affinity::None,
-            cluster_endpoints: eps,
-            local_endpoints: Arc::from(Vec::new()),
-            internal_local: false,
-            external_local: false,
-            health_check_node_port: None,
-            load_balancer_source_ranges: None,
-            local_pod_cidrs: Default::default(),
-            masquerade_off_cluster: false,
-            annotations: Default::default(),
-        })
+        Arc::new(ServicePort::new(
+            ServicePortName::new("t", "outlier", ""),
+            Protocol::Tcp,
+            Mode::Http,
+            eps,
+        ))
     }
 
     #[tokio::test(start_paused = true)]

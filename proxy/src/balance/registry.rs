@@ -8,12 +8,18 @@
 //!
 //! A balancer is reused across snapshots as long as its service port exists,
 //! so per-endpoint statistics and affinity entries survive updates.
+//!
+//! One map per address family: a dual-stack service port is two rows with
+//! one name and two endpoint sets (kube-proxy runs a proxier per family), so
+//! each family has its own balancer. Keyed by name alone, the two rows took
+//! turns replacing each other's endpoint set, and a connection could be
+//! balanced over the other family's endpoints.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use control::{ServicePort, ServicePortName, Table};
+use control::{Family, ServicePort, ServicePortName, Table};
 
 use super::{BalanceConfig, Balancer};
 
@@ -22,7 +28,8 @@ type Map = HashMap<ServicePortName, Arc<Balancer>>;
 #[derive(Debug)]
 pub struct Balancers {
     cfg: BalanceConfig,
-    map: ArcSwap<Map>,
+    /// Indexed by [`Family::index`].
+    maps: [ArcSwap<Map>; 2],
     write: Mutex<()>,
 }
 
@@ -30,7 +37,10 @@ impl Balancers {
     pub fn new(cfg: BalanceConfig) -> Self {
         Balancers {
             cfg,
-            map: ArcSwap::from_pointee(Map::new()),
+            maps: [
+                ArcSwap::from_pointee(Map::new()),
+                ArcSwap::from_pointee(Map::new()),
+            ],
             write: Mutex::new(()),
         }
     }
@@ -39,9 +49,13 @@ impl Balancers {
         &self.cfg
     }
 
-    /// The balancer of a service port, if the last sync created it.
-    pub fn get(&self, name: &ServicePortName) -> Option<Arc<Balancer>> {
-        self.map.load().get(name).cloned()
+    fn map(&self, family: Family) -> &ArcSwap<Map> {
+        &self.maps[family.index()]
+    }
+
+    /// The balancer of a service port in `family`, if the last sync created it.
+    pub fn get(&self, family: Family, name: &ServicePortName) -> Option<Arc<Balancer>> {
+        self.map(family).load().get(name).cloned()
     }
 
     /// The balancer for `service`, updated to exactly this snapshot of it.
@@ -64,13 +78,14 @@ impl Balancers {
     }
 
     fn lookup_or_apply(&self, service: &Arc<ServicePort>, version: Option<u64>) -> Arc<Balancer> {
-        if let Some(b) = self.map.load().get(&service.name) {
+        let slot = self.map(service.family);
+        if let Some(b) = slot.load().get(&service.name) {
             if b.is_current(service) {
                 return b.clone();
             }
         }
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let map = self.map.load_full();
+        let map = slot.load_full();
         if let Some(b) = map.get(&service.name) {
             match version {
                 Some(v) => {
@@ -86,7 +101,7 @@ impl Balancers {
         }
         let mut next = (*map).clone();
         next.insert(service.name.clone(), b.clone());
-        self.map.store(Arc::new(next));
+        slot.store(Arc::new(next));
         b
     }
 
@@ -100,33 +115,36 @@ impl Balancers {
     /// service port is rebuilt per table version.
     pub fn sync(&self, table: &Table) -> usize {
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let old = self.map.load_full();
+        let old = self.maps.each_ref().map(|m| m.load_full());
         let (mut added, mut seen) = (false, 0usize);
         for fe in table.frontends.values() {
-            match old.get(&fe.service.name) {
+            let svc = &fe.service;
+            match old[svc.family.index()].get(&svc.name) {
                 Some(b) if b.mark_synced(table.version) => {
                     seen += 1;
-                    b.apply(&fe.service, table.version);
+                    b.apply(svc, table.version);
                 }
                 Some(_) => {}
-                // A new service port: the map is rebuilt below, which applies
-                // every row anyway.
+                // A new service port: the maps are rebuilt below, which
+                // applies every row anyway.
                 None => {
                     added = true;
                     break;
                 }
             }
         }
-        if !added && seen == old.len() {
-            return old.len();
+        let had = old[0].len() + old[1].len();
+        if !added && seen == had {
+            return had;
         }
-        let mut next = Map::with_capacity(old.len());
+        let mut next = old.each_ref().map(|m| Map::with_capacity(m.len()));
         for fe in table.frontends.values() {
             let svc = &fe.service;
-            if next.contains_key(&svc.name) {
+            let i = svc.family.index();
+            if next[i].contains_key(&svc.name) {
                 continue;
             }
-            let b = match old.get(&svc.name) {
+            let b = match old[i].get(&svc.name) {
                 Some(b) => {
                     b.apply(svc, table.version);
                     b.clone()
@@ -137,15 +155,17 @@ impl Balancers {
                     b
                 }
             };
-            next.insert(svc.name.clone(), b);
+            next[i].insert(svc.name.clone(), b);
         }
-        let len = next.len();
-        self.map.store(Arc::new(next));
+        let len = next[0].len() + next[1].len();
+        for (slot, map) in self.maps.iter().zip(next) {
+            slot.store(Arc::new(map));
+        }
         len
     }
 
     pub fn len(&self) -> usize {
-        self.map.load().len()
+        self.maps.iter().map(|m| m.load().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
+    Affinity, Endpoint, EndpointState, Family, Frontend, FrontendKey, FrontendKind, Mode, Protocol,
     ServicePort, ServicePortName, Table,
 };
 
@@ -348,17 +348,17 @@ async fn registry_syncs_with_table() {
     }
     let reg = Balancers::new(BalanceConfig::default());
     assert_eq!(reg.sync(&t), 2);
-    let a = reg.get(&s1.name).expect("a");
+    let a = reg.get(Family::V4, &s1.name).expect("a");
     // New snapshot: a's endpoints change, b disappears.
     let s1b = service("a", &[addr(0), addr(2)], Affinity::None);
     let mut t2 = Table::default();
     let (k, f) = fe(80, &s1b);
     t2.frontends.insert(k, f);
     assert_eq!(reg.sync(&t2), 1);
-    let a2 = reg.get(&s1.name).expect("a");
+    let a2 = reg.get(Family::V4, &s1.name).expect("a");
     assert!(Arc::ptr_eq(&a, &a2), "balancer reused");
     assert_eq!(a2.backends(Scope::Cluster).len(), 2);
-    assert!(reg.get(&s2.name).is_none());
+    assert!(reg.get(Family::V4, &s2.name).is_none());
     // The hot path creates what the sync task has not seen yet.
     let s3 = service("c", &[addr(3)], Affinity::None);
     let c = reg.for_service(&s3);
@@ -453,17 +453,79 @@ async fn a_sync_that_keeps_every_service_port_applies_changed_rows_in_place() {
     let b = service("b", &[addr(1)], Affinity::None);
     let reg = Balancers::new(BalanceConfig::default());
     assert_eq!(reg.sync(&table(1, &[(80, &a), (81, &b), (82, &b)])), 2);
-    let (ba, bb) = (reg.get(&a.name).expect("a"), reg.get(&b.name).expect("b"));
+    let (ba, bb) = (
+        reg.get(Family::V4, &a.name).expect("a"),
+        reg.get(Family::V4, &b.name).expect("b"),
+    );
     // Version 2: a's endpoints change, the set of service ports does not.
     let a2 = service("a", &[addr(0), addr(2)], Affinity::None);
     assert_eq!(reg.sync(&table(2, &[(80, &a2), (81, &b), (82, &b)])), 2);
     assert_eq!(ba.backends(Scope::Cluster).len(), 2, "a's change applied");
-    assert!(Arc::ptr_eq(&ba, &reg.get(&a.name).expect("a")));
-    assert!(Arc::ptr_eq(&bb, &reg.get(&b.name).expect("b")));
+    assert!(Arc::ptr_eq(&ba, &reg.get(Family::V4, &a.name).expect("a")));
+    assert!(Arc::ptr_eq(&bb, &reg.get(Family::V4, &b.name).expect("b")));
     // The same version again, then one service port gone: still exact.
     assert_eq!(reg.sync(&table(2, &[(80, &a2), (81, &b), (82, &b)])), 2);
     assert_eq!(reg.sync(&table(3, &[(80, &a2)])), 1);
-    assert!(reg.get(&b.name).is_none());
+    assert!(reg.get(Family::V4, &b.name).is_none());
     // And one added.
     assert_eq!(reg.sync(&table(4, &[(80, &a2), (81, &b)])), 2);
+}
+
+/// A dual-stack service port is two rows with one name, one per family,
+/// with the family's own endpoints. Each family has its own balancer: a
+/// connection to the IPv4 frontend is never balanced over the IPv6 set, and
+/// looking one family up leaves the other's state (its statistics) alone.
+/// Keyed by name alone, each lookup replaced the other family's set.
+#[tokio::test(start_paused = true)]
+async fn each_family_of_a_dual_stack_port_has_its_own_balancer() {
+    let v6_addr = |i: u16| SocketAddr::new(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 1, i]), 8000);
+    let v4 = service("a", &[addr(0), addr(1)], Affinity::None);
+    let v6 = service("a", &[v6_addr(1), v6_addr(2)], Affinity::None);
+    assert_eq!((v4.family, v6.family), (Family::V4, Family::V6));
+    let row = |ip: IpAddr, s: &Arc<ServicePort>| {
+        Frontend::new(SocketAddr::new(ip, 80), FrontendKind::ClusterIp, s.clone())
+    };
+    let t = Table::new(
+        1,
+        [
+            row(IpAddr::from([10, 96, 0, 1]), &v4),
+            row("fd00:96::1".parse().unwrap(), &v6),
+        ],
+    );
+    let reg = Balancers::new(BalanceConfig::default());
+    assert_eq!(reg.sync(&t), 2);
+    let b4 = reg.for_service_at(&v4, 1);
+    let b6 = reg.for_service_at(&v6, 1);
+    assert!(!Arc::ptr_eq(&b4, &b6), "one balancer for both families");
+    let state4 = b4.state.load_full();
+    for _ in 0..20 {
+        reg.for_service_at(&v6, 1);
+        let p4 = b4.pick(Scope::Cluster, client(1), &[]).expect("v4 pick");
+        assert!(
+            p4.addr().is_ipv4(),
+            "IPv4 frontend balanced to {}",
+            p4.addr()
+        );
+        reg.for_service_at(&v4, 1);
+        let p6 = b6.pick(Scope::Cluster, client(1), &[]).expect("v6 pick");
+        assert!(
+            p6.addr().is_ipv6(),
+            "IPv6 frontend balanced to {}",
+            p6.addr()
+        );
+    }
+    assert!(
+        Arc::ptr_eq(&state4, &b4.state.load_full()),
+        "v4 state replaced"
+    );
+    assert!(Arc::ptr_eq(
+        &reg.get(Family::V6, &v6.name).expect("v6"),
+        &b6
+    ));
+    // The next sync keeps both.
+    assert_eq!(reg.sync(&Table { version: 2, ..t }), 2);
+    assert!(Arc::ptr_eq(
+        &reg.get(Family::V4, &v4.name).expect("v4"),
+        &b4
+    ));
 }

@@ -79,9 +79,16 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// after its peer closed it.
 pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Process-wide L7 state: one [`Service`] per service port.
+type Services = HashMap<ServicePortName, Arc<Service>>;
+
+/// Process-wide L7 state: one [`Service`] per service port and family.
 pub struct L7 {
-    services: ArcSwap<HashMap<ServicePortName, Arc<Service>>>,
+    /// Indexed by [`control::Family::index`]: the two rows of a dual-stack
+    /// service port have their own endpoints, so their own state (its pools
+    /// hold only that family's endpoints). Sharing one by name, each
+    /// family's request rebuilt the state and closed the other's idle
+    /// connections.
+    services: [ArcSwap<Services>; 2],
     write: Mutex<()>,
     /// Shared state replaced (annotations changed) or dropped (service port
     /// removed) that may still be alive: a client connection keeps the
@@ -100,7 +107,10 @@ pub struct L7 {
 impl std::fmt::Debug for L7 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("L7")
-            .field("services", &self.services.load().len())
+            .field(
+                "services",
+                &self.services.iter().map(|m| m.load().len()).sum::<usize>(),
+            )
             .field("mark", &self.upstream.mark)
             .finish()
     }
@@ -155,7 +165,10 @@ impl L7 {
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32);
         L7 {
-            services: ArcSwap::from_pointee(HashMap::new()),
+            services: [
+                ArcSwap::from_pointee(HashMap::new()),
+                ArcSwap::from_pointee(HashMap::new()),
+            ],
             write: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
             upstream: upstream.clone(),
@@ -165,18 +178,19 @@ impl L7 {
 
     /// The L7 state for exactly this snapshot of `port`.
     pub fn service(&self, port: &Arc<ServicePort>) -> Arc<Service> {
-        if let Some(s) = self.services.load().get(&port.name) {
+        let slot = &self.services[port.family.index()];
+        if let Some(s) = slot.load().get(&port.name) {
             if Arc::ptr_eq(&s.port, port) {
                 return s.clone();
             }
         }
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let cur = self.services.load_full();
+        let cur = slot.load_full();
         let (svc, built) = self.state_for(port, cur.get(&port.name));
         if built {
             let mut next = (*cur).clone();
             next.insert(port.name.clone(), svc.clone());
-            self.services.store(Arc::new(next));
+            slot.store(Arc::new(next));
         }
         svc
     }
@@ -273,30 +287,34 @@ impl L7 {
         let mut started = Vec::new();
         {
             let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-            let cur = self.services.load_full();
-            let mut next: HashMap<ServicePortName, Arc<Service>> =
-                HashMap::with_capacity(cur.len());
-            let mut changed = false;
+            let cur = self.services.each_ref().map(|m| m.load_full());
+            let mut next: [Services; 2] = cur.each_ref().map(|m| HashMap::with_capacity(m.len()));
+            let mut changed = [false; 2];
             for fe in table.frontends.values() {
                 let port = &fe.service;
-                if !port.mode.is_l7() || next.contains_key(&port.name) {
+                let i = port.family.index();
+                if !port.mode.is_l7() || next[i].contains_key(&port.name) {
                     continue;
                 }
-                let (svc, built) = self.state_for(port, cur.get(&port.name));
-                changed |= built;
+                let (svc, built) = self.state_for(port, cur[i].get(&port.name));
+                changed[i] |= built;
                 if svc.settings.health_check.is_some() {
                     started.push(svc.clone());
                 }
-                next.insert(port.name.clone(), svc);
+                next[i].insert(port.name.clone(), svc);
             }
-            for (k, v) in cur.iter() {
-                if !next.contains_key(k) {
-                    changed = true;
-                    self.retire(&v.shared);
+            for i in 0..2 {
+                for (k, v) in cur[i].iter() {
+                    if !next[i].contains_key(k) {
+                        changed[i] = true;
+                        self.retire(&v.shared);
+                    }
                 }
             }
-            if changed {
-                self.services.store(Arc::new(next));
+            for ((slot, map), changed) in self.services.iter().zip(next).zip(changed) {
+                if changed {
+                    slot.store(Arc::new(map));
+                }
             }
         }
         for svc in started {
@@ -334,8 +352,8 @@ impl L7 {
     /// series does not keep the last value it had while it was served.
     pub fn sweep_idle(&self) -> usize {
         let mut closed = 0;
-        let services = self.services.load();
-        for s in services.values() {
+        let services = self.services.each_ref().map(|m| m.load());
+        for s in services.iter().flat_map(|m| m.values()) {
             closed += s.shared.pools.sweep();
             // Only once the service's series exist (its first use); the
             // sweep never registers them.
@@ -363,7 +381,7 @@ impl L7 {
                 None => 0,
             };
             // A name still served is reported by its current state above.
-            if metrics.is_registered() && !services.contains_key(&metrics.name) {
+            if metrics.is_registered() && !services.iter().any(|m| m.contains_key(&metrics.name)) {
                 removed.entry(&metrics.name).or_insert((metrics, 0)).1 += open;
             }
         }
@@ -434,5 +452,52 @@ impl L7 {
         if let Err(e) = result {
             tracing::debug!(%peer, service = %port.name, error = %e, "http connection ended with error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use control::{Endpoint, Frontend, FrontendKind, Protocol, Table};
+
+    use super::*;
+    use crate::balance::BalanceConfig;
+
+    /// The two rows of a dual-stack HTTP service port keep one state each,
+    /// whichever family a request comes on, and a sync keeps both: keyed by
+    /// name alone, each family's request replaced the other's state (and
+    /// closed its idle upstream connections).
+    #[tokio::test]
+    async fn each_family_of_a_dual_stack_port_keeps_its_own_state() {
+        let l7 = L7::new(&ConnectConfig::default());
+        let port = |ip: IpAddr| {
+            Arc::new(ServicePort::new(
+                ServicePortName::new("t", "web", "http"),
+                Protocol::Tcp,
+                Mode::Http,
+                Arc::from([Endpoint::ready(SocketAddr::new(ip, 8080))]),
+            ))
+        };
+        let (v4, v6) = (port([10, 1, 0, 1].into()), port("fd00::1".parse().unwrap()));
+        let (s4, s6) = (l7.service(&v4), l7.service(&v6));
+        assert!(!Arc::ptr_eq(&s4.shared, &s6.shared));
+        for _ in 0..3 {
+            assert!(Arc::ptr_eq(&l7.service(&v4), &s4), "IPv4 state rebuilt");
+            assert!(Arc::ptr_eq(&l7.service(&v6), &s6), "IPv6 state rebuilt");
+        }
+        let row = |ip: IpAddr, p: &Arc<ServicePort>| {
+            Frontend::new(SocketAddr::new(ip, 80), FrontendKind::ClusterIp, p.clone())
+        };
+        let table = Table::new(
+            1,
+            [
+                row([10, 96, 0, 1].into(), &v4),
+                row("fd00:96::1".parse().unwrap(), &v6),
+            ],
+        );
+        l7.sync(&table, &Balancers::new(BalanceConfig::default()));
+        assert!(Arc::ptr_eq(&l7.service(&v4), &s4));
+        assert!(Arc::ptr_eq(&l7.service(&v6), &s6));
     }
 }

@@ -85,7 +85,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use control::{Affinity, EndpointState, Mode, Protocol, ServicePortName};
+    use control::{EndpointState, Mode, Protocol, ServicePortName};
     use std::sync::Arc;
 
     fn port(n: u8) -> ServicePort {
@@ -97,25 +97,12 @@ mod tests {
                 zone: None,
             })
             .collect();
-        ServicePort {
-            name: ServicePortName {
-                namespace: "t".into(),
-                name: "ring".into(),
-                port: String::new(),
-            },
-            protocol: Protocol::Tcp,
-            mode: Mode::Http,
-            affinity: Affinity::None,
-            cluster_endpoints: eps,
-            local_endpoints: Arc::from(Vec::new()),
-            internal_local: false,
-            external_local: false,
-            health_check_node_port: None,
-            load_balancer_source_ranges: None,
-            local_pod_cidrs: Default::default(),
-            masquerade_off_cluster: false,
-            annotations: Default::default(),
-        }
+        ServicePort::new(
+            ServicePortName::new("t", "ring", ""),
+            Protocol::Tcp,
+            Mode::Http,
+            eps,
+        )
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control::{
-    Affinity, Endpoint, EndpointState, Frontend, FrontendKind, Mode, Protocol, ServicePort,
-    ServicePortName, Table,
+    Endpoint, EndpointState, Frontend, FrontendKind, Mode, Protocol, ServicePort, ServicePortName,
+    Table,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -158,19 +158,10 @@ pub fn service_port(
     health_check_node_port: Option<u16>,
 ) -> Arc<ServicePort> {
     Arc::new(ServicePort {
-        name,
-        protocol: Protocol::Tcp,
-        mode: Mode::L4,
-        affinity: Affinity::None,
-        cluster_endpoints: cluster.into(),
         local_endpoints: local.into(),
-        internal_local: false,
         external_local: health_check_node_port.is_some(),
         health_check_node_port,
-        load_balancer_source_ranges: None,
-        local_pod_cidrs: Default::default(),
-        masquerade_off_cluster: false,
-        annotations: Default::default(),
+        ..ServicePort::new(name, Protocol::Tcp, Mode::L4, cluster.into())
     })
 }
 
