@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use control::Mode;
@@ -104,7 +105,7 @@ fn bench(c: &mut Criterion) {
 }
 
 /// 10,000 HTTP service ports with 3 endpoints each, as a table.
-fn http_table() -> Table {
+fn http_table() -> Arc<Table> {
     let frontends = (0..10_000u32).map(|i| {
         let eps: Vec<SocketAddr> = (0..3u16)
             .map(|e| SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250) as u8], 8080 + e)))
@@ -113,7 +114,7 @@ fn http_table() -> Table {
         let ip = [10, 96, (i >> 8) as u8, i as u8];
         Frontend::new(SocketAddr::from((ip, 80)), FrontendKind::ClusterIp, port)
     });
-    Table::new(1, frontends)
+    Arc::new(Table::new(1, frontends))
 }
 
 /// Off the hot path, at 10,000 HTTP service ports: the first `L7::sync`

@@ -1,8 +1,9 @@
 //! Table build cost: the full build of a 10,000-service × 10-endpoint
 //! cluster from Kubernetes objects, and one incremental EndpointSlice update
 //! against that built state (must not rebuild the table: targets < 1 s and
-//! < 1 ms). Then what the data plane does with each new table: the
-//! balancers' sync, which runs once per table version.
+//! < 1 ms). Then what the data plane does with each new table, once per
+//! table version: finding the service ports that changed, and the three
+//! per-port consumers (the balancers, the L7 state, the node's gauges).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
@@ -10,6 +11,9 @@ use control::{synth, ClusterState, Options};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lightpath::balance::{BalanceConfig, Balancers};
+use lightpath::l4::connect::ConnectConfig;
+use lightpath::l7::L7;
+use lightpath::metrics::TableCounter;
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
@@ -79,21 +83,34 @@ fn one_slice_update(c: &mut Criterion) {
     g.finish();
 }
 
-/// `Balancers::sync` of a 10,000-service table in which one EndpointSlice
-/// changed (the table itself is built outside the timing).
-fn balancers_sync(c: &mut Criterion) {
+/// The store after the full build, and a source of its next tables: each
+/// one EndpointSlice update newer than the last (built outside the timing).
+fn updates() -> (
+    std::sync::Arc<control::Table>,
+    impl FnMut() -> std::sync::Arc<control::Table>,
+) {
     let (svcs, slices) = synth::cluster(SERVICES, ENDPOINTS);
     let mut st = loaded(svcs, slices);
-    let balancers = Balancers::new(BalanceConfig::default());
-    assert_eq!(balancers.sync(&st.snapshot()), SERVICES as usize);
-    let mut g = c.benchmark_group("table");
+    let first = st.snapshot();
+    assert_eq!(first.len(), SERVICES as usize);
     let mut generation = 0u32;
+    let next = move || {
+        st.upsert_slice(next_slice(&mut generation)).unwrap();
+        st.snapshot()
+    };
+    (first, next)
+}
+
+/// `Balancers::sync` of a 10,000-service table in which one EndpointSlice
+/// changed.
+fn balancers_sync(c: &mut Criterion) {
+    let (first, mut next) = updates();
+    let balancers = Balancers::new(BalanceConfig::default());
+    assert_eq!(balancers.sync(&first), SERVICES as usize);
+    let mut g = c.benchmark_group("table");
     g.bench_function("balancers_sync_after_one_slice_update_in_10k", |b| {
         b.iter_batched(
-            || {
-                st.upsert_slice(next_slice(&mut generation)).unwrap();
-                st.snapshot()
-            },
+            &mut next,
             |table| balancers.sync(&table),
             BatchSize::SmallInput,
         )
@@ -101,5 +118,74 @@ fn balancers_sync(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, full_build, one_slice_update, balancers_sync);
+/// `L7::sync` of the same (every synth port is HTTP: it has L7 state).
+fn l7_sync(c: &mut Criterion) {
+    let (first, mut next) = updates();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _rt = rt.enter();
+    let balancers = Balancers::new(BalanceConfig::default());
+    let l7 = L7::new(&ConnectConfig::default());
+    balancers.sync(&first);
+    l7.sync(&first, &balancers);
+    let mut g = c.benchmark_group("table");
+    g.bench_function("l7_sync_after_one_slice_update_in_10k", |b| {
+        b.iter_batched(
+            &mut next,
+            |table| {
+                balancers.sync(&table);
+                l7.sync(&table, &balancers)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+/// The node gauges' figures (`TableCounter::update`) of the same.
+fn node_stats(c: &mut Criterion) {
+    let (first, mut next) = updates();
+    let mut counter = TableCounter::default();
+    counter.update(&first);
+    let mut g = c.benchmark_group("table");
+    g.bench_function("node_stats_after_one_slice_update_in_10k", |b| {
+        b.iter_batched(
+            &mut next,
+            |table| counter.update(&table),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+/// `Table::port_diff` of the same against the table before it: what each
+/// per-port consumer pays to find the ports it must visit.
+fn port_diff(c: &mut Criterion) {
+    let (first, mut next) = updates();
+    let mut prev = first;
+    let mut g = c.benchmark_group("table");
+    g.bench_function("port_diff_after_one_slice_update_in_10k", |b| {
+        b.iter_batched(
+            || {
+                let table = next();
+                (std::mem::replace(&mut prev, table.clone()), table)
+            },
+            |(old, new)| new.port_diff(&old).changed.len(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    full_build,
+    one_slice_update,
+    port_diff,
+    balancers_sync,
+    l7_sync,
+    node_stats
+);
 criterion_main!(benches);

@@ -9,6 +9,7 @@
 //! [`translate`] + [`select`] turn one service into its table rows exactly
 //! as kube-proxy would, and [`manifest`] feeds files through the same path.
 
+pub mod diff;
 pub mod error;
 pub mod kube;
 pub mod manifest;
@@ -21,6 +22,7 @@ pub mod state;
 pub mod synth;
 pub mod translate;
 
+pub use diff::{PortDiff, PortId};
 pub use error::ObjectError;
 pub use manifest::{load_manifests, read_manifests, watch_manifests, ManifestError};
 pub use model::*;

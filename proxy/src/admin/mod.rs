@@ -245,9 +245,10 @@ async fn run(
         )
     });
     let mut table = state.table.clone();
+    let mut counter = crate::metrics::TableCounter::default();
     loop {
         let current = table.borrow_and_update().clone();
-        crate::metrics::node().observe_table(&current);
+        crate::metrics::node().observe_table(&current, &mut counter);
         if let Some(hc) = hc.as_mut() {
             hc.sync(&current);
         }

@@ -47,6 +47,7 @@ use affinity::AffinityMap;
 pub use backend::Backend;
 pub use outlier::OutlierConfig;
 pub use registry::Balancers;
+pub(crate) use registry::Synced;
 
 /// Balancer settings. One value for the whole process; per-service overrides
 /// (annotations) are the L7 layer's business.
@@ -191,9 +192,6 @@ pub struct Balancer {
     /// Woken whenever a new endpoint set is published, for requests waiting
     /// for an endpoint (see [`Balancer::wait_for_endpoints`]).
     changed: tokio::sync::Notify,
-    /// The last table version [`Balancers::sync`] visited this balancer in
-    /// (`registry`), so a sync counts service ports without a set.
-    synced: AtomicU64,
 }
 
 impl Balancer {
@@ -208,7 +206,6 @@ impl Balancer {
             eject_lock: Mutex::new(()),
             metrics: crate::metrics::service(&service.name),
             changed: tokio::sync::Notify::new(),
-            synced: AtomicU64::new(0),
         }
     }
 
@@ -219,12 +216,6 @@ impl Balancer {
     /// The service port's metric handles (no lookup: a field).
     pub fn metrics(&self) -> &Arc<crate::metrics::ServiceMetrics> {
         &self.metrics
-    }
-
-    /// Marks this balancer as visited by the sync of `version`; true the
-    /// first time for that version.
-    pub(crate) fn mark_synced(&self, version: u64) -> bool {
-        self.synced.swap(version, Ordering::Relaxed) != version
     }
 
     /// The service port this balancer last applied.

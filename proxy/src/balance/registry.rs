@@ -9,13 +9,16 @@
 //! A balancer is reused across snapshots as long as its service port exists,
 //! so per-endpoint statistics and affinity entries survive updates.
 //!
+//! A sync visits only the service ports that changed since the table it
+//! synced last ([`Table::port_diff`]): visiting every balancer per table
+//! version cost 7.6 ms at 10,000 services, on the data plane's runtime.
+//!
 //! One map per address family: a dual-stack service port is two rows with
 //! one name and two endpoint sets (kube-proxy runs a proxier per family), so
 //! each family has its own balancer. Keyed by name alone, the two rows took
 //! turns replacing each other's endpoint set, and a connection could be
 //! balanced over the other family's endpoints.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -23,14 +26,27 @@ use control::{Family, ServicePort, ServicePortName, Table};
 
 use super::{BalanceConfig, Balancer};
 
-type Map = HashMap<ServicePortName, Arc<Balancer>>;
+/// Persistent: a copy shares every entry, so adding or removing one port
+/// costs O(log n), not a copy of every port's entry.
+type Map = imbl::HashMap<ServicePortName, Arc<Balancer>>;
 
 #[derive(Debug)]
 pub struct Balancers {
     cfg: BalanceConfig,
     /// Indexed by [`Family::index`].
     maps: [ArcSwap<Map>; 2],
-    write: Mutex<()>,
+    write: Mutex<Synced>,
+}
+
+/// What the writer lock of a per-port registry guards (here, and L7's).
+#[derive(Debug, Default)]
+pub(crate) struct Synced {
+    /// The table the maps were last synced to; the next sync diffs from it.
+    pub table: Arc<Table>,
+    /// A connection created an entry that no sync has seen: the next sync
+    /// reconciles every row, so a port that came and went between two syncs
+    /// does not keep its entry.
+    pub stray: bool,
 }
 
 impl Balancers {
@@ -41,7 +57,7 @@ impl Balancers {
                 ArcSwap::from_pointee(Map::new()),
                 ArcSwap::from_pointee(Map::new()),
             ],
-            write: Mutex::new(()),
+            write: Mutex::new(Synced::default()),
         }
     }
 
@@ -84,7 +100,7 @@ impl Balancers {
                 return b.clone();
             }
         }
-        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let map = slot.load_full();
         if let Some(b) = map.get(&service.name) {
             match version {
@@ -102,6 +118,7 @@ impl Balancers {
         let mut next = (*map).clone();
         next.insert(service.name.clone(), b.clone());
         slot.store(Arc::new(next));
+        w.stray = true;
         b
     }
 
@@ -109,35 +126,55 @@ impl Balancers {
     /// service ports, applies endpoint changes, drops balancers of service
     /// ports that are gone. Returns the number of balancers.
     ///
-    /// A table change usually leaves the set of service ports as it was
-    /// (endpoints come and go): then every balancer applies its row (a load
-    /// when the row is unchanged) and the map is kept, so no map of every
-    /// service port is rebuilt per table version.
-    pub fn sync(&self, table: &Table) -> usize {
-        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let old = self.maps.each_ref().map(|m| m.load_full());
-        let (mut added, mut seen) = (false, 0usize);
-        for fe in table.frontends.values() {
-            let svc = &fe.service;
-            match old[svc.family.index()].get(&svc.name) {
-                Some(b) if b.mark_synced(table.version) => {
-                    seen += 1;
-                    b.apply(svc, table.version);
+    /// Visits only the ports that differ from the table synced last; the
+    /// maps are copied only when a port appears or disappears. A table
+    /// older than that one is ignored.
+    pub fn sync(&self, table: &Arc<Table>) -> usize {
+        let mut w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        if table.version < w.table.version {
+            return self.len();
+        }
+        if std::mem::take(&mut w.stray) {
+            self.rebuild(table);
+        } else {
+            let diff = table.port_diff(&w.table);
+            let mut next: [Option<Map>; 2] = [None, None];
+            for p in diff.changed {
+                let i = p.family.index();
+                match self.maps[i].load().get(&p.name) {
+                    Some(b) => {
+                        b.apply(p, table.version);
+                    }
+                    None => {
+                        let b = Arc::new(Balancer::new(p, self.cfg.clone()));
+                        b.apply(p, table.version);
+                        next[i]
+                            .get_or_insert_with(|| (**self.maps[i].load()).clone())
+                            .insert(p.name.clone(), b);
+                    }
                 }
-                Some(_) => {}
-                // A new service port: the maps are rebuilt below, which
-                // applies every row anyway.
-                None => {
-                    added = true;
-                    break;
+            }
+            for p in diff.removed {
+                let i = p.family.index();
+                next[i]
+                    .get_or_insert_with(|| (**self.maps[i].load()).clone())
+                    .remove(&p.name);
+            }
+            for (slot, map) in self.maps.iter().zip(next) {
+                if let Some(map) = map {
+                    slot.store(Arc::new(map));
                 }
             }
         }
-        let had = old[0].len() + old[1].len();
-        if !added && seen == had {
-            return had;
-        }
-        let mut next = old.each_ref().map(|m| Map::with_capacity(m.len()));
+        w.table = table.clone();
+        self.len()
+    }
+
+    /// Every row of `table`, reusing the balancers that exist; drops the
+    /// rest. Under the writer lock.
+    fn rebuild(&self, table: &Table) {
+        let old = self.maps.each_ref().map(|m| m.load_full());
+        let mut next = [Map::new(), Map::new()];
         for fe in table.frontends.values() {
             let svc = &fe.service;
             let i = svc.family.index();
@@ -145,23 +182,15 @@ impl Balancers {
                 continue;
             }
             let b = match old[i].get(&svc.name) {
-                Some(b) => {
-                    b.apply(svc, table.version);
-                    b.clone()
-                }
-                None => {
-                    let b = Arc::new(Balancer::new(svc, self.cfg.clone()));
-                    b.apply(svc, table.version);
-                    b
-                }
+                Some(b) => b.clone(),
+                None => Arc::new(Balancer::new(svc, self.cfg.clone())),
             };
+            b.apply(svc, table.version);
             next[i].insert(svc.name.clone(), b);
         }
-        let len = next[0].len() + next[1].len();
         for (slot, map) in self.maps.iter().zip(next) {
             slot.store(Arc::new(map));
         }
-        len
     }
 
     pub fn len(&self) -> usize {

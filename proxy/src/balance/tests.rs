@@ -347,14 +347,14 @@ async fn registry_syncs_with_table() {
         t.frontends.insert(k, f);
     }
     let reg = Balancers::new(BalanceConfig::default());
-    assert_eq!(reg.sync(&t), 2);
+    assert_eq!(reg.sync(&Arc::new(t.clone())), 2);
     let a = reg.get(Family::V4, &s1.name).expect("a");
     // New snapshot: a's endpoints change, b disappears.
     let s1b = service("a", &[addr(0), addr(2)], Affinity::None);
     let mut t2 = Table::default();
     let (k, f) = fe(80, &s1b);
     t2.frontends.insert(k, f);
-    assert_eq!(reg.sync(&t2), 1);
+    assert_eq!(reg.sync(&Arc::new(t2)), 1);
     let a2 = reg.get(Family::V4, &s1.name).expect("a");
     assert!(Arc::ptr_eq(&a, &a2), "balancer reused");
     assert_eq!(a2.backends(Scope::Cluster).len(), 2);
@@ -447,7 +447,7 @@ async fn a_sync_that_keeps_every_service_port_applies_changed_rows_in_place() {
             };
             t.frontends.insert(key, f);
         }
-        t
+        Arc::new(t)
     };
     let a = service("a", &[addr(0)], Affinity::None);
     let b = service("b", &[addr(1)], Affinity::None);
@@ -469,6 +469,20 @@ async fn a_sync_that_keeps_every_service_port_applies_changed_rows_in_place() {
     assert!(reg.get(Family::V4, &b.name).is_none());
     // And one added.
     assert_eq!(reg.sync(&table(4, &[(80, &a2), (81, &b)])), 2);
+    // A table older than the one synced changes nothing.
+    assert_eq!(reg.sync(&table(3, &[(80, &a)])), 2);
+    assert_eq!(ba.backends(Scope::Cluster).len(), 2, "rolled back");
+    // A port a connection created between two syncs (it saw a newer table
+    // first) that the next synced table lacks: dropped by that sync.
+    let c = service("c", &[addr(3)], Affinity::None);
+    reg.for_service_at(&c, 6);
+    assert_eq!(reg.len(), 3);
+    assert_eq!(reg.sync(&table(7, &[(80, &a2), (81, &b)])), 2);
+    assert!(reg.get(Family::V4, &c.name).is_none());
+    assert!(Arc::ptr_eq(&ba, &reg.get(Family::V4, &a.name).expect("a")));
+    // The sync after that diffs again: b goes, a stays.
+    assert_eq!(reg.sync(&table(8, &[(80, &a2)])), 1);
+    assert!(reg.get(Family::V4, &b.name).is_none());
 }
 
 /// A dual-stack service port is two rows with one name, one per family,
@@ -493,7 +507,7 @@ async fn each_family_of_a_dual_stack_port_has_its_own_balancer() {
         ],
     );
     let reg = Balancers::new(BalanceConfig::default());
-    assert_eq!(reg.sync(&t), 2);
+    assert_eq!(reg.sync(&Arc::new(t.clone())), 2);
     let b4 = reg.for_service_at(&v4, 1);
     let b6 = reg.for_service_at(&v6, 1);
     assert!(!Arc::ptr_eq(&b4, &b6), "one balancer for both families");
@@ -523,7 +537,7 @@ async fn each_family_of_a_dual_stack_port_has_its_own_balancer() {
         &b6
     ));
     // The next sync keeps both.
-    assert_eq!(reg.sync(&Table { version: 2, ..t }), 2);
+    assert_eq!(reg.sync(&Arc::new(Table { version: 2, ..t })), 2);
     assert!(Arc::ptr_eq(
         &reg.get(Family::V4, &v4.name).expect("v4"),
         &b4

@@ -24,7 +24,7 @@ mod node;
 mod service;
 pub mod udp;
 
-pub use node::{node, NodeMetrics};
+pub use node::{node, NodeMetrics, TableCounter, TableStats};
 pub use service::{service, ServiceMetrics, StatusClass, TcpConnection};
 
 use std::sync::OnceLock;

@@ -6,12 +6,12 @@
 //! refreshed just before each scrape renders, so they are as fresh as the
 //! scrape and cost nothing between scrapes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use control::{EndpointState, ServicePort, Table};
+use control::{EndpointState, Family, ServicePort, ServicePortName, Table};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use super::names;
@@ -55,38 +55,64 @@ pub struct TableStats {
     pub endpoints_serving_terminating: usize,
 }
 
-impl TableStats {
-    /// Counts each service port once (its frontends share one `Arc`), and each
-    /// endpoint once per service port across its cluster and local sets.
-    pub fn of(table: &Table) -> Self {
-        let mut seen: HashSet<*const ServicePort> = HashSet::new();
-        let mut stats = TableStats {
-            frontends: table.len(),
-            ..Default::default()
-        };
-        for fe in table.frontends.values() {
-            if !seen.insert(Arc::as_ptr(&fe.service)) {
-                continue;
-            }
-            stats.service_ports += 1;
-            let mut states: HashMap<SocketAddr, EndpointState> = HashMap::new();
-            for ep in fe
-                .service
-                .cluster_endpoints
-                .iter()
-                .chain(fe.service.local_endpoints.iter())
-            {
-                states.insert(ep.addr, ep.state);
-            }
-            for state in states.values() {
-                match state {
-                    EndpointState::Ready => stats.endpoints_ready += 1,
-                    EndpointState::ServingTerminating => stats.endpoints_serving_terminating += 1,
-                }
+/// Keeps [`TableStats`] from one snapshot to the next by recounting only the
+/// service ports that changed ([`Table::port_diff`]): recounting every
+/// endpoint of every port per table version cost 13 ms at 10,000 services.
+#[derive(Debug, Default)]
+pub struct TableCounter {
+    table: Arc<Table>,
+    /// Each service port's (ready, serving-terminating) endpoints.
+    ports: HashMap<(Family, ServicePortName), (usize, usize)>,
+    ready: usize,
+    terminating: usize,
+}
+
+impl TableCounter {
+    /// The figures of `table`. Counts each service port once per family (a
+    /// port's frontends share one row), and each endpoint once per port
+    /// across its cluster and local sets.
+    pub fn update(&mut self, table: &Arc<Table>) -> TableStats {
+        let diff = table.port_diff(&self.table);
+        for p in diff.removed {
+            if let Some((r, t)) = self.ports.remove(&(p.family, p.name.clone())) {
+                self.ready -= r;
+                self.terminating -= t;
             }
         }
-        stats
+        for p in diff.changed {
+            let counts = endpoint_counts(p);
+            self.ready += counts.0;
+            self.terminating += counts.1;
+            if let Some((r, t)) = self.ports.insert((p.family, p.name.clone()), counts) {
+                self.ready -= r;
+                self.terminating -= t;
+            }
+        }
+        self.table = table.clone();
+        TableStats {
+            frontends: table.len(),
+            service_ports: self.ports.len(),
+            endpoints_ready: self.ready,
+            endpoints_serving_terminating: self.terminating,
+        }
     }
+}
+
+/// A port's distinct endpoints: (ready, serving-terminating).
+fn endpoint_counts(port: &ServicePort) -> (usize, usize) {
+    let mut states: HashMap<SocketAddr, EndpointState> = HashMap::new();
+    for ep in port
+        .cluster_endpoints
+        .iter()
+        .chain(port.local_endpoints.iter())
+    {
+        states.insert(ep.addr, ep.state);
+    }
+    let ready = states
+        .values()
+        .filter(|s| **s == EndpointState::Ready)
+        .count();
+    (ready, states.len() - ready)
 }
 
 impl NodeMetrics {
@@ -114,9 +140,9 @@ impl NodeMetrics {
         }
     }
 
-    /// Records a new table snapshot.
-    pub fn observe_table(&self, table: &Table) -> TableStats {
-        let stats = TableStats::of(table);
+    /// Records a new table snapshot, counted by `counter`.
+    pub fn observe_table(&self, table: &Arc<Table>, counter: &mut TableCounter) -> TableStats {
+        let stats = counter.update(table);
         self.frontends.set(stats.frontends as f64);
         self.service_ports.set(stats.service_ports as f64);
         self.endpoints_ready.set(stats.endpoints_ready as f64);
@@ -170,5 +196,70 @@ impl NodeMetrics {
             self.tokio_busy.set(busy.as_secs_f64());
             self.tokio_parks.absolute(parks);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::{synth, ClusterState, Options};
+
+    /// Counted change by change, the figures are those of a count from
+    /// scratch, through endpoints that change state, services that come
+    /// and go, and a table that jumps several versions.
+    #[test]
+    fn counting_changes_matches_counting_everything() {
+        let mut st = ClusterState::new(Options {
+            node_name: "node-1".into(),
+            ..Options::default()
+        });
+        let (svcs, slices) = synth::cluster(50, 4);
+        for s in svcs {
+            st.upsert_service(s).unwrap();
+        }
+        for s in slices {
+            st.upsert_slice(s).unwrap();
+        }
+        let mut counter = TableCounter::default();
+        let scratch = |t: &Arc<Table>| TableCounter::default().update(t);
+        let t = st.snapshot();
+        let first = counter.update(&t);
+        assert_eq!(first, scratch(&t));
+        assert_eq!((first.service_ports, first.endpoints_ready), (50, 200));
+        for step in 1..=30u32 {
+            let i = step * 7 % 50;
+            let svc = synth::service(i);
+            let (ns, name) = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
+            match step % 5 {
+                // Endpoints move.
+                0 | 1 => st
+                    .upsert_slice(synth::slice(i, 4 + step % 3, step))
+                    .unwrap(),
+                // Every endpoint terminates (still serving), so the
+                // serving-terminating ones are used.
+                2 => {
+                    let mut slice = synth::slice(i, 3, step);
+                    for ep in &mut slice.endpoints {
+                        let c = ep.conditions.get_or_insert_with(Default::default);
+                        c.ready = Some(false);
+                        c.serving = Some(true);
+                        c.terminating = Some(true);
+                    }
+                    st.upsert_slice(slice).unwrap();
+                }
+                3 => st.upsert_service(svc).unwrap(),
+                _ => st.delete_service(&ns.unwrap(), &name.unwrap()),
+            }
+            // Every third version is skipped, as a slow reader would.
+            if step % 3 != 0 {
+                let t = st.snapshot();
+                assert_eq!(counter.update(&t), scratch(&t), "step {step}");
+            }
+        }
+        let t = st.snapshot();
+        let last = counter.update(&t);
+        assert_eq!(last, scratch(&t));
+        assert!(last.service_ports < 50, "services were removed: {last:?}");
+        assert!(last.endpoints_serving_terminating > 0, "{last:?}");
     }
 }
