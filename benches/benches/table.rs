@@ -2,8 +2,10 @@
 //! cluster from Kubernetes objects, and one incremental EndpointSlice update
 //! against that built state (must not rebuild the table: targets < 1 s and
 //! < 1 ms). Then what the data plane does with each new table, once per
-//! table version: finding the service ports that changed, and the three
-//! per-port consumers (the balancers, the L7 state, the node's gauges).
+//! table version: finding the service ports that changed, the three
+//! per-port consumers (the balancers, the L7 state, the node's gauges), and
+//! the kernel rules' transaction (built from the changed rows, against
+//! rebuilding and comparing every rule as before session 12).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
@@ -179,6 +181,45 @@ fn port_diff(c: &mut Criterion) {
     g.finish();
 }
 
+/// The nftables transaction for the same: from the changed rows
+/// (`kernel_changes` + `patch_script`, what `follow_table` does), and, as
+/// the baseline, from every row (`kernel_frontends` + `diff_script`).
+fn kernel_rules(c: &mut Criterion) {
+    use lightpath::run::{kernel_changes, kernel_frontends};
+    use redirect::nft::{diff_script, patch_script};
+    let cfg = redirect::Config {
+        table: "lightpath".into(),
+        listener_v4: "127.0.0.1:15001".parse().expect("literal"),
+        listener_v6: None,
+        mark: 1,
+        upstream_mark: 2,
+        route_table: 100,
+        keep_client_source: true,
+    };
+    let (first, mut next) = updates();
+    let mut g = c.benchmark_group("table");
+    let mut prev = first.clone();
+    let installed = kernel_frontends(&first);
+    g.bench_function("kernel_changes_after_one_slice_update_in_10k", |b| {
+        b.iter_batched(
+            || {
+                let table = next();
+                (std::mem::replace(&mut prev, table.clone()), table)
+            },
+            |(old, new)| patch_script(&cfg, &installed, &kernel_changes(&new, &old)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("kernel_rules_rebuilt_after_one_slice_update_in_10k", |b| {
+        b.iter_batched(
+            &mut next,
+            |table| diff_script(&cfg, &installed, &kernel_frontends(&table)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     full_build,
@@ -186,6 +227,7 @@ criterion_group!(
     port_diff,
     balancers_sync,
     l7_sync,
-    node_stats
+    node_stats,
+    kernel_rules
 );
 criterion_main!(benches);

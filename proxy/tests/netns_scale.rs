@@ -152,3 +152,56 @@ fn rule_count_is_independent_of_the_number_of_services() {
         "loading 10,000 frontends took {load:?}"
     );
 }
+
+/// `Redirector::apply` (the per-table-version path, O(changes)): a change
+/// touches only its elements, and when the kernel refuses the incremental
+/// transaction (an element it deletes was removed behind lightpath's back),
+/// the whole table is reloaded to the wanted state in one transaction.
+#[test]
+fn applied_changes_fall_back_to_a_full_reload_when_refused() {
+    if !require_root("applied_changes_fall_back_to_a_full_reload_when_refused") {
+        return;
+    }
+    let ns = Netns::new(format!("lp-scale-{}-p", std::process::id()));
+    let name = ns.name.clone();
+    let (after, refused, elements) = ns.run(move || async move {
+        let fe = |s: &str, port: u16| Frontend::tcp(s.parse().expect("literal"), port);
+        let mut r = Redirector::install(config(), frontends(100)).expect("install 100");
+        // One frontend rejects, one is added, one goes.
+        let changes = vec![
+            (fe("10.96.0.1", 81), Some(Action::Reject.into())),
+            (fe("10.97.0.1", 443), Some(Action::Proxy.into())),
+            (fe("10.96.0.2", 82), None),
+        ];
+        let after = r.apply(changes).expect("apply");
+        // Someone deletes an element; the next change deletes it too.
+        let gone = "10.96.0.4 . tcp . 81";
+        for map in ["fe_v4", "local_v4"] {
+            let script = format!("delete element inet lightpath {map} {{ {gone} }}");
+            must("ip", &["netns", "exec", &name, "nft", &script]);
+        }
+        let refused = r
+            .apply(vec![
+                (fe("10.96.0.4", 81), None),
+                (fe("10.97.0.2", 443), Some(Action::Proxy.into())),
+            ])
+            .expect("apply with full reload");
+        let installed = r.installed().clone();
+        (after, refused, installed)
+    });
+    assert_eq!(after.changed, 3, "{after:?}");
+    assert!(!after.full_reload, "{after:?}");
+    assert!(
+        refused.full_reload,
+        "the refused transaction reloads: {refused:?}"
+    );
+    // 100 - 1 gone + 1 added - 1 deleted + 1 added, each in both maps of its
+    // family, and the ten restricted frontends' two ranges each.
+    assert_eq!(elements.len(), 100);
+    assert_eq!(element_count(&ns), 2 * 100 + 2 * 10);
+    let table = ns
+        .exec("nft", &["list", "table", "inet", "lightpath"])
+        .expect("nft list");
+    assert!(table.contains("10.97.0.2 . tcp . 443"), "{table}");
+    assert!(!table.contains("10.96.0.4 . tcp . 81 "), "{table}");
+}

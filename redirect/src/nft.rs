@@ -540,14 +540,46 @@ pub fn diff_script(cfg: &Config, old: &Frontends, new: &Frontends) -> Option<Dif
             adds.push((fe, r));
         }
     }
+    script_of(cfg, &deletes, &adds)
+}
+
+/// The wanted state of some frontends: a rule, or `None` for none at all.
+/// Frontends not listed keep what they have.
+pub type Changes = Vec<(Frontend, Option<Rule>)>;
+
+/// [`diff_script`] from `installed` to `installed` with `changes` applied,
+/// in O(changes): only the listed frontends are compared.
+pub fn patch_script(cfg: &Config, installed: &Frontends, changes: &Changes) -> Option<Diff> {
+    let mut deletes = Vec::new();
+    let mut adds = Vec::new();
+    for (fe, want) in changes {
+        let have = installed.get(fe);
+        if have == want.as_ref() {
+            continue;
+        }
+        if let Some(r) = have {
+            deletes.push((fe, r));
+        }
+        if let Some(r) = want {
+            adds.push((fe, r));
+        }
+    }
+    script_of(cfg, &deletes, &adds)
+}
+
+fn script_of(
+    cfg: &Config,
+    deletes: &[(&Frontend, &Rule)],
+    adds: &[(&Frontend, &Rule)],
+) -> Option<Diff> {
     if deletes.is_empty() && adds.is_empty() {
         return None;
     }
-    let changed = deletes.iter().chain(&adds).map(|(fe, _)| *fe);
+    let changed = deletes.iter().chain(adds).map(|(fe, _)| *fe);
     let frontends = changed.collect::<std::collections::BTreeSet<_>>().len();
     let mut script = String::new();
-    write_elements(&mut script, &cfg.table, "delete", &deletes);
-    write_elements(&mut script, &cfg.table, "add", &adds);
+    write_elements(&mut script, &cfg.table, "delete", deletes);
+    write_elements(&mut script, &cfg.table, "add", adds);
     Some(Diff { script, frontends })
 }
 
@@ -1051,6 +1083,39 @@ mod tests {
             !d.script.contains("10.96.0.2"),
             "unchanged element touched: {d:?}"
         );
+    }
+
+    /// The patch of a few frontends writes the same transaction as the
+    /// diff of the two whole maps, and nothing when the listed frontends
+    /// already have what is asked.
+    #[test]
+    fn patch_matches_the_diff_of_the_whole_maps() {
+        let mut old = Frontends::new();
+        old.insert(fe("10.96.0.1:80"), Action::Proxy.into());
+        old.insert(fe("10.96.0.2:80"), Action::Proxy.into());
+        old.insert(fe("10.96.0.3:80"), Action::Reject.into());
+        let changes: Changes = vec![
+            (fe("10.96.0.1:80"), None),
+            (fe("10.96.0.2:80"), Some(Action::Proxy.into())),
+            (fe("10.96.0.3:80"), Some(Action::Drop.into())),
+            (fe("10.96.0.4:80"), Some(Action::Proxy.into())),
+            (fe("[fd00::4]:80"), Some(Action::Reject.into())),
+            (fe("10.96.0.5:80"), None),
+        ];
+        let mut new = old.clone();
+        for (f, want) in &changes {
+            match want {
+                Some(r) => new.insert(*f, r.clone()),
+                None => new.remove(f),
+            };
+        }
+        let patch = patch_script(&cfg(), &old, &changes).unwrap();
+        assert_eq!(Some(patch), diff_script(&cfg(), &old, &new));
+        let noop: Changes = vec![
+            (fe("10.96.0.2:80"), Some(Action::Proxy.into())),
+            (fe("10.96.0.9:80"), None),
+        ];
+        assert_eq!(patch_script(&cfg(), &old, &noop), None);
     }
 
     #[test]

@@ -11,7 +11,9 @@
 use std::time::{Duration, Instant};
 
 use crate::exec::nft_script;
-use crate::nft::{delete_script, diff_script, full_script, Config, Frontends};
+use crate::nft::{
+    delete_script, diff_script, full_script, patch_script, Changes, Config, Diff, Frontends,
+};
 use crate::routing::{self, IpFamily};
 use crate::Error;
 
@@ -67,21 +69,53 @@ impl Redirector {
     /// Moves the kernel to `desired` in one transaction.
     pub fn update(&mut self, desired: Frontends) -> Result<UpdateStats, Error> {
         let start = Instant::now();
-        let Some(diff) = diff_script(&self.cfg, &self.installed, &desired) else {
+        let diff = diff_script(&self.cfg, &self.installed, &desired);
+        self.commit(start, diff, |installed| *installed = desired)
+    }
+
+    /// [`Redirector::update`] to what is installed with `changes` applied:
+    /// O(changes), where `update` compares every frontend.
+    pub fn apply(&mut self, changes: Changes) -> Result<UpdateStats, Error> {
+        let start = Instant::now();
+        let diff = patch_script(&self.cfg, &self.installed, &changes);
+        self.commit(start, diff, |installed| {
+            for (fe, want) in changes {
+                match want {
+                    Some(rule) => installed.insert(fe, rule),
+                    None => installed.remove(&fe),
+                };
+            }
+        })
+    }
+
+    /// Runs `diff`; if the kernel refuses it, reloads the whole table as
+    /// `edit` leaves `installed`. `installed` changes only on success.
+    fn commit(
+        &mut self,
+        start: Instant,
+        diff: Option<Diff>,
+        edit: impl FnOnce(&mut Frontends),
+    ) -> Result<UpdateStats, Error> {
+        let Some(diff) = diff else {
             return Ok(UpdateStats {
                 elapsed: start.elapsed(),
                 ..Default::default()
             });
         };
         let full_reload = match nft_script(&diff.script) {
-            Ok(()) => false,
+            Ok(()) => {
+                edit(&mut self.installed);
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "incremental nftables update refused; reloading the whole table");
+                let mut desired = self.installed.clone();
+                edit(&mut desired);
                 nft_script(&full_script(&self.cfg, &desired))?;
+                self.installed = desired;
                 true
             }
         };
-        self.installed = desired;
         Ok(UpdateStats {
             changed: diff.frontends,
             full_reload,
