@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use control::{synth, ClusterState, FrontendKey, Options, Protocol, Table};
+use control::{synth, FrontendKey, Protocol, Table};
 
 const SIZES: [u32; 4] = [10, 100, 1_000, 10_000];
 /// Endpoints per service: the lookup does not touch them, so few keep the
@@ -25,16 +25,7 @@ const ENDPOINTS: u32 = 3;
 
 fn table(services: u32) -> Arc<Table> {
     let (svcs, slices) = synth::cluster(services, ENDPOINTS);
-    let mut st = ClusterState::new(Options {
-        node_name: "node-1".into(),
-        ..Options::default()
-    });
-    for s in svcs {
-        st.upsert_service(s).expect("synthetic service is valid");
-    }
-    for s in slices {
-        st.upsert_slice(s).expect("synthetic slice is valid");
-    }
+    let mut st = synth::store(svcs, slices);
     let t = st.snapshot();
     assert_eq!(t.len(), services as usize, "one frontend per service");
     t

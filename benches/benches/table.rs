@@ -7,10 +7,10 @@
 //! the kernel rules' transaction (built from the changed rows, against
 //! rebuilding and comparing every rule as before session 12).
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use std::sync::Arc;
 
-use control::{synth, ClusterState, Options};
-use k8s_openapi::api::core::v1::Service;
+use control::{synth, Table};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lightpath::balance::{BalanceConfig, Balancers};
 use lightpath::l4::connect::ConnectConfig;
@@ -20,26 +20,6 @@ use lightpath::metrics::TableCounter;
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
 
-fn opts() -> Options {
-    Options {
-        node_name: "node-1".into(),
-        ..Options::default()
-    }
-}
-
-/// A store for this node holding `svcs` and `slices` (the objects as a
-/// fresh watch would deliver them: every Service, then every slice).
-fn loaded(svcs: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
-    let mut st = ClusterState::new(opts());
-    for s in svcs {
-        st.upsert_service(s).unwrap();
-    }
-    for s in slices {
-        st.upsert_slice(s).unwrap();
-    }
-    st
-}
-
 fn full_build(c: &mut Criterion) {
     let mut g = c.benchmark_group("table");
     g.sample_size(10);
@@ -47,7 +27,7 @@ fn full_build(c: &mut Criterion) {
         b.iter_batched(
             || synth::cluster(SERVICES, ENDPOINTS),
             |(svcs, slices)| {
-                let mut st = loaded(svcs, slices);
+                let mut st = synth::store(svcs, slices);
                 // Returned, so dropping the store is not timed.
                 let table = st.snapshot();
                 (st, table)
@@ -67,7 +47,7 @@ fn next_slice(generation: &mut u32) -> EndpointSlice {
 
 fn one_slice_update(c: &mut Criterion) {
     let (svcs, slices) = synth::cluster(SERVICES, ENDPOINTS);
-    let mut st = loaded(svcs, slices);
+    let mut st = synth::store(svcs, slices);
     let base = st.snapshot();
     assert_eq!(base.len(), SERVICES as usize);
     let mut g = c.benchmark_group("table");
@@ -87,12 +67,9 @@ fn one_slice_update(c: &mut Criterion) {
 
 /// The store after the full build, and a source of its next tables: each
 /// one EndpointSlice update newer than the last (built outside the timing).
-fn updates() -> (
-    std::sync::Arc<control::Table>,
-    impl FnMut() -> std::sync::Arc<control::Table>,
-) {
+fn updates() -> (Arc<Table>, impl FnMut() -> Arc<Table>) {
     let (svcs, slices) = synth::cluster(SERVICES, ENDPOINTS);
-    let mut st = loaded(svcs, slices);
+    let mut st = synth::store(svcs, slices);
     let first = st.snapshot();
     assert_eq!(first.len(), SERVICES as usize);
     let mut generation = 0u32;
@@ -103,21 +80,32 @@ fn updates() -> (
     (first, next)
 }
 
+/// Times `f` on each next table from `next`, in the `table` group.
+fn per_update<R>(
+    c: &mut Criterion,
+    name: &str,
+    next: &mut impl FnMut() -> Arc<Table>,
+    mut f: impl FnMut(Arc<Table>) -> R,
+) {
+    let mut g = c.benchmark_group("table");
+    g.bench_function(name, |b| {
+        b.iter_batched(&mut *next, &mut f, BatchSize::SmallInput)
+    });
+    g.finish();
+}
+
 /// `Balancers::sync` of a 10,000-service table in which one EndpointSlice
 /// changed.
 fn balancers_sync(c: &mut Criterion) {
     let (first, mut next) = updates();
     let balancers = Balancers::new(BalanceConfig::default());
     assert_eq!(balancers.sync(&first), SERVICES as usize);
-    let mut g = c.benchmark_group("table");
-    g.bench_function("balancers_sync_after_one_slice_update_in_10k", |b| {
-        b.iter_batched(
-            &mut next,
-            |table| balancers.sync(&table),
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    per_update(
+        c,
+        "balancers_sync_after_one_slice_update_in_10k",
+        &mut next,
+        |t| balancers.sync(&t),
+    );
 }
 
 /// `L7::sync` of the same (every synth port is HTTP: it has L7 state).
@@ -132,18 +120,10 @@ fn l7_sync(c: &mut Criterion) {
     let l7 = L7::new(&ConnectConfig::default());
     balancers.sync(&first);
     l7.sync(&first, &balancers);
-    let mut g = c.benchmark_group("table");
-    g.bench_function("l7_sync_after_one_slice_update_in_10k", |b| {
-        b.iter_batched(
-            &mut next,
-            |table| {
-                balancers.sync(&table);
-                l7.sync(&table, &balancers)
-            },
-            BatchSize::SmallInput,
-        )
+    per_update(c, "l7_sync_after_one_slice_update_in_10k", &mut next, |t| {
+        balancers.sync(&t);
+        l7.sync(&t, &balancers)
     });
-    g.finish();
 }
 
 /// The node gauges' figures (`TableCounter::update`) of the same.
@@ -151,15 +131,12 @@ fn node_stats(c: &mut Criterion) {
     let (first, mut next) = updates();
     let mut counter = TableCounter::default();
     counter.update(&first);
-    let mut g = c.benchmark_group("table");
-    g.bench_function("node_stats_after_one_slice_update_in_10k", |b| {
-        b.iter_batched(
-            &mut next,
-            |table| counter.update(&table),
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    per_update(
+        c,
+        "node_stats_after_one_slice_update_in_10k",
+        &mut next,
+        |t| counter.update(&t),
+    );
 }
 
 /// `Table::port_diff` of the same against the table before it: what each
@@ -210,14 +187,13 @@ fn kernel_rules(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("kernel_rules_rebuilt_after_one_slice_update_in_10k", |b| {
-        b.iter_batched(
-            &mut next,
-            |table| diff_script(&cfg, &installed, &kernel_frontends(&table)),
-            BatchSize::SmallInput,
-        )
-    });
     g.finish();
+    per_update(
+        c,
+        "kernel_rules_rebuilt_after_one_slice_update_in_10k",
+        &mut next,
+        |t| diff_script(&cfg, &installed, &kernel_frontends(&t)),
+    );
 }
 
 criterion_group!(

@@ -12,6 +12,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::objects::LABEL_SERVICE_NAME;
+use crate::options::Options;
+use crate::state::ClusterState;
 
 /// Service `i` of a synthetic cluster: ClusterIP 10.96.x.y, one HTTP port.
 pub fn service(i: u32) -> Service {
@@ -88,4 +90,52 @@ pub fn cluster(services: u32, endpoints: u32) -> (Vec<Service>, Vec<EndpointSlic
         (0..services).map(service).collect(),
         (0..services).map(|i| slice(i, endpoints, 0)).collect(),
     )
+}
+
+/// A store for node `node-1` holding `svcs` and `slices`, loaded as a fresh
+/// watch delivers them: every Service, then every slice.
+pub fn store(svcs: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
+    let mut st = ClusterState::new(Options {
+        node_name: "node-1".into(),
+        ..Options::default()
+    });
+    for s in svcs {
+        st.upsert_service(s).expect("a synthetic Service is valid");
+    }
+    for s in slices {
+        st.upsert_slice(s)
+            .expect("a synthetic EndpointSlice is valid");
+    }
+    st
+}
+
+/// Step `step` of a scripted churn over a store of [`cluster`]`(services, _)`
+/// built by [`store`], for tests of what follows table changes: by
+/// `step % 5`, service `step * 7 % services` gets new endpoints, loses them
+/// all, has them all terminating (still serving), is re-added, or is
+/// deleted.
+pub fn churn_step(st: &mut ClusterState, step: u32, services: u32) {
+    let i = step * 7 % services;
+    let svc = service(i);
+    match step % 5 {
+        0 => st.upsert_slice(slice(i, 3 + step % 3, step)),
+        1 => st.upsert_slice(slice(i, 0, step)),
+        2 => {
+            let mut s = slice(i, 3, step);
+            for ep in &mut s.endpoints {
+                let c = ep.conditions.get_or_insert_with(Default::default);
+                c.ready = Some(false);
+                c.serving = Some(true);
+                c.terminating = Some(true);
+            }
+            st.upsert_slice(s)
+        }
+        3 => st.upsert_service(svc),
+        _ => {
+            let ns = svc.metadata.namespace.unwrap_or_default();
+            st.delete_service(&ns, svc.metadata.name.as_deref().unwrap_or_default());
+            Ok(())
+        }
+    }
+    .expect("a synthetic object is valid");
 }

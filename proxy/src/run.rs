@@ -630,38 +630,18 @@ mod tests {
 
     /// A table's kernel changes, applied to the rules of the table before
     /// it, give the rules of the table itself: through endpoints that move,
-    /// a service left without endpoints (its verdict turns to reject), one
-    /// deleted and one re-added, and versions skipped.
+    /// services left without endpoints (their verdict turns to reject),
+    /// deleted and re-added (`synth::churn_step`), and versions skipped.
     #[test]
     fn kernel_changes_turn_the_older_rules_into_the_newer() {
-        use control::{synth, ClusterState, Options};
-        let mut st = ClusterState::new(Options {
-            node_name: "node-1".into(),
-            ..Options::default()
-        });
+        use control::synth;
         let (svcs, slices) = synth::cluster(20, 3);
-        for s in svcs {
-            st.upsert_service(s).unwrap();
-        }
-        for s in slices {
-            st.upsert_slice(s).unwrap();
-        }
+        let mut st = synth::store(svcs, slices);
         let mut older = st.snapshot();
         let mut rules = kernel_frontends(&older);
         let mut touched = 0;
         for step in 1..=24u32 {
-            let i = step * 7 % 20;
-            let svc = synth::service(i);
-            let (ns, name) = (
-                svc.metadata.namespace.clone().unwrap(),
-                svc.metadata.name.clone().unwrap(),
-            );
-            match step % 4 {
-                0 => st.upsert_slice(synth::slice(i, 3, step)).unwrap(),
-                1 => st.upsert_slice(synth::slice(i, 0, step)).unwrap(),
-                2 => st.delete_service(&ns, &name),
-                _ => st.upsert_service(svc).unwrap(),
-            }
+            synth::churn_step(&mut st, step, 20);
             if step % 3 == 0 {
                 continue;
             }

@@ -202,24 +202,15 @@ impl NodeMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use control::{synth, ClusterState, Options};
+    use control::synth;
 
     /// Counted change by change, the figures are those of a count from
     /// scratch, through endpoints that change state, services that come
     /// and go, and a table that jumps several versions.
     #[test]
     fn counting_changes_matches_counting_everything() {
-        let mut st = ClusterState::new(Options {
-            node_name: "node-1".into(),
-            ..Options::default()
-        });
         let (svcs, slices) = synth::cluster(50, 4);
-        for s in svcs {
-            st.upsert_service(s).unwrap();
-        }
-        for s in slices {
-            st.upsert_slice(s).unwrap();
-        }
+        let mut st = synth::store(svcs, slices);
         let mut counter = TableCounter::default();
         let scratch = |t: &Arc<Table>| TableCounter::default().update(t);
         let t = st.snapshot();
@@ -227,29 +218,7 @@ mod tests {
         assert_eq!(first, scratch(&t));
         assert_eq!((first.service_ports, first.endpoints_ready), (50, 200));
         for step in 1..=30u32 {
-            let i = step * 7 % 50;
-            let svc = synth::service(i);
-            let (ns, name) = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
-            match step % 5 {
-                // Endpoints move.
-                0 | 1 => st
-                    .upsert_slice(synth::slice(i, 4 + step % 3, step))
-                    .unwrap(),
-                // Every endpoint terminates (still serving), so the
-                // serving-terminating ones are used.
-                2 => {
-                    let mut slice = synth::slice(i, 3, step);
-                    for ep in &mut slice.endpoints {
-                        let c = ep.conditions.get_or_insert_with(Default::default);
-                        c.ready = Some(false);
-                        c.serving = Some(true);
-                        c.terminating = Some(true);
-                    }
-                    st.upsert_slice(slice).unwrap();
-                }
-                3 => st.upsert_service(svc).unwrap(),
-                _ => st.delete_service(&ns.unwrap(), &name.unwrap()),
-            }
+            synth::churn_step(&mut st, step, 50);
             // Every third version is skipped, as a slow reader would.
             if step % 3 != 0 {
                 let t = st.snapshot();
