@@ -141,7 +141,12 @@ impl Balancers {
             let mut next: [Option<Map>; 2] = [None, None];
             for p in diff.changed {
                 let i = p.family.index();
-                match self.maps[i].load().get(&p.name) {
+                // (`next` first: two rows of one port in a hand-built table.)
+                let existing = match &next[i] {
+                    Some(m) => m.get(&p.name).cloned(),
+                    None => self.maps[i].load().get(&p.name).cloned(),
+                };
+                match existing {
                     Some(b) => {
                         b.apply(p, table.version);
                     }

@@ -188,12 +188,15 @@ impl L7 {
         }
         let mut w = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let cur = slot.load_full();
-        let (svc, built) = self.state_for(port, cur.get(&port.name));
+        let old = cur.get(&port.name);
+        // Only a name no sync has seen is a stray: a replaced state's port
+        // is in the table synced last, so its removal will be in a diff.
+        w.stray |= old.is_none();
+        let (svc, built) = self.state_for(port, old);
         if built {
             let mut next = (*cur).clone();
             next.insert(port.name.clone(), svc.clone());
             slot.store(Arc::new(next));
-            w.stray = true;
         }
         svc
     }
@@ -611,7 +614,18 @@ mod tests {
         );
         l7.sync(&table(3, &[&b2, &c2]), &bal);
         assert_eq!(names(&l7), ["c@10.1.0.3:8080"]);
+        // A request with a newer row of a synced port replaces its state
+        // without making the next sync visit every row.
+        let c3 = port("c", Mode::Http, 7);
+        l7.service(&c3);
+        assert!(
+            !l7.write.lock().unwrap().stray,
+            "a replaced state is no stray"
+        );
+        assert_eq!(names(&l7), ["c@10.1.0.7:8080"]);
+        l7.service(&c2);
         l7.service(&port("d", Mode::Http, 4));
+        assert!(l7.write.lock().unwrap().stray);
         assert_eq!(names(&l7).len(), 2);
         l7.sync(&table(4, &[&b2, &c2]), &bal);
         assert_eq!(names(&l7), ["c@10.1.0.3:8080"]);
