@@ -66,24 +66,33 @@ impl PortDiff<'_> {
 
 impl Table {
     /// The rows that changed from `older` to this table: O(rows) pointer
-    /// comparisons, nothing more.
+    /// comparisons, nothing more; one pass when no frontend went.
     pub fn row_diff<'a>(&'a self, older: &'a Table) -> RowDiff<'a> {
         let mut diff = RowDiff::default();
         if self.frontends.ptr_eq(&older.frontends) {
             return diff;
         }
+        // Keys of this table that the older one has too: when that is every
+        // key of the older table, none went, and its pass is skipped (the
+        // usual change replaces rows: endpoints come and go).
+        let mut kept = 0usize;
         for fe in self.frontends.values() {
-            let same = older
-                .frontends
-                .get(&fe.key)
-                .is_some_and(|o| o.kind == fe.kind && Arc::ptr_eq(&o.service, &fe.service));
+            let same = match older.frontends.get(&fe.key) {
+                Some(o) => {
+                    kept += 1;
+                    o.kind == fe.kind && Arc::ptr_eq(&o.service, &fe.service)
+                }
+                None => false,
+            };
             if !same {
                 diff.changed.push(fe);
             }
         }
-        for fe in older.frontends.values() {
-            if !self.frontends.contains_key(&fe.key) {
-                diff.removed.push(fe);
+        if kept < older.frontends.len() {
+            for fe in older.frontends.values() {
+                if !self.frontends.contains_key(&fe.key) {
+                    diff.removed.push(fe);
+                }
             }
         }
         diff
