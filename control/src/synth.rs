@@ -6,11 +6,13 @@
 //! k8s-openapi types, as the watcher and the manifest source deliver them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::model::Table;
 use crate::objects::LABEL_SERVICE_NAME;
 use crate::options::Options;
 use crate::state::ClusterState;
@@ -138,4 +140,22 @@ pub fn churn_step(st: &mut ClusterState, step: u32, services: u32) {
         }
     }
     .expect("a synthetic object is valid");
+}
+
+/// The tables a reader of a churning store sees: the first table of
+/// [`store`]`(`[`cluster`]`(services, endpoints))`, then one after each of
+/// `steps` [`churn_step`]s, except every third (a slow reader skips
+/// versions), and one after the last.
+pub fn churned(services: u32, endpoints: u32, steps: u32) -> (Arc<Table>, Vec<Arc<Table>>) {
+    let (svcs, slices) = cluster(services, endpoints);
+    let mut st = store(svcs, slices);
+    let first = st.snapshot();
+    let mut later = Vec::new();
+    for step in 1..=steps {
+        churn_step(&mut st, step, services);
+        if step % 3 != 0 || step == steps {
+            later.push(st.snapshot());
+        }
+    }
+    (first, later)
 }
