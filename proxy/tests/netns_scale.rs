@@ -106,26 +106,27 @@ fn rule_count_is_independent_of_the_number_of_services() {
         let mut r = Redirector::install(config(), frontends(10_000)).expect("install 10,000");
         let load = start.elapsed();
         // One service gains endpoints, one loses them, one is added.
-        let mut next = frontends(10_000);
-        next.insert(
-            Frontend::tcp("10.96.0.5".parse().expect("literal"), 82),
-            Action::Proxy.into(),
-        );
-        next.insert(
-            Frontend::tcp("10.96.0.1".parse().expect("literal"), 81),
-            Action::Reject.into(),
-        );
-        next.insert(
-            Frontend::tcp("10.97.0.1".parse().expect("literal"), 443),
-            Action::Proxy.into(),
-        );
-        // And one restricted frontend's ranges change.
-        next.insert(
-            Frontend::tcp("10.96.0.3".parse().expect("literal"), 80),
-            Rule::only(Action::Proxy, ranges(&["192.0.2.0/24"])),
-        );
+        let next: redirect::nft::Changes = vec![
+            (
+                Frontend::tcp("10.96.0.5".parse().expect("literal"), 82),
+                Some(Action::Proxy.into()),
+            ),
+            (
+                Frontend::tcp("10.96.0.1".parse().expect("literal"), 81),
+                Some(Action::Reject.into()),
+            ),
+            (
+                Frontend::tcp("10.97.0.1".parse().expect("literal"), 443),
+                Some(Action::Proxy.into()),
+            ),
+            // And one restricted frontend's ranges change.
+            (
+                Frontend::tcp("10.96.0.3".parse().expect("literal"), 80),
+                Some(Rule::only(Action::Proxy, ranges(&["192.0.2.0/24"]))),
+            ),
+        ];
         let start = Instant::now();
-        let stats = r.update(next).expect("update");
+        let stats = r.apply(next).expect("apply");
         (load, start.elapsed(), stats)
     });
     drop(small);

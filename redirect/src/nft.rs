@@ -64,7 +64,9 @@
 //!   (EOPNOTSUPP when `fe_v4` is also used there, checked on 6.18).
 //!
 //! Changes after the first load are element additions and deletions only
-//! ([`diff_script`]), applied in one transaction: a frontend whose action
+//! ([`patch_script`] for the frontends a table change touched;
+//! [`diff_script`] for two whole maps, its reference in tests and the
+//! benchmark), applied in one transaction: a frontend whose action
 //! changes is deleted and re-added with its new verdict in both maps in the
 //! same batch, so no packet sees it missing.
 
@@ -512,7 +514,7 @@ pub fn full_script(cfg: &Config, frontends: &Frontends) -> String {
     s
 }
 
-/// A transaction from [`diff_script`].
+/// A transaction from [`patch_script`] or [`diff_script`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diff {
     /// The `nft -f -` script.

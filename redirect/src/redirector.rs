@@ -11,13 +11,11 @@
 use std::time::{Duration, Instant};
 
 use crate::exec::nft_script;
-use crate::nft::{
-    delete_script, diff_script, full_script, patch_script, Changes, Config, Diff, Frontends,
-};
+use crate::nft::{delete_script, full_script, patch_script, Changes, Config, Frontends};
 use crate::routing::{self, IpFamily};
 use crate::Error;
 
-/// What one [`Redirector::update`] did.
+/// What one [`Redirector::apply`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpdateStats {
     /// Frontends added, removed or whose action changed (each is an element
@@ -66,37 +64,14 @@ impl Redirector {
         &self.installed
     }
 
-    /// Moves the kernel to `desired` in one transaction.
-    pub fn update(&mut self, desired: Frontends) -> Result<UpdateStats, Error> {
-        let start = Instant::now();
-        let diff = diff_script(&self.cfg, &self.installed, &desired);
-        self.commit(start, diff, |installed| *installed = desired)
-    }
-
-    /// [`Redirector::update`] to what is installed with `changes` applied:
-    /// O(changes), where `update` compares every frontend.
+    /// Moves the kernel to what is installed with `changes` applied, in
+    /// one transaction that touches only the listed frontends whose rule
+    /// changes (O(changes)). If the kernel refuses it, the whole table is
+    /// reloaded to that state in one transaction. What is installed changes
+    /// only on success.
     pub fn apply(&mut self, changes: Changes) -> Result<UpdateStats, Error> {
         let start = Instant::now();
-        let diff = patch_script(&self.cfg, &self.installed, &changes);
-        self.commit(start, diff, |installed| {
-            for (fe, want) in changes {
-                match want {
-                    Some(rule) => installed.insert(fe, rule),
-                    None => installed.remove(&fe),
-                };
-            }
-        })
-    }
-
-    /// Runs `diff`; if the kernel refuses it, reloads the whole table as
-    /// `edit` leaves `installed`. `installed` changes only on success.
-    fn commit(
-        &mut self,
-        start: Instant,
-        diff: Option<Diff>,
-        edit: impl FnOnce(&mut Frontends),
-    ) -> Result<UpdateStats, Error> {
-        let Some(diff) = diff else {
+        let Some(diff) = patch_script(&self.cfg, &self.installed, &changes) else {
             return Ok(UpdateStats {
                 elapsed: start.elapsed(),
                 ..Default::default()
@@ -104,13 +79,13 @@ impl Redirector {
         };
         let full_reload = match nft_script(&diff.script) {
             Ok(()) => {
-                edit(&mut self.installed);
+                patch(&mut self.installed, changes);
                 false
             }
             Err(e) => {
                 tracing::warn!(error = %e, "incremental nftables update refused; reloading the whole table");
                 let mut desired = self.installed.clone();
-                edit(&mut desired);
+                patch(&mut desired, changes);
                 nft_script(&full_script(&self.cfg, &desired))?;
                 self.installed = desired;
                 true
@@ -127,6 +102,16 @@ impl Redirector {
     /// addresses then go wherever the node's routes send them).
     pub fn remove(self) -> Result<(), Error> {
         cleanup(&self.cfg)
+    }
+}
+
+/// `frontends` with `changes` applied.
+fn patch(frontends: &mut Frontends, changes: Changes) {
+    for (fe, want) in changes {
+        match want {
+            Some(rule) => frontends.insert(fe, rule),
+            None => frontends.remove(&fe),
+        };
     }
 }
 
