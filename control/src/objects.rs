@@ -21,8 +21,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::error::ObjectError;
-pub use crate::model::Family;
-use crate::model::{Affinity, Mode, Protocol};
+use crate::model::{Affinity, Family, Mode, Protocol};
 use crate::options::Options;
 
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";

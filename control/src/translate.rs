@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::model::{Endpoint, Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName};
-use crate::objects::{Family, NodeInfo, PortInfo, ServiceInfo, SliceInfo};
+use crate::model::{
+    Endpoint, Family, Frontend, FrontendKey, FrontendKind, ServicePort, ServicePortName,
+};
+use crate::objects::{NodeInfo, PortInfo, ServiceInfo, SliceInfo};
 use crate::options::{DetectLocal, Options};
 use crate::select::{categorize, Candidate};
 

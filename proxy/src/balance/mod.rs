@@ -159,9 +159,9 @@ struct State {
     service: Arc<ServicePort>,
     /// Version of the newest table `service` is known to be in (0 when
     /// unknown), so an update from an older snapshot never replaces a newer
-    /// one. Raised in place when a newer table brings the same row: a
-    /// table change then costs one load (and this store) per unchanged
-    /// service port, not a new state each.
+    /// one. Raised in place when a newer table brings the same row (a sync
+    /// that visits every row, or a port listed for a new frontend), so the
+    /// same row never costs a new state.
     version: AtomicU64,
     cluster: Box<[Arc<Backend>]>,
     local: Box<[Arc<Backend>]>,
@@ -248,9 +248,8 @@ impl Balancer {
     }
 
     fn apply_inner(&self, service: &Arc<ServicePort>, version: Option<u64>) -> bool {
-        // The common case, once per service port per table version: the row
-        // is the one already applied (tables share unchanged rows), so only
-        // its version is raised, without a new state and its swap.
+        // The row already applied (tables share unchanged rows): only its
+        // version is raised, without a new state and its swap.
         //
         // Raising the version of a state about to be replaced is harmless:
         // the row of every table from the one that brought `service` to
