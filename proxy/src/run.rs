@@ -641,12 +641,7 @@ mod tests {
         for (i, table) in later.iter().enumerate() {
             let changes = kernel_changes(table, older);
             touched += changes.len();
-            for (fe, want) in changes {
-                match want {
-                    Some(rule) => rules.insert(fe, rule),
-                    None => rules.remove(&fe),
-                };
-            }
+            redirect::nft::patch(&mut rules, changes);
             assert_eq!(rules, kernel_frontends(table), "table {i} after the first");
             older = table;
         }

@@ -549,6 +549,20 @@ pub fn diff_script(cfg: &Config, old: &Frontends, new: &Frontends) -> Option<Dif
 /// Frontends not listed keep what they have.
 pub type Changes = Vec<(Frontend, Option<Rule>)>;
 
+/// `frontends` with `changes` applied: what [`patch_script`]'s transaction
+/// leaves in the kernel.
+pub fn patch(
+    frontends: &mut Frontends,
+    changes: impl IntoIterator<Item = (Frontend, Option<Rule>)>,
+) {
+    for (fe, want) in changes {
+        match want {
+            Some(rule) => frontends.insert(fe, rule),
+            None => frontends.remove(&fe),
+        };
+    }
+}
+
 /// [`diff_script`] from `installed` to `installed` with `changes` applied,
 /// in O(changes): only the listed frontends are compared.
 pub fn patch_script(cfg: &Config, installed: &Frontends, changes: &Changes) -> Option<Diff> {
@@ -1105,12 +1119,7 @@ mod tests {
             (fe("10.96.0.5:80"), None),
         ];
         let mut new = old.clone();
-        for (f, want) in &changes {
-            match want {
-                Some(r) => new.insert(*f, r.clone()),
-                None => new.remove(f),
-            };
-        }
+        patch(&mut new, changes.clone());
         let patch = patch_script(&cfg(), &old, &changes).unwrap();
         assert_eq!(Some(patch), diff_script(&cfg(), &old, &new));
         let noop: Changes = vec![

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use crate::exec::nft_script;
-use crate::nft::{delete_script, full_script, patch_script, Changes, Config, Frontends};
+use crate::nft::{delete_script, full_script, patch, patch_script, Changes, Config, Frontends};
 use crate::routing::{self, IpFamily};
 use crate::Error;
 
@@ -102,16 +102,6 @@ impl Redirector {
     /// addresses then go wherever the node's routes send them).
     pub fn remove(self) -> Result<(), Error> {
         cleanup(&self.cfg)
-    }
-}
-
-/// `frontends` with `changes` applied.
-fn patch(frontends: &mut Frontends, changes: Changes) {
-    for (fe, want) in changes {
-        match want {
-            Some(rule) => frontends.insert(fe, rule),
-            None => frontends.remove(&fe),
-        };
     }
 }
 
