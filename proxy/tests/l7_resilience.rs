@@ -729,8 +729,9 @@ async fn idle_upstream_connections_close_after_the_idle_timeout_without_traffic(
     idle_connections_close(Mode::Http, "idle").await;
 }
 
-/// The same for HTTP/2 (h2c) endpoints: the one multiplexed connection per
-/// endpoint is let go once no request started on it for the idle timeout.
+/// The same for HTTP/2 (h2c) endpoints: the multiplexed connection per
+/// endpoint and data thread (one here: the test proxy runs on the test's
+/// one thread) is let go once no request started on it for the idle timeout.
 #[tokio::test]
 async fn idle_http2_upstream_connections_close_after_the_idle_timeout_without_traffic() {
     idle_connections_close(Mode::H2c, "idle-h2").await;
@@ -755,7 +756,7 @@ async fn idle_connections_close(mode: Mode, name: &str) {
     assert_eq!(got.get(&200), Some(&8), "{got:?}");
     assert!(b.open() >= 1, "the pooled connections are open at first");
     if mode == Mode::H2c {
-        assert_eq!(b.open(), 1, "one multiplexed connection");
+        assert_eq!(b.open(), 1, "one multiplexed connection per thread");
     }
     let quiet = b
         .all_closed(&format!(

@@ -35,13 +35,21 @@
 //!   uses them ([`Pools::sweep`]), so client churn does not grow the map.
 //! * Upgrades and CONNECT get a connection of their own that runs in a
 //!   spawned task (it becomes the tunnel and outlives the request).
-//! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint, run by a
-//!   spawned task, replaced when it closes. Once no request has started on
-//!   it for the idle timeout, the sweep lets it go: the pool drops its
-//!   handle, hyper sends GOAWAY and closes it when its last stream ends,
-//!   and the next request opens a new one. Without it an HTTP/2 connection
-//!   lived as long as the backend kept it, and every client address that
-//!   ever used a kept-source pool held one open for good.
+//! * HTTP/2 (`Mode::H2c`): one multiplexed connection per endpoint and data
+//!   thread ([`H2Slot`]), run by a task spawned on that thread, replaced
+//!   when it closes. Why per thread, as Envoy keeps a pool per worker: a
+//!   stream's request and response each cross from the request's task to
+//!   the connection's task, and with one connection per endpoint, half the
+//!   requests on two data threads made both crossings between threads (an
+//!   eventfd write and an epoll wake-up each way), and every request took
+//!   the one lock (BENCHMARKS.md, "Session 14"). At `max-connections`
+//!   another thread's open connection is used rather than none. Once no
+//!   request has started on a connection for the idle timeout, the sweep
+//!   lets it go: the pool drops its handle, hyper sends GOAWAY and closes
+//!   it when its last stream ends, and the next request opens a new one.
+//!   Without it an HTTP/2 connection lived as long as the backend kept it,
+//!   and every client address that ever used a kept-source pool held one
+//!   open for good.
 //! * Every connection counts against the service's `max-connections` for as
 //!   long as it is open (pooled idle ones included: the slot lives in
 //!   [`H1`]); every request waiting for a new connection counts against
@@ -298,20 +306,48 @@ pub struct EndpointPool {
     addr: SocketAddr,
     /// The source its connections come from; `None`: the node's own.
     source: Option<IpAddr>,
-    http2: bool,
     idle_timeout: Duration,
     /// Idle connections by the thread that opened them (see [`Shard`]).
     idle: [Shard; SHARDS],
-    h2: Mutex<Option<H2>>,
-    h2_connect: tokio::sync::Mutex<()>,
+    /// HTTP/2 connections by the thread that opened them; empty: an
+    /// HTTP/1.1 pool.
+    h2: Box<[H2Slot]>,
 }
 
-/// The endpoint's HTTP/2 connection, and when a request last started on it
-/// (set under the lock each request takes anyway).
+/// An HTTP/2 connection, and when a request last started on it (set under
+/// the lock each request takes anyway).
 #[derive(Debug)]
 struct H2 {
     sender: http2::SendRequest<Body>,
     used: Instant,
+}
+
+/// The HTTP/2 connection of the data threads whose tag is `i` modulo the
+/// number of slots ([`h2_slots`]: one per CPU, so one per data thread as
+/// `lightpath run` starts them), and the lock that lets one connect at a
+/// time. On a cache line of its own, as [`Shard`] is.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct H2Slot {
+    conn: Mutex<Option<H2>>,
+    connect: tokio::sync::Mutex<()>,
+}
+
+impl H2Slot {
+    /// Its connection, if it has one that is still open, marked as used now.
+    fn open(&self) -> Option<http2::SendRequest<Body>> {
+        let mut h2 = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let c = h2.as_mut().filter(|c| !c.sender.is_closed())?;
+        c.used = Instant::now();
+        Some(c.sender.clone())
+    }
+}
+
+/// HTTP/2 slots per endpoint: the CPUs lightpath may run on, which is how
+/// many data threads it starts unless told otherwise.
+fn h2_slots() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The idle connections of the threads whose tag is `i` modulo [`SHARDS`],
@@ -335,15 +371,20 @@ const SHARDS: usize = 4;
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 impl EndpointPool {
-    fn new(addr: SocketAddr, source: Option<IpAddr>, http2: bool, idle_timeout: Duration) -> Self {
+    /// A pool with `h2_slots` HTTP/2 connection slots; with 0, an HTTP/1.1
+    /// pool.
+    fn new(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        h2_slots: usize,
+        idle_timeout: Duration,
+    ) -> Self {
         EndpointPool {
             addr,
             source,
-            http2,
             idle_timeout,
             idle: Default::default(),
-            h2: Mutex::new(None),
-            h2_connect: tokio::sync::Mutex::new(()),
+            h2: (0..h2_slots).map(|_| H2Slot::default()).collect(),
         }
     }
 
@@ -356,7 +397,10 @@ impl EndpointPool {
     fn is_unused(self: &Arc<Self>) -> bool {
         Arc::strong_count(self) == 1
             && self.idle_len() == 0
-            && self.h2.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+            && self
+                .h2
+                .iter()
+                .all(|s| s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_none())
     }
 
     /// Idle HTTP/1.1 connections currently pooled.
@@ -434,8 +478,8 @@ impl EndpointPool {
     /// no request started on it for the idle timeout. The caller drops them
     /// outside the locks.
     fn sweep_into(&self, now: Instant, out: &mut Vec<Idle>, h2_out: &mut Vec<H2>) {
-        if self.http2 {
-            let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in &self.h2 {
+            let mut h2 = slot.conn.lock().unwrap_or_else(|e| e.into_inner());
             if h2.as_ref().is_some_and(|c| {
                 c.sender.is_closed() || now.saturating_duration_since(c.used) >= self.idle_timeout
             }) {
@@ -478,7 +522,7 @@ impl EndpointPool {
         limits: &Limits,
         pools: &Pools,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
-        if self.http2 {
+        if !self.h2.is_empty() {
             return self.send_h2(req, cs, limits, pools).await;
         }
         // HTTP/1.1: pooled connections of this thread first, then a new
@@ -569,13 +613,49 @@ impl EndpointPool {
         Ok((result, checkin))
     }
 
-    /// The endpoint's HTTP/2 connection, if it has one that is still open,
-    /// marked as used now.
-    fn open_h2(&self) -> Option<http2::SendRequest<Body>> {
-        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        let c = h2.as_mut().filter(|c| !c.sender.is_closed())?;
-        c.used = Instant::now();
-        Some(c.sender.clone())
+    /// Any thread's open HTTP/2 connection to this endpoint, marked as used.
+    fn open_h2_any(&self) -> Option<http2::SendRequest<Body>> {
+        self.h2.iter().find_map(H2Slot::open)
+    }
+
+    /// The HTTP/2 connection of this thread's slot, opened if there is none
+    /// (one connect at a time per slot: concurrent first requests share the
+    /// connection the first one makes). At `max-connections`, another
+    /// thread's open connection, if there is one.
+    async fn h2_sender(
+        &self,
+        cs: &ConnectSettings,
+        limits: &Limits,
+        pools: &Pools,
+    ) -> Result<http2::SendRequest<Body>, FailKind> {
+        let slot = &self.h2[thread_tag() as usize % self.h2.len()];
+        if let Some(s) = slot.open() {
+            return Ok(s);
+        }
+        let _connecting = slot.connect.lock().await;
+        if let Some(s) = slot.open() {
+            return Ok(s);
+        }
+        if limits.connections.get() >= cs.max_connections {
+            if let Some(s) = self.open_h2_any() {
+                return Ok(s);
+            }
+        }
+        match self.connect_h2(cs, limits, pools).await {
+            Ok(s) => {
+                *slot.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(H2 {
+                    sender: s.clone(),
+                    used: Instant::now(),
+                });
+                Ok(s)
+            }
+            // Another thread's connection may have taken the last slot
+            // since the check above.
+            Err(FailKind::Overflow(Limit::Connections)) => self
+                .open_h2_any()
+                .ok_or(FailKind::Overflow(Limit::Connections)),
+            Err(kind) => Err(kind),
+        }
     }
 
     async fn send_h2(
@@ -585,31 +665,13 @@ impl EndpointPool {
         limits: &Limits,
         pools: &Pools,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
-        let mut sender = match self.open_h2() {
-            Some(s) => s,
-            None => {
-                // One connect at a time per endpoint: concurrent first
-                // requests share the connection the first one makes.
-                let _connecting = self.h2_connect.lock().await;
-                match self.open_h2() {
-                    Some(s) => s,
-                    None => {
-                        let s = match self.connect_h2(cs, limits, pools).await {
-                            Ok(s) => s,
-                            Err(kind) => {
-                                return Err(SendFailure {
-                                    kind,
-                                    request: Some(req),
-                                })
-                            }
-                        };
-                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(H2 {
-                            sender: s.clone(),
-                            used: Instant::now(),
-                        });
-                        s
-                    }
-                }
+        let mut sender = match self.h2_sender(cs, limits, pools).await {
+            Ok(s) => s,
+            Err(kind) => {
+                return Err(SendFailure {
+                    kind,
+                    request: Some(req),
+                })
             }
         };
         match sender.try_send_request(req).await {
@@ -771,7 +833,8 @@ type PoolKey = (SocketAddr, Option<IpAddr>);
 /// a source.
 #[derive(Debug)]
 pub struct Pools {
-    http2: bool,
+    /// HTTP/2 slots per endpoint pool; 0 for HTTP/1.1.
+    h2_slots: usize,
     idle_timeout: Duration,
     map: ArcSwap<HashMap<PoolKey, Arc<EndpointPool>>>,
     write: Mutex<()>,
@@ -779,8 +842,15 @@ pub struct Pools {
 
 impl Pools {
     pub fn new(http2: bool, idle_timeout: Duration) -> Self {
+        Self::with_h2_slots(if http2 { h2_slots() } else { 0 }, idle_timeout)
+    }
+
+    /// Pools whose endpoints have `h2_slots` HTTP/2 connection slots (0:
+    /// HTTP/1.1). Tests choose the number, so that two threads' tags fall
+    /// into different slots whatever tags they were given.
+    fn with_h2_slots(h2_slots: usize, idle_timeout: Duration) -> Self {
         Pools {
-            http2,
+            h2_slots,
             idle_timeout,
             map: ArcSwap::from_pointee(HashMap::new()),
             write: Mutex::new(()),
@@ -802,7 +872,7 @@ impl Pools {
         let p = Arc::new(EndpointPool::new(
             addr,
             source,
-            self.http2,
+            self.h2_slots,
             self.idle_timeout,
         ));
         let mut next = (*cur).clone();
@@ -1036,8 +1106,13 @@ mod tests {
         /// HTTP/1.1 pools whose idle connections expire after
         /// `idle_timeout`, and settings allowing `max_connections`.
         fn new(idle_timeout: Duration, max_connections: usize) -> Arc<Svc> {
+            Self::with(Pools::new(false, idle_timeout), max_connections)
+        }
+
+        /// A service with `pools`, allowing `max_connections`.
+        fn with(pools: Pools, max_connections: usize) -> Arc<Svc> {
             Arc::new(Svc {
-                pools: Pools::new(false, idle_timeout),
+                pools,
                 limits: Limits::default(),
                 cs: ConnectSettings {
                     connect: ConnectConfig {
@@ -1240,6 +1315,145 @@ mod tests {
         assert_eq!(pool.idle_len(), 1, "the borrowed connection went back");
         assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
         done_tx.send(()).unwrap();
+        a.join().unwrap();
+    }
+
+    /// An h2c backend whose every response body is the number of the
+    /// connection it came on (1, 2, ...).
+    fn h2_backend() -> Backend {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        std::thread::spawn(move || {
+            current_thread().block_on(async move {
+                l.set_nonblocking(true).unwrap();
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                while let Ok((s, _)) = l.accept().await {
+                    let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(n.to_string()),
+                        )))
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), svc),
+                    );
+                }
+            });
+        });
+        Backend {
+            addr,
+            accepted,
+            peer_closed: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A backend for h2c, its pool, and a service allowing
+    /// `max_connections` whose pools have more HTTP/2 slots than the test
+    /// process has threads, so that each thread has a slot of its own.
+    fn h2_fixture(max_connections: usize) -> (Backend, Arc<EndpointPool>, Arc<Svc>) {
+        let b = h2_backend();
+        let svc = Svc::with(
+            Pools::with_h2_slots(1024, Duration::from_secs(30)),
+            max_connections,
+        );
+        let pool = svc.pools.get(b.addr, None);
+        (b, pool, svc)
+    }
+
+    /// One HTTP/2 request from the calling thread's runtime: the number of
+    /// the backend connection that answered it.
+    async fn send_h2_one(pool: &Arc<EndpointPool>, svc: &Svc) -> String {
+        let mut req = request();
+        *req.uri_mut() = "http://b/".parse().unwrap();
+        let sent = pool.send(req, &svc.cs, &svc.limits, &svc.pools);
+        let (resp, checkin) = tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("response within 5 s")
+            .expect("response");
+        assert!(checkin.is_none(), "HTTP/2 connections are not checked in");
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+            .await
+            .expect("body within 5 s")
+            .expect("body")
+            .to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Thread A sends `n` HTTP/2 requests on its own runtime and reports
+    /// the connections that answered, then keeps its runtime (which runs
+    /// its connection's task) until `done` is sent.
+    fn h2_thread(
+        pool: &Arc<EndpointPool>,
+        svc: &Arc<Svc>,
+        n: usize,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        Vec<String>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (got_tx, got_rx) = std::sync::mpsc::channel::<Vec<String>>();
+        let (pool, svc) = (pool.clone(), svc.clone());
+        let a = std::thread::spawn(move || {
+            current_thread().block_on(async move {
+                let mut got = Vec::new();
+                for _ in 0..n {
+                    got.push(send_h2_one(&pool, &svc).await);
+                }
+                got_tx.send(got).unwrap();
+                let wait = tokio::task::spawn_blocking(move || done_rx.recv());
+                let _ = wait.await;
+            });
+        });
+        let got = got_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("thread A got its responses");
+        (a, got, done_tx)
+    }
+
+    /// Each thread sends its HTTP/2 requests on a connection of its own
+    /// (one per endpoint and thread), opened once and reused, so no
+    /// request crosses to another thread's runtime.
+    #[test]
+    fn each_thread_has_its_own_http2_connection() {
+        let (b, pool, svc) = h2_fixture(16);
+        let (a, on_a, done) = h2_thread(&pool, &svc, 3);
+        // Thread B (this one) keeps its runtime, and so its connection's
+        // task, until the counts are checked.
+        let rt = current_thread();
+        let on_b: Vec<String> = rt.block_on(async {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(send_h2_one(&pool, &svc).await);
+            }
+            got
+        });
+        assert!(on_a.iter().all(|c| *c == on_a[0]), "thread A: {on_a:?}");
+        assert!(on_b.iter().all(|c| *c == on_b[0]), "thread B: {on_b:?}");
+        assert_ne!(on_a[0], on_b[0], "one connection per thread");
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(svc.connections(), 2);
+        done.send(()).unwrap();
+        a.join().unwrap();
+    }
+
+    /// With `max-connections` 1 and thread A's HTTP/2 connection holding
+    /// the slot, thread B's request goes out on A's connection rather than
+    /// being refused: per-thread connections are a preference, never a
+    /// limit.
+    #[test]
+    fn at_the_connection_limit_another_threads_http2_connection_is_used() {
+        let (b, pool, svc) = h2_fixture(1);
+        let (a, on_a, done) = h2_thread(&pool, &svc, 1);
+        let rt = current_thread();
+        let on_b = rt.block_on(send_h2_one(&pool, &svc));
+        assert_eq!(on_b, on_a[0], "B borrowed A's connection");
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(svc.connections(), 1);
+        done.send(()).unwrap();
         a.join().unwrap();
     }
 
