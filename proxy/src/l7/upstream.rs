@@ -151,6 +151,27 @@ pub struct SendFailure {
     pub request: Option<Request<Body>>,
 }
 
+impl SendFailure {
+    /// No connection for `request`, which is handed back unsent.
+    fn unsent(kind: FailKind, request: Request<Body>) -> Self {
+        SendFailure {
+            kind,
+            request: Some(request),
+        }
+    }
+}
+
+impl From<TrySendError<Request<Body>>> for SendFailure {
+    /// hyper's failed send: the request comes back when it never left.
+    fn from(mut e: TrySendError<Request<Body>>) -> Self {
+        let request = e.take_message();
+        SendFailure {
+            kind: FailKind::Http(e.into_error()),
+            request,
+        }
+    }
+}
+
 /// The thread a task runs on, as a small number (see the module doc:
 /// thread affinity).
 fn thread_tag() -> u32 {
@@ -542,35 +563,19 @@ impl EndpointPool {
             if !conn.settle(self.addr) {
                 continue;
             }
-            match self.exchange(conn, req).await {
+            match self.exchange(conn, req).await.map_err(SendFailure::from) {
                 Ok(r) => return Ok(r),
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => {
-                        return Err(SendFailure {
-                            kind: FailKind::Http(e.into_error()),
-                            request: None,
-                        })
-                    }
-                },
+                Err(SendFailure {
+                    request: Some(r), ..
+                }) => req = r,
+                Err(sent) => return Err(sent),
             }
         }
         let conn = match self.connect_h1(cs, limits, pools, tag).await {
             Ok(c) => c,
-            Err(kind) => {
-                return Err(SendFailure {
-                    kind,
-                    request: Some(req),
-                })
-            }
+            Err(kind) => return Err(SendFailure::unsent(kind, req)),
         };
-        self.exchange(conn, req).await.map_err(|mut e| {
-            let request = e.take_message();
-            SendFailure {
-                kind: FailKind::Http(e.into_error()),
-                request,
-            }
-        })
+        Ok(self.exchange(conn, req).await?)
     }
 
     /// One HTTP/1.1 request on `conn`, driven in this task up to the response
@@ -667,23 +672,9 @@ impl EndpointPool {
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
         let mut sender = match self.h2_sender(cs, limits, pools).await {
             Ok(s) => s,
-            Err(kind) => {
-                return Err(SendFailure {
-                    kind,
-                    request: Some(req),
-                })
-            }
+            Err(kind) => return Err(SendFailure::unsent(kind, req)),
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, None)),
-            Err(mut e) => {
-                let request = e.take_message();
-                Err(SendFailure {
-                    kind: FailKind::Http(e.into_error()),
-                    request,
-                })
-            }
-        }
+        Ok((sender.try_send_request(req).await?, None))
     }
 
     /// Sends an `Upgrade` or `CONNECT` request on a new HTTP/1.1 connection
@@ -698,20 +689,9 @@ impl EndpointPool {
     ) -> Result<Response<Incoming>, SendFailure> {
         let mut sender = match self.connect_upgrade(cs, limits, pools).await {
             Ok(s) => s,
-            Err(kind) => {
-                return Err(SendFailure {
-                    kind,
-                    request: Some(req),
-                })
-            }
+            Err(kind) => return Err(SendFailure::unsent(kind, req)),
         };
-        sender.try_send_request(req).await.map_err(|mut e| {
-            let request = e.take_message();
-            SendFailure {
-                kind: FailKind::Http(e.into_error()),
-                request,
-            }
-        })
+        Ok(sender.try_send_request(req).await?)
     }
 
     async fn tcp(
