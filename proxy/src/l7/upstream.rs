@@ -73,7 +73,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -331,8 +331,10 @@ pub struct EndpointPool {
     /// Idle connections by the thread that opened them (see [`Shard`]).
     idle: [Shard; SHARDS],
     /// HTTP/2 connections by the thread that opened them; empty: an
-    /// HTTP/1.1 pool.
-    h2: Box<[H2Slot]>,
+    /// HTTP/1.1 pool. A slot is made when its thread first sends to the
+    /// endpoint, so an endpoint only some threads use costs a pointer per
+    /// other CPU, not a cache line.
+    h2: Box<[OnceLock<Box<H2Slot>>]>,
 }
 
 /// An HTTP/2 connection, and when a request last started on it (set under
@@ -346,7 +348,7 @@ struct H2 {
 /// The HTTP/2 connection of the data threads whose tag is `i` modulo the
 /// number of slots ([`h2_slots`]: one per CPU, so one per data thread as
 /// `lightpath run` starts them), and the lock that lets one connect at a
-/// time. On a cache line of its own, as [`Shard`] is.
+/// time. Allocated alone on a cache line of its own, as [`Shard`] is kept.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct H2Slot {
@@ -367,7 +369,7 @@ impl H2Slot {
 /// HTTP/2 slots per endpoint: the CPUs lightpath may run on, which is how
 /// many data threads it starts unless told otherwise.
 fn h2_slots() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -405,7 +407,7 @@ impl EndpointPool {
             source,
             idle_timeout,
             idle: Default::default(),
-            h2: (0..h2_slots).map(|_| H2Slot::default()).collect(),
+            h2: (0..h2_slots).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -419,9 +421,13 @@ impl EndpointPool {
         Arc::strong_count(self) == 1
             && self.idle_len() == 0
             && self
-                .h2
-                .iter()
+                .h2_made()
                 .all(|s| s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_none())
+    }
+
+    /// The HTTP/2 slots made so far.
+    fn h2_made(&self) -> impl Iterator<Item = &H2Slot> {
+        self.h2.iter().filter_map(|s| s.get().map(|b| &**b))
     }
 
     /// Idle HTTP/1.1 connections currently pooled.
@@ -499,7 +505,7 @@ impl EndpointPool {
     /// no request started on it for the idle timeout. The caller drops them
     /// outside the locks.
     fn sweep_into(&self, now: Instant, out: &mut Vec<Idle>, h2_out: &mut Vec<H2>) {
-        for slot in &self.h2 {
+        for slot in self.h2_made() {
             let mut h2 = slot.conn.lock().unwrap_or_else(|e| e.into_inner());
             if h2.as_ref().is_some_and(|c| {
                 c.sender.is_closed() || now.saturating_duration_since(c.used) >= self.idle_timeout
@@ -620,7 +626,7 @@ impl EndpointPool {
 
     /// Any thread's open HTTP/2 connection to this endpoint, marked as used.
     fn open_h2_any(&self) -> Option<http2::SendRequest<Body>> {
-        self.h2.iter().find_map(H2Slot::open)
+        self.h2_made().find_map(H2Slot::open)
     }
 
     /// The HTTP/2 connection of this thread's slot, opened if there is none
@@ -633,7 +639,7 @@ impl EndpointPool {
         limits: &Limits,
         pools: &Pools,
     ) -> Result<http2::SendRequest<Body>, FailKind> {
-        let slot = &self.h2[thread_tag() as usize % self.h2.len()];
+        let slot = self.h2[thread_tag() as usize % self.h2.len()].get_or_init(Box::default);
         if let Some(s) = slot.open() {
             return Ok(s);
         }
@@ -1414,6 +1420,11 @@ mod tests {
         assert!(on_a.iter().all(|c| *c == on_a[0]), "thread A: {on_a:?}");
         assert!(on_b.iter().all(|c| *c == on_b[0]), "thread B: {on_b:?}");
         assert_ne!(on_a[0], on_b[0], "one connection per thread");
+        assert_eq!(
+            pool.h2_made().count(),
+            2,
+            "slots only for the threads that sent"
+        );
         assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
         assert_eq!(svc.connections(), 2);
         done.send(()).unwrap();
